@@ -1,0 +1,96 @@
+"""The LightningModule that trains a Decoder: steps, metrics, optimizer and schedule.
+
+Optimizer: AdamW (beta1, beta2, weight_decay from the config). Weight decay applies to every
+weight matrix, the token and value embeddings included (as nanoGPT and the paper's plain
+AdamW setup do); norms and every value-residual coefficient (lambdas, dense weights, gates) are
+not decayed, since decay would pull the coefficients the search is about towards zero.
+Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr`.
+"""
+
+from __future__ import annotations
+
+import math
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torchmetrics import MeanMetric
+from torchmetrics.text import Perplexity
+
+from .config import RunConfig
+from .model import build_model
+
+
+class DivergenceError(RuntimeError):
+    """The training loss became NaN or infinite."""
+
+
+def lr_factor(step: int, warmup: int, total: int, min_ratio: float) -> float:
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+class LitDecoder(pl.LightningModule):
+    def __init__(self, cfg: RunConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.model = build_model(cfg)
+        self.val_loss = MeanMetric()
+        self.val_ppl = Perplexity()
+        # (step, val_loss) at each validation, kept small for the study's storage.
+        self.curve: list[tuple[int, float]] = []
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.model(idx)
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+
+    def training_step(self, batch, batch_idx):
+        idx, targets = batch
+        loss = self._loss(self(idx), targets)
+        if not torch.isfinite(loss):
+            raise DivergenceError(
+                f"training diverged at step {self.global_step}: loss is {loss.item()}; "
+                "lower train.lr or raise train.warmup_steps")
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def on_train_batch_end(self, outputs, batch, batch_idx):
+        if self.global_step % self.trainer.log_every_n_steps == 0:
+            coefficients = self.model.residual.coefficients()
+            if coefficients:
+                self.log_dict({f"coef/{k}": v for k, v in coefficients.items()})
+
+    def validation_step(self, batch, batch_idx):
+        idx, targets = batch
+        logits = self(idx)
+        self.val_loss.update(self._loss(logits, targets))
+        self.val_ppl.update(logits, targets)
+
+    def on_validation_epoch_end(self):
+        loss = self.val_loss.compute()
+        self.log("val_loss", loss, prog_bar=True)
+        self.log("val_ppl", self.val_ppl.compute())
+        self.val_loss.reset()
+        self.val_ppl.reset()
+        if not self.trainer.sanity_checking:
+            self.curve.append((self.global_step, float(loss)))
+
+    def configure_optimizers(self):
+        t = self.cfg.train
+        decay, no_decay = [], []
+        for name, p in self.model.named_parameters():
+            is_coefficient = name.startswith("residual.") and "value_embedding" not in name
+            (decay if p.dim() == 2 and not is_coefficient else no_decay).append(p)
+        optimizer = torch.optim.AdamW(
+            [{"params": decay, "weight_decay": t.weight_decay},
+             {"params": no_decay, "weight_decay": 0.0}],
+            lr=t.lr, betas=(t.beta1, t.beta2),
+        )
+        schedule = torch.optim.lr_scheduler.LambdaLR(
+            optimizer, lambda s: lr_factor(s, t.warmup, t.steps, t.min_lr_ratio))
+        return {"optimizer": optimizer,
+                "lr_scheduler": {"scheduler": schedule, "interval": "step"}}

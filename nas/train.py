@@ -1,0 +1,145 @@
+"""Train one run config through Lightning and return its metrics."""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import signal
+import time
+import warnings
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import lightning.pytorch as pl
+import torch
+from lightning.pytorch.callbacks import TQDMProgressBar
+from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+from lightning.pytorch.loggers import CSVLogger
+
+from .config import RunConfig, dump_config
+from .data import TokenDataModule
+from .lit import LitDecoder
+from .model import count_params
+
+ValidationHook = Callable[[int, float], None]
+
+
+class StepTimer(pl.Callback):
+    """Wall time spent in training steps only (no validation, no start-up)."""
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self._t0 = 0.0
+
+    def _sync(self, pl_module: pl.LightningModule) -> None:
+        if pl_module.device.type == "cuda":
+            torch.cuda.synchronize(pl_module.device)
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx):
+        self._sync(pl_module)
+        self._t0 = time.perf_counter()
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        self._sync(pl_module)
+        self.seconds += time.perf_counter() - self._t0
+
+
+class OnValidation(pl.Callback):
+    """Calls hook(step, val_loss) after each validation; the hook may raise TrialPruned."""
+
+    def __init__(self, hook: ValidationHook):
+        self.hook = hook
+
+    def on_validation_end(self, trainer, pl_module):
+        if not trainer.sanity_checking:
+            self.hook(trainer.global_step, float(trainer.callback_metrics["val_loss"]))
+
+
+class TrainingProgressBar(TQDMProgressBar):
+    """One bar for the training steps; validation shows only as val_loss on it."""
+
+    def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+
+def quiet_lightning() -> None:
+    """Drop Lightning's start-up banners and the CPU-only data-loader advice."""
+    for name in ("lightning.pytorch", "lightning.fabric", "lightning"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*Checkpoint directory.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    warnings.filterwarnings("ignore", message=".*logs directory.*exists and is not empty.*")
+
+
+def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = True,
+          on_validation: ValidationHook | None = None,
+          callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
+    """Train `cfg`; write config.yaml, metrics.csv and metrics.json under `out` if given.
+
+    Raises DivergenceError on a NaN/inf loss, KeyboardInterrupt on Ctrl+C, and whatever a
+    hook raises (optuna.TrialPruned).
+    """
+    quiet_lightning()
+    t = cfg.train
+    pl.seed_everything(t.seed, verbose=False)
+    data = TokenDataModule(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, t.batch_size,
+                           t.steps, t.seed, t.eval_batches)
+    lit = LitDecoder(cfg)
+    timer = StepTimer()
+    extra = [timer, *callbacks] + ([TrainingProgressBar()] if progress else [])
+    extra += [OnValidation(on_validation)] if on_validation else []
+    out = Path(out) if out is not None else None
+    if out is not None:
+        out.mkdir(parents=True, exist_ok=True)
+        dump_config(cfg, out / "config.yaml")
+    trainer = pl.Trainer(
+        max_steps=t.steps,
+        val_check_interval=t.eval_interval,
+        check_val_every_n_epoch=None,
+        num_sanity_val_steps=0,
+        gradient_clip_val=t.grad_clip,
+        accelerator=t.accelerator,
+        devices=t.devices,
+        strategy=t.strategy,
+        precision=t.precision,
+        deterministic="warn",
+        logger=CSVLogger(out, name="", version="") if out is not None else False,
+        log_every_n_steps=max(1, min(50, t.steps // 20)),
+        enable_checkpointing=False,
+        enable_model_summary=False,
+        enable_progress_bar=progress,
+        callbacks=extra,
+    )
+    try:
+        trainer.fit(lit, datamodule=data)
+        if not lit.curve or lit.curve[-1][0] != trainer.global_step:
+            trainer.validate(lit, datamodule=data, verbose=False)
+    except SystemExit:
+        # Lightning turns Ctrl+C into sys.exit(1) and ignores SIGINT from then on; give the
+        # caller (the study loop) the KeyboardInterrupt it expects and Ctrl+C back.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        raise KeyboardInterrupt from None
+    step_seconds = timer.seconds
+    tokens = trainer.global_step * t.batch_size * cfg.model.seq_len
+    metrics: dict[str, Any] = {
+        "val_loss": lit.curve[-1][1],
+        "val_ppl": float(trainer.callback_metrics["val_ppl"]),
+        **count_params(cfg),
+        "tokens": tokens,
+        "tokens_per_s": tokens / step_seconds if step_seconds > 0 else 0.0,
+        "train_seconds": step_seconds,
+        "steps": trainer.global_step,
+        "mode": cfg.value_residual.mode,
+        "source": cfg.value_residual.source,
+        "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer),
+        "coefficients": lit.model.residual.coefficients(),
+        "curve": [[s, round(v, 6)] for s, v in lit.curve],
+    }
+    if out is not None:
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    del trainer, lit, data
+    gc.collect()
+    return metrics

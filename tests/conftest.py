@@ -1,0 +1,25 @@
+import os
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    # One builtin-corpus cache for the whole session, outside the user's home.
+    cache = tmp_path_factory.getbasetemp() / "cache"
+    monkeypatch.setenv("RESFORMER_NAS_CACHE", str(cache))
+
+
+def nas_cmd(*args: str) -> list[str]:
+    """The `nas` CLI as a user runs it, in a subprocess of this interpreter."""
+    return [sys.executable, "-m", "nas", *args]
+
+
+def env_for_cli() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    return env

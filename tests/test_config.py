@@ -1,0 +1,102 @@
+"""Run-config loading: round trips, presets, and bad input refused with one clear line."""
+
+import subprocess
+
+import pytest
+import yaml
+
+from nas.config import ConfigError, from_dict, load_config
+from tests.conftest import ROOT, env_for_cli, nas_cmd
+
+GOOD = {
+    "model": {"vocab_size": 256, "n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 16},
+    "value_residual": {"mode": "learnable", "layers": "all", "lambda1": 0.5, "lambda2": 0.5},
+    "train": {"steps": 4, "batch_size": 2, "lr": 3.0e-3, "seed": 0, "eval_batches": 1},
+    "data": {"source": "builtin"},
+}
+
+
+def test_example_config_loads():
+    cfg = load_config(ROOT / "configs" / "example.yaml")
+    assert cfg.value_residual.mode == "learnable"
+    assert from_dict(cfg.to_dict()) == cfg
+
+
+def test_preset_expands_and_overrides():
+    cfg = from_dict({"model": {"preset": "paper-82m", "seq_len": 256}})
+    assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.ffn) == (8, 512, 1792)
+    assert cfg.model.seq_len == 256
+
+
+def _with(section, key, value):
+    raw = {k: dict(v) for k, v in GOOD.items()}
+    raw[section][key] = value
+    return raw
+
+
+BAD = [
+    (_with("model", "n_head", 3), "model.n_head", "does not divide"),
+    (_with("model", "d_modle", 3), "model.d_modle", "unknown key"),
+    (_with("model", "n_layer", "four"), "model.n_layer", "expected int"),
+    (_with("model", "n_layer", 0), "model.n_layer", "must be > 0"),
+    (_with("model", "preset", "huge"), "model.preset", "unknown preset"),
+    (_with("value_residual", "mode", "magic"), "value_residual.mode", "allowed: vanilla"),
+    (_with("value_residual", "layers", [0, 1]), "value_residual.layers", "layer 0 is the source"),
+    (_with("value_residual", "layers", [5]), "value_residual.layers", "out of range"),
+    (_with("value_residual", "layers", "some"), "value_residual.layers", "'all' or a list"),
+    (_with("value_residual", "source", "v2"), "value_residual.source", "allowed"),
+    (_with("value_residual", "lambda1", True), "value_residual.lambda1", "expected float"),
+    (_with("train", "steps", -5), "train.steps", "must be > 0"),
+    (_with("train", "lr", 0), "train.lr", "must be > 0"),
+    (_with("data", "val_fraction", 1.5), "data.val_fraction", "(0, 1)"),
+    ({**GOOD, "optim": {}}, "optim", "unknown section"),
+]
+
+
+@pytest.mark.parametrize("raw,key,fragment", BAD)
+def test_bad_values_are_refused(raw, key, fragment):
+    with pytest.raises(ConfigError) as info:
+        from_dict(raw, where="cfg.yaml")
+    msg = str(info.value)
+    assert msg.startswith("cfg.yaml: ") and key in msg and fragment in msg
+    assert "\n" not in msg
+
+
+def _run_train(tmp_path, text, *extra):
+    path = tmp_path / "cfg.yaml"
+    path.write_text(text)
+    return subprocess.run(nas_cmd("train", str(path), "--out", str(tmp_path / "out"), *extra),
+                          capture_output=True, text=True, env=env_for_cli(), timeout=300)
+
+
+@pytest.mark.parametrize("text,fragment", [
+    ("model: {n_layer: 2\n", "malformed YAML"),
+    (yaml.safe_dump(_with("model", "n_head", 3)), "model.n_head"),
+    (yaml.safe_dump(_with("value_residual", "layers", [0])), "value_residual.layers"),
+    (yaml.safe_dump(_with("data", "source", "/no/such/file.txt")), "data.source"),
+])
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, text, fragment):
+    proc = _run_train(tmp_path, text)
+    assert proc.returncode == 2, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert not (tmp_path / "out" / "metrics.json").exists()
+
+
+def test_cli_missing_file(tmp_path):
+    proc = subprocess.run(nas_cmd("train", str(tmp_path / "nope.yaml")), capture_output=True,
+                          text=True, env=env_for_cli(), timeout=120)
+    assert proc.returncode == 2
+    assert "file not found" in proc.stderr and "nope.yaml" in proc.stderr
+
+
+def test_empty_and_short_data_are_refused(tmp_path):
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    short = tmp_path / "short.txt"
+    short.write_text("tiny")
+    for path, fragment in ((empty, "empty"), (short, "too short")):
+        proc = _run_train(tmp_path, yaml.safe_dump(GOOD), "--data", str(path))
+        assert proc.returncode == 2, proc.stderr
+        assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1

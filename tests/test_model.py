@@ -1,0 +1,164 @@
+"""Properties of the model for every value-residual mode."""
+
+import pytest
+import torch
+
+from nas import build_model
+from nas.config import MODES, SOURCES
+from nas.model import count_params
+from tests.helpers import tiny
+
+ALL = [(m, s) for m in MODES for s in SOURCES if m != "vanilla"] + [("vanilla", "first_layer")]
+
+
+def randomize_coefficients(model):
+    """Move learned coefficients off their init so the tests see a general mix."""
+    with torch.no_grad():
+        for name, p in model.residual.named_parameters():
+            if "value_embedding" not in name:
+                p.add_(torch.randn_like(p) * 0.3)
+
+
+@pytest.mark.parametrize("mode,source", ALL)
+def test_shapes_and_causality(mode, source):
+    torch.manual_seed(0)
+    model = build_model(tiny(mode, source=source)).eval()
+    randomize_coefficients(model)
+    idx = torch.randint(0, 256, (2, 16))
+    logits = model(idx)
+    assert logits.shape == (2, 16, 256)
+    changed = idx.clone()
+    changed[:, 10:] = torch.randint(0, 256, (2, 6))
+    out2 = model(changed)
+    # Positions before the change must not see it; the changed position itself must.
+    torch.testing.assert_close(out2[:, :10], logits[:, :10])
+    assert not torch.allclose(out2[:, 10], logits[:, 10])
+
+
+@pytest.mark.parametrize("source", SOURCES)
+def test_resformer_with_zero_source_weight_equals_vanilla(source):
+    vanilla = build_model(tiny("vanilla"))
+    res = build_model(tiny("resformer", lambda1=0.0, lambda2=1.0, source=source))
+    missing, unexpected = res.load_state_dict(vanilla.state_dict(), strict=False)
+    assert unexpected == []
+    assert all("value_embedding" in k for k in missing)
+    idx = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(res(idx), vanilla(idx))
+
+
+@pytest.mark.parametrize("mode", ["learnable", "dense", "neutreno"])
+def test_other_modes_reduce_to_vanilla(mode):
+    """learnable/dense with (0, 1) and neutreno with lambda 0 are vanilla too."""
+    vanilla = build_model(tiny("vanilla"))
+    other = build_model(tiny(mode, lambda1=0.0, lambda2=1.0))
+    other.load_state_dict(vanilla.state_dict(), strict=False)
+    idx = torch.randint(0, 256, (2, 16))
+    torch.testing.assert_close(other(idx), vanilla(idx))
+
+
+def test_resformer_differs_from_vanilla():
+    vanilla = build_model(tiny("vanilla"))
+    res = build_model(tiny("resformer"))
+    res.load_state_dict(vanilla.state_dict())
+    idx = torch.randint(0, 256, (2, 16))
+    assert not torch.allclose(res(idx), vanilla(idx))
+
+
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "vanilla"])
+def test_layer_mask_is_honoured(mode):
+    """With only layer 2 receiving, layers 0 and 1 compute exactly what vanilla does."""
+    cfg = tiny(mode, layers=[2], n_layer=3, lambda1=0.7)
+    model = build_model(cfg)
+    randomize_coefficients(model)
+    assert list(model.residual.mixes) == ["2"]
+    vanilla = build_model(tiny("vanilla", n_layer=3))
+    vanilla.load_state_dict(model.state_dict(), strict=False)
+    if mode == "svformer":
+        assert model.blocks[2].attn.wv is None and model.blocks[1].attn.wv is not None
+    idx = torch.randint(0, 256, (2, 16))
+    hidden = {}
+    for name, m in (("mask", model), ("vanilla", vanilla)):
+        m.blocks[1].register_forward_hook(lambda mod, i, o, n=name: hidden.__setitem__(n, o[0]))
+        out = m(idx)
+        hidden[name + "_out"] = out
+    torch.testing.assert_close(hidden["mask"], hidden["vanilla"])
+    assert not torch.allclose(hidden["mask_out"], hidden["vanilla_out"])
+
+
+def _formula(mode, source, n_layer, d, ffn, vocab, receiving):
+    """Parameter count from the formula in DESIGN.md section 2, written out independently."""
+    per_layer = 2 * d + 4 * d * d + 3 * d * ffn
+    total = 2 * vocab * d + d + n_layer * per_layer
+    r = len(receiving)
+    if r and source == "value_embedding":
+        total += vocab * d
+    n_sources = (lambda layer: layer + 1) if source == "value_embedding" else (lambda layer: layer)
+    total += {
+        "vanilla": 0,
+        "resformer": 0,
+        "neutreno": 0,
+        "learnable": 2 * r,
+        "learnable_plus": (1 + 2 * r) if r else 0,
+        "dense": sum(n_sources(layer) + 1 for layer in receiving),
+        "svformer": -d * d * r,
+        "gated": d * 4 * r,  # d * n_head per receiving layer, n_head = 4
+    }[mode]
+    return total
+
+
+@pytest.mark.parametrize("mode,source", ALL)
+@pytest.mark.parametrize("layers", ["all", [2, 3]])
+def test_parameter_counts_match_formula(mode, source, layers):
+    cfg = tiny(mode, source=source, layers=layers, n_layer=4)
+    model = build_model(cfg)
+    receiving = cfg.value_residual.receiving(4)
+    expected = _formula(mode, source, 4, 32, cfg.model.ffn, 256, receiving)
+    actual = sum(p.numel() for p in model.parameters())
+    assert actual == expected
+    counts = count_params(cfg)
+    assert counts["n_params"] == actual
+    emb = 256 * 32 * (2 if source == "value_embedding" and receiving else 1)
+    assert counts["n_params_non_embedding"] == actual - emb
+
+
+def test_zero_parameter_modes_add_nothing():
+    base = count_params(tiny("vanilla"))["n_params"]
+    assert count_params(tiny("resformer"))["n_params"] == base
+    assert count_params(tiny("neutreno"))["n_params"] == base
+    assert count_params(tiny("learnable"))["n_params"] == base + 2 * 2
+    assert count_params(tiny("svformer"))["n_params"] == base - 2 * 32 * 32
+
+
+@pytest.mark.parametrize("mode,source", ALL)
+def test_gradient_reaches_every_trainable_tensor(mode, source):
+    torch.manual_seed(0)
+    model = build_model(tiny(mode, source=source))
+    randomize_coefficients(model)
+    idx = torch.randint(0, 256, (4, 16))
+    loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    for name, p in model.named_parameters():
+        assert p.grad is not None, f"{name} got no gradient"
+        assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
+
+
+def test_first_layer_values_are_not_detached():
+    """Every receiving layer sends gradient into W_V of layer 0 (as the official code)."""
+    model = build_model(tiny("svformer", n_layer=3))
+    idx = torch.randint(0, 256, (2, 16))
+    model(idx).sum().backward()
+    # svformer layers 1, 2 have no W_V: all their value gradient flows into layer 0's.
+    assert model.blocks[0].attn.wv.weight.grad.abs().sum() > 0
+
+
+def test_learnable_plus_starts_at_lambda1_one():
+    model = build_model(tiny("learnable_plus", lambda2=0.5, n_layer=4))
+    coefs = model.residual.coefficients()
+    assert coefs == pytest.approx({f"L{i}.{k}": v for i in (1, 2, 3)
+                                   for k, v in (("lambda1", 1.0), ("lambda2", 0.5))})
+
+
+def test_sequence_longer_than_model_is_refused():
+    model = build_model(tiny("vanilla"))
+    with pytest.raises(ValueError, match="seq_len"):
+        model(torch.zeros(1, 17, dtype=torch.long))
