@@ -148,8 +148,9 @@ class TokenDataModule(pl.LightningDataModule):
             raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the {implied_vocab} "
                               f"byte values of data.source {data.source!r}")
         cuts = [int(len(a) * (1 - data.val_fraction)) for a in arrays]
-        self.train_arrays = [a[:c] for a, c in zip(arrays, cuts, strict=True) if c > seq_len + 1]
-        self.val_arrays = [a[c:] for a, c in zip(arrays, cuts, strict=True) if len(a) - c > seq_len + 1]
+        pairs = list(zip(arrays, cuts, strict=True))
+        self.train_arrays = [a[:c] for a, c in pairs if c > seq_len + 1]
+        self.val_arrays = [a[c:] for a, c in pairs if len(a) - c > seq_len + 1]
         if not self.train_arrays or not self.val_arrays:
             longest = max(len(a) for a in arrays)
             raise ConfigError(
