@@ -29,6 +29,20 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_search(args: argparse.Namespace) -> int:
+    from .study import front_table, load_spec, run_search
+
+    for flag in ("n_trials", "timeout"):
+        value = getattr(args, flag)
+        if value is not None and value <= 0:
+            raise ConfigError(f"--{flag.replace('_', '-')}: must be > 0, got {value}")
+    spec = load_spec(args.study, data=args.data)
+    study = run_search(spec, args.storage, n_trials=args.n_trials, timeout=args.timeout,
+                       worker_id=args.worker_id, progress=not args.no_progress)
+    print(front_table(study))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="nas", description="Architecture search over value-residual patterns (ResFormer).")
@@ -39,6 +53,18 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="output folder (default: runs/train/<config name>)")
     p.add_argument("--data", help="override data.source: builtin, a text file or a .bin glob")
     p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("search", help="create or resume a study and run its trials")
+    p.add_argument("study", help="study spec YAML")
+    p.add_argument("--storage", help="sqlite:///PATH, postgresql+psycopg://..., journal:PATH "
+                   "(default: the spec's, else sqlite:///runs/<name>.db)")
+    p.add_argument("--n-trials", type=int, help="run this many new trials (default: until the "
+                   "study holds the spec's n_trials)")
+    p.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
+    p.add_argument("--data", help="override data.source for every trial")
+    p.add_argument("--worker-id", type=int, help="distinct per worker: offsets the sampler seed")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.set_defaults(func=cmd_search)
     return parser
 
 

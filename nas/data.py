@@ -90,20 +90,20 @@ def open_corpus(source: str) -> tuple[list[np.ndarray], int | None]:
 
 
 class RandomWindows(Dataset):
-    """Item i is batch i: `batch_size` random windows of seq_len + 1 tokens."""
+    """Item i is batch `first + i`: `batch_size` random windows of seq_len + 1 tokens."""
 
-    def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, steps: int,
-                 seed: int):
+    def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, first: int,
+                 count: int, seed: int):
         self.arrays, self.seq_len, self.batch_size = arrays, seq_len, batch_size
-        self.steps, self.seed = steps, seed
-        spans = np.array([len(a) - seq_len - 1 for a in arrays], dtype=np.float64)
-        self.weights = np.clip(spans, 0, None) / np.clip(spans, 0, None).sum()
+        self.first, self.count, self.seed = first, count, seed
+        spans = np.clip([len(a) - seq_len - 1 for a in arrays], 0, None).astype(np.float64)
+        self.weights = spans / spans.sum()
 
     def __len__(self) -> int:
-        return self.steps
+        return self.count
 
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        rng = np.random.default_rng((self.seed, i))
+        rng = np.random.default_rng((self.seed, self.first + i))
         which = rng.choice(len(self.arrays), size=self.batch_size, p=self.weights)
         rows = []
         for a in which:
@@ -140,8 +140,11 @@ class FixedWindows(Dataset):
 
 
 class TokenDataModule(pl.LightningDataModule):
+    """Each epoch is one evaluation interval of training batches, so that validation (and the
+    pruners that report per validation) runs at every epoch end."""
+
     def __init__(self, data: DataConfig, seq_len: int, vocab_size: int, batch_size: int,
-                 steps: int, seed: int, eval_batches: int):
+                 steps: int, seed: int, eval_batches: int, eval_interval: int):
         super().__init__()
         arrays, implied_vocab = open_corpus(data.source)
         if implied_vocab is not None and vocab_size < implied_vocab:
@@ -162,10 +165,15 @@ class TokenDataModule(pl.LightningDataModule):
                 raise ConfigError(f"model.vocab_size: {vocab_size} but data.source holds token "
                                   f"id {top}; set vocab_size > {top}")
         self.seq_len, self.batch_size, self.steps, self.seed = seq_len, batch_size, steps, seed
-        self.eval_batches = eval_batches
+        self.eval_batches, self.eval_interval = eval_batches, eval_interval
 
     def train_dataloader(self) -> DataLoader:
-        ds = RandomWindows(self.train_arrays, self.seq_len, self.batch_size, self.steps, self.seed)
+        # Rebuilt every epoch (reload_dataloaders_every_n_epochs=1) at the epoch's first step.
+        epoch = self.trainer.current_epoch if self.trainer is not None else 0
+        first = epoch * self.eval_interval
+        count = max(0, min(self.eval_interval, self.steps - first))
+        ds = RandomWindows(self.train_arrays, self.seq_len, self.batch_size, first, count,
+                           self.seed)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
     def val_dataloader(self) -> DataLoader:

@@ -58,10 +58,22 @@ class OnValidation(pl.Callback):
 
 
 class TrainingProgressBar(TQDMProgressBar):
-    """One bar for the training steps; validation shows only as val_loss on it."""
+    """One bar over all training steps (epochs are only evaluation intervals here); validation
+    shows as val_loss on it."""
 
     def init_validation_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
+
+    def on_train_epoch_start(self, trainer, *_):
+        if trainer.current_epoch == 0:
+            self.train_progress_bar.reset(total=trainer.max_steps)
+            self.train_progress_bar.set_description("Training")
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx):
+        step = trainer.global_step
+        if self._should_update(step, self.train_progress_bar.total):
+            self.train_progress_bar.n = step
+            self.train_progress_bar.set_postfix(self.get_metrics(trainer, pl_module))
 
 
 def quiet_lightning() -> None:
@@ -86,7 +98,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
     t = cfg.train
     pl.seed_everything(t.seed, verbose=False)
     data = TokenDataModule(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, t.batch_size,
-                           t.steps, t.seed, t.eval_batches)
+                           t.steps, t.seed, t.eval_batches, t.eval_interval)
     lit = LitDecoder(cfg)
     timer = StepTimer()
     extra = [timer, *callbacks] + ([TrainingProgressBar()] if progress else [])
@@ -97,8 +109,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         dump_config(cfg, out / "config.yaml")
     trainer = pl.Trainer(
         max_steps=t.steps,
-        val_check_interval=t.eval_interval,
-        check_val_every_n_epoch=None,
+        max_epochs=-1,
+        reload_dataloaders_every_n_epochs=1,
         num_sanity_val_steps=0,
         gradient_clip_val=t.grad_clip,
         accelerator=t.accelerator,

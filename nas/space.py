@@ -1,0 +1,175 @@
+"""Search spaces: a run config with holes, turned into `trial.suggest_*` calls.
+
+A space has the run config's sections. In it:
+- a list is a categorical choice: `n_head: [2, 4]`;
+- a mapping `{low, high}` (optional `log`, `step`) is a range, int if both ends are ints;
+- anything else is fixed.
+`value_residual.layers` is special: `all`, a fixed list of layers, or a pattern mapping
+`{pattern: P}` where P is `subset` (one boolean per layer), `last_k`, `unet` (the first and last k
+layers) or `all`, or a list of those to choose from. Optional `k: {low, high}` bounds last_k/unet.
+
+Conditional parameters are suggested only where they apply: `value_residual` keys only for the
+modes that read them (`config.MODE_KEYS`), per-layer booleans only up to the trial's n_layer.
+Parameter names are dotted paths (`value_residual.lambda1`). Knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+from typing import Any, Protocol
+
+from .config import MODE_KEYS, MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
+
+PATTERNS = ("all", "subset", "last_k", "unet")
+RANGE_KEYS = {"low", "high", "log", "step"}
+
+
+class Suggester(Protocol):
+    """The part of optuna.Trial a space needs."""
+
+    def suggest_categorical(self, name: str, choices: Any) -> Any: ...
+    def suggest_int(self, name: str, low: int, high: int, step: int = 1,
+                    log: bool = False) -> int: ...
+    def suggest_float(self, name: str, low: float, high: float, *, step: float | None = None,
+                      log: bool = False) -> float: ...
+
+
+def merge(base: dict, override: dict) -> dict:
+    """Deep-merge two config mappings; `override` wins."""
+    out = copy.deepcopy(base)
+    for key, value in override.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict) and not _is_range(value):
+            out[key] = merge(out[key], value)
+        else:
+            out[key] = copy.deepcopy(value)
+    return out
+
+
+def _is_range(value: Any) -> bool:
+    return isinstance(value, dict) and {"low", "high"} <= set(value) and set(value) <= RANGE_KEYS
+
+
+def check_space(space: Any, where: str) -> dict:
+    """Structural checks that need no sampling: sections, keys, ranges, choices, patterns."""
+    if not isinstance(space, dict):
+        raise ConfigError(f"{where}: a search space must be a mapping of run-config sections")
+    for section, body in space.items():
+        if section not in SECTIONS:
+            raise ConfigError(f"{where}: {section}: unknown section; allowed: "
+                              + ", ".join(SECTIONS))
+        if not isinstance(body, dict):
+            raise ConfigError(f"{where}: {section}: must be a mapping")
+        allowed = [f.name for f in dataclasses.fields(SECTIONS[section])]
+        allowed += ["preset"] if section == "model" else []
+        for key, value in body.items():
+            name = f"{section}.{key}"
+            if key not in allowed:
+                raise ConfigError(f"{where}: {name}: unknown key; allowed: {', '.join(allowed)}")
+            if name == "value_residual.layers":
+                _check_layers(value, where)
+            elif isinstance(value, list):
+                if not value:
+                    raise ConfigError(f"{where}: {name}: an empty list offers no choice")
+                if not all(v is None or isinstance(v, (bool, int, float, str)) for v in value):
+                    raise ConfigError(f"{where}: {name}: choices must be plain values")
+            elif isinstance(value, dict):
+                _check_range(value, name, where)
+    return space
+
+
+def _check_range(value: dict, name: str, where: str) -> None:
+    if not _is_range(value):
+        raise ConfigError(f"{where}: {name}: a range needs low and high (optional log, step); "
+                          f"got keys {sorted(value)}")
+    low, high = value["low"], value["high"]
+    if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
+        raise ConfigError(f"{where}: {name}: low and high must be numbers")
+    if low > high:
+        raise ConfigError(f"{where}: {name}: low {low} is above high {high}")
+    if value.get("log") and low <= 0:
+        raise ConfigError(f"{where}: {name}: a log range needs low > 0")
+
+
+def _check_layers(value: Any, where: str) -> None:
+    name = "value_residual.layers"
+    if value == "all" or (isinstance(value, list) and all(isinstance(v, int) for v in value)):
+        return
+    if not isinstance(value, dict) or "pattern" not in value:
+        raise ConfigError(f"{where}: {name}: expected 'all', a list of layers or "
+                          f"{{pattern: {'|'.join(PATTERNS)}}}")
+    unknown = set(value) - {"pattern", "k"}
+    if unknown:
+        raise ConfigError(f"{where}: {name}: unknown key {sorted(unknown)[0]}; "
+                          "allowed: pattern, k")
+    patterns = value["pattern"] if isinstance(value["pattern"], list) else [value["pattern"]]
+    bad = [p for p in patterns if p not in PATTERNS]
+    if bad or not patterns:
+        raise ConfigError(f"{where}: {name}.pattern: unknown pattern {bad[0] if bad else '[]'!r}"
+                          f"; allowed: {', '.join(PATTERNS)}")
+    if "k" in value:
+        _check_range(value["k"], f"{name}.k", where)
+
+
+def _suggest(trial: Suggester, name: str, value: Any) -> Any:
+    if isinstance(value, list):
+        return trial.suggest_categorical(name, value)
+    if _is_range(value):
+        low, high = value["low"], value["high"]
+        log = bool(value.get("log", False))
+        if isinstance(low, int) and isinstance(high, int) and isinstance(value.get("step", 1), int):
+            return trial.suggest_int(name, low, high, step=value.get("step", 1), log=log)
+        return trial.suggest_float(name, float(low), float(high), step=value.get("step"), log=log)
+    return copy.deepcopy(value)
+
+
+def _n_layer(model: dict) -> int:
+    preset = MODEL_PRESETS.get(model.get("preset", ""), {})
+    return int(model.get("n_layer", preset.get("n_layer", ModelConfig.n_layer)))
+
+
+def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[int]:
+    name = "value_residual.layers"
+    if not isinstance(value, dict):
+        return copy.deepcopy(value)
+    pattern = _suggest(trial, f"{name}.pattern", value["pattern"])
+    if pattern == "all":
+        return "all"
+    if pattern == "subset":
+        return [i for i in range(1, n_layer)
+                if trial.suggest_categorical(f"{name}.{i}", [True, False])]
+    most = n_layer - 1 if pattern == "last_k" else max(1, (n_layer - 1) // 2)
+    bounds = value.get("k", {"low": 1, "high": most})
+    k = trial.suggest_int(f"{name}.{pattern}", max(1, bounds["low"]), min(most, bounds["high"]))
+    last = list(range(n_layer - k, n_layer))
+    return last if pattern == "last_k" else sorted(set(range(1, k + 1)) | set(last))
+
+
+def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict:
+    """One run-config mapping drawn from `space` (already merged with the study's base).
+
+    `force_mode` fixes the mode without suggesting it (the enqueued vanilla baselines)."""
+    raw: dict[str, dict] = {}
+    for section in ("model", "train", "data"):
+        raw[section] = {k: _suggest(trial, f"{section}.{k}", v)
+                        for k, v in space.get(section, {}).items()}
+    vr_space = space.get("value_residual", {})
+    mode = force_mode or _suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
+    vr: dict[str, Any] = {"mode": mode}
+    for key in MODE_KEYS.get(mode, ()):
+        if key not in vr_space:
+            continue
+        if key == "layers":
+            vr[key] = _suggest_layers(trial, vr_space[key], _n_layer(raw["model"]))
+        else:
+            vr[key] = _suggest(trial, f"value_residual.{key}", vr_space[key])
+    raw["value_residual"] = vr
+    return raw
+
+
+def fixed_choices(space: dict, section: str, key: str) -> list[Any]:
+    """The values a space allows for one categorical or fixed key (for enqueuing baselines)."""
+    value = space.get(section, {}).get(key)
+    if value is None:
+        return []
+    return list(value) if isinstance(value, list) else [value]

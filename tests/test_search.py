@@ -1,0 +1,141 @@
+"""Studies end to end on tiny models: real training, real SQLite storage."""
+
+import subprocess
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.config import from_dict
+from nas.model import count_params
+from nas.study import load_spec, open_study, run_search
+from tests.conftest import env_for_cli, nas_cmd
+
+TINY_BASE = {
+    "model": {"d_model": 32, "n_head": 2, "seq_len": 16},
+    "train": {"steps": 12, "batch_size": 4, "eval_every": 4, "eval_batches": 1, "lr": 3e-3},
+}
+
+
+def write_spec(tmp_path, **overrides):
+    spec = {
+        "name": "tiny",
+        "space": {"model": {"n_layer": [2, 3]},
+                  "value_residual": {"mode": ["vanilla", "resformer", "learnable", "svformer"],
+                                     "lambda1": {"low": 0.2, "high": 2.0}}},
+        "objectives": ["val_loss", "n_params"],
+        "n_trials": 4,
+        "storage": f"sqlite:///{tmp_path}/tiny.db",
+        "base": TINY_BASE,
+        "sampler": {"type": "tpe", "n_startup_trials": 2},
+        "seed": 0,
+    }
+    spec.update(overrides)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def quiet(*args, **kw):
+    return run_search(*args, progress=False, echo=lambda *_: None, **kw)
+
+
+def test_study_completes_resumes_and_stores_what_it_measured(tmp_path):
+    spec = load_spec(write_spec(tmp_path))
+    study = quiet(spec)
+    trials = study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(trials) == 4
+    assert study.metric_names == ["val_loss", "n_params"]
+    # vanilla baselines at both sizes, enqueued first
+    baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert sorted(t.params["model.n_layer"] for t in baselines) == [2, 3]
+    assert all(t.user_attrs["mode"] == "vanilla" for t in baselines)
+    for t in trials:
+        cfg = from_dict(t.user_attrs["config"])
+        counts = count_params(cfg)
+        assert t.values[1] == counts["n_params"] == t.user_attrs["n_params"]
+        assert t.user_attrs["n_params_non_embedding"] == counts["n_params_non_embedding"]
+        assert t.values[0] == pytest.approx(t.user_attrs["val_loss"])
+        assert t.values[0] == t.user_attrs["curve"][-1][1] or abs(
+            t.values[0] - t.user_attrs["curve"][-1][1]) < 1e-5
+        assert [s for s, _ in t.user_attrs["curve"]] == [4, 8, 12]
+        assert t.user_attrs["tokens"] == 12 * 4 * 16 and t.user_attrs["tokens_per_s"] > 0
+        if cfg.value_residual.mode == "learnable":
+            assert set(t.user_attrs["coefficients"]) >= {"L1.lambda1", "L1.lambda2"}
+    # Running again with the same target does nothing; --n-trials adds new trials.
+    again = quiet(load_spec(write_spec(tmp_path)))
+    assert len(again.trials) == 4
+    more = quiet(load_spec(write_spec(tmp_path)), n_trials=2)
+    assert len(more.get_trials(states=(TrialState.COMPLETE, TrialState.PRUNED))) == 6
+    assert sum(bool(t.user_attrs.get("baseline")) for t in more.trials) == 2  # not re-queued
+
+
+def test_pareto_pruner_prunes_multi_objective_trials(tmp_path):
+    # A negative margin makes every trial whose parameter count is at least a completed
+    # trial's stop at its first validation after min_progress: the mechanism, not luck.
+    path = write_spec(tmp_path, n_trials=4, space={
+        "model": {"n_layer": 2},
+        "value_residual": {"mode": ["resformer", "neutreno", "learnable"]}},
+        pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5})
+    study = quiet(load_spec(path))
+    states = [t.state for t in study.trials]
+    assert states[0] == TrialState.COMPLETE and study.trials[0].user_attrs["baseline"]
+    pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
+    assert len(pruned) == 3
+    for t in pruned:
+        assert t.user_attrs["pruned_reason"].startswith("pareto:")
+        assert t.user_attrs["steps_trained"] == 8 and len(t.user_attrs["curve"]) == 2
+
+
+def test_pareto_pruner_spares_smaller_models(tmp_path):
+    # svformer has fewer parameters than the vanilla baseline: nothing cheaper to compare to.
+    path = write_spec(tmp_path, n_trials=2, space={
+        "model": {"n_layer": 2}, "value_residual": {"mode": ["svformer"]}},
+        pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5})
+    study = quiet(load_spec(path))
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE] * 2
+
+
+def test_median_pruner_prunes_single_objective_trials(tmp_path):
+    path = write_spec(tmp_path, n_trials=2, objectives=["val_loss"], baselines=False,
+                      space={"model": {"n_layer": 2}, "train": {"lr": [3e-3, 1e-7]}},
+                      pruner={"type": "median", "n_startup_trials": 1, "n_warmup_steps": 0})
+    spec = load_spec(path)
+    study = open_study(spec)
+    study.enqueue_trial({"train.lr": 3e-3})
+    study.enqueue_trial({"train.lr": 1e-7})
+    study = quiet(spec)
+    assert [t.state for t in study.trials] == [TrialState.COMPLETE, TrialState.PRUNED]
+    assert study.trials[1].user_attrs["pruned_reason"].startswith("median:")
+
+
+def test_parameter_budget_is_a_constraint(tmp_path):
+    vanilla2 = count_params(from_dict({**TINY_BASE, "model": {**TINY_BASE["model"],
+                                                             "n_layer": 2}}))["n_params"]
+    path = write_spec(tmp_path, n_trials=2, objectives=["val_loss"], max_params=vanilla2)
+    study = quiet(load_spec(path))
+    big = [t for t in study.trials if t.user_attrs["n_params"] > vanilla2]
+    assert big and all(t.state == TrialState.PRUNED for t in big)
+    assert all("over budget" in t.user_attrs["pruned_reason"] for t in big)
+    assert all("curve" not in t.user_attrs for t in big)  # never trained
+    small = [t for t in study.trials if t.user_attrs["n_params"] <= vanilla2]
+    assert all(t.state == TrialState.COMPLETE for t in small)
+    assert all(t.system_attrs["constraints:n_params"] <= 0 for t in small)
+
+
+def test_cli_search_prints_front_and_refuses_bad_specs(tmp_path):
+    path = write_spec(tmp_path, n_trials=2)
+    proc = subprocess.run(nas_cmd("search", str(path), "--no-progress"), capture_output=True,
+                          text=True, env=env_for_cli(), timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    assert "Pareto front" in proc.stdout and "vanilla" in proc.stdout
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"name": "x", "space": {"model": {"n_head": [3]}},
+                                   "base": TINY_BASE}))
+    proc = subprocess.run(nas_cmd("search", str(bad)), capture_output=True, text=True,
+                          env=env_for_cli(), timeout=120)
+    assert proc.returncode == 2 and "model.n_head" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/tiny.db")
+    assert len(study.trials) == 2

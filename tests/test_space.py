@@ -1,0 +1,95 @@
+"""Search spaces: conditional parameters, layer patterns and bad spaces (no training)."""
+
+import optuna
+import pytest
+
+from nas.config import ConfigError, from_dict
+from nas.space import check_space, sample
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+SPACE = {
+    "model": {"n_layer": [2, 6], "d_model": 32, "n_head": 2, "seq_len": 16},
+    "value_residual": {
+        "mode": ["vanilla", "resformer", "learnable_plus", "svformer", "neutreno"],
+        "layers": {"pattern": ["subset", "last_k", "unet", "all"]},
+        "lambda1": {"low": 0.1, "high": 5.0},
+        "lambda2": {"low": 0.1, "high": 1.0, "step": 0.1},
+        "source": ["first_layer", "value_embedding"],
+    },
+    "train": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "steps": 10},
+}
+
+
+def draws(space, n=300):
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    out = []
+    for _ in range(n):
+        trial = study.ask()
+        raw = sample(space, trial)
+        out.append((trial.params, raw))
+        study.tell(trial, 0.0)
+    return out
+
+
+def test_conditional_parameters_appear_only_where_they_apply():
+    seen_modes = set()
+    for params, raw in draws(check_space(SPACE, "space")):
+        cfg = from_dict(raw)  # every draw is a valid run config
+        mode, n_layer = cfg.value_residual.mode, cfg.model.n_layer
+        seen_modes.add(mode)
+        vr_params = {k for k in params
+                     if k.startswith("value_residual.") and k != "value_residual.mode"}
+        if mode == "vanilla":
+            assert vr_params == set()
+            continue
+        assert ("value_residual.lambda1" in params) == (mode in ("resformer", "neutreno"))
+        assert ("value_residual.lambda2" in params) == (mode in ("resformer", "learnable_plus"))
+        assert "value_residual.source" in params
+        pattern = params["value_residual.layers.pattern"]
+        per_layer = sorted(int(k.rsplit(".", 1)[1]) for k in params
+                           if k.rsplit(".", 1)[1].isdigit())
+        receiving = cfg.value_residual.receiving(n_layer)
+        if pattern == "subset":
+            assert per_layer == list(range(1, n_layer))  # never beyond n_layer
+            assert receiving == [i for i in per_layer if params[f"value_residual.layers.{i}"]]
+        else:
+            assert per_layer == []
+        if pattern == "last_k":
+            k = params["value_residual.layers.last_k"]
+            assert receiving == list(range(n_layer - k, n_layer))
+        if pattern == "unet":
+            k = params["value_residual.layers.unet"]
+            assert receiving == sorted(set(range(1, k + 1)) | set(range(n_layer - k, n_layer)))
+        if pattern == "all":
+            assert receiving == list(range(1, n_layer))
+    assert seen_modes == set(SPACE["value_residual"]["mode"])
+
+
+def test_fixed_values_are_not_searched():
+    params, raw = draws(SPACE, n=1)[0]
+    assert "model.d_model" not in params and raw["model"]["d_model"] == 32
+    assert "train.lr" in params and 1e-4 <= raw["train"]["lr"] <= 1e-2
+
+
+def test_forced_mode_suggests_no_mode():
+    study = optuna.create_study()
+    trial = study.ask()
+    raw = sample(SPACE, trial, force_mode="vanilla")
+    assert raw["value_residual"] == {"mode": "vanilla"}
+    assert "value_residual.mode" not in trial.params
+
+
+@pytest.mark.parametrize("space,fragment", [
+    ({"modle": {}}, "modle: unknown section"),
+    ({"model": {"widht": [1]}}, "model.widht: unknown key"),
+    ({"model": {"n_layer": []}}, "empty list"),
+    ({"train": {"lr": {"low": 1, "hi": 2}}}, "a range needs low and high"),
+    ({"train": {"lr": {"low": 2.0, "high": 1.0}}}, "low 2.0 is above high 1.0"),
+    ({"train": {"lr": {"low": 0.0, "high": 1.0, "log": True}}}, "log range needs low > 0"),
+    ({"value_residual": {"layers": {"pattern": "diagonal"}}}, "unknown pattern 'diagonal'"),
+    ({"value_residual": {"layers": "some"}}, "expected 'all'"),
+])
+def test_bad_spaces_are_refused(space, fragment):
+    with pytest.raises(ConfigError, match=fragment):
+        check_space(space, "space.yaml")
