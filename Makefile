@@ -24,6 +24,7 @@ quickstart: setup
 
 test: setup
 	$(BIN)/ruff check nas tests benchmarks
+	bash scripts/ensure-system-deps.sh
 	$(BIN)/python -m pytest
 
 bench: setup

@@ -33,10 +33,10 @@ def loss_at(curve: Sequence[Sequence[float]], step: int) -> float | None:
 
 @dataclass
 class ParetoPruner:
-    margin: float = 0.02
+    margin: float = 0.01
     # No pruning before this fraction of the trial's steps: early losses of different
     # architectures are close and noisy.
-    min_progress: float = 0.2
+    min_progress: float = 0.3
     # Completed trials needed before pruning starts (the baselines usually come first).
     min_completed: int = 1
 

@@ -4,6 +4,13 @@ A study spec (YAML under `studies/`) names a search space, the objectives and th
 the run config. `run_search` creates the Optuna study or resumes it, enqueues a `vanilla`
 baseline at each model size, and trains trials until the study holds `n_trials` finished ones.
 Knows nothing of torch: training happens behind `nas.train.train`, imported when a trial runs.
+
+Any number of workers (processes, machines) may share one study through its storage. Only
+COMPLETE and PRUNED trials count toward `n_trials`; a failed trial (diverged, raised or
+interrupted, with the reason in its `failure` attribute, or lost with its worker) stays in the
+study as FAIL and another trial takes its slot.
+On RDB storages (SQLite, PostgreSQL) heartbeats fail a dead worker's trial and queue a retry of
+it; `Objective._claim_slot` and `Gate` keep the workers from running more than `n_trials`.
 """
 
 from __future__ import annotations
@@ -11,16 +18,27 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
+import random
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+import traceback
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import optuna
+import sqlalchemy
 from optuna.trial import TrialState
 
 from . import space as spaces
-from .config import ConfigError, from_dict, read_yaml
+from .artifacts import artifact_dir, upload_trial_artifacts
+from .config import ConfigError, RunConfig, from_dict, read_yaml
 from .pruning import ParetoPruner
 
 # Objective name -> direction.
@@ -30,9 +48,13 @@ OBJECTIVES = {
     "n_params_non_embedding": "minimize",
     "tokens_per_s": "maximize",
 }
+# Heartbeats on RDB storages (seconds; the study spec's `heartbeat` overrides them): a RUNNING
+# trial with no heartbeat for grace_period is failed and retried up to max_retry times.
+HEARTBEAT = {"interval": 10, "grace_period": 30, "max_retry": 2}
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "pareto", "median", "hyperband")
-FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)
+FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
+MAX_FAILURES = 5  # a worker stops after this many of its trials failed in a row
 
 # Heartbeats, grouped TPE and metric names are marked experimental but are what we rely on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -51,6 +73,8 @@ class StudySpec:
     seed: int = 0
     max_params: int | None = None
     baselines: bool = True
+    heartbeat: dict = field(default_factory=dict)  # overrides of HEARTBEAT
+    artifacts: str | None = None  # artifact folder (default: next to the storage)
     path: str = "study"
 
     @property
@@ -115,6 +139,21 @@ def _check_spec(spec: StudySpec, where: str) -> None:
     if spec.max_params is not None and (not isinstance(spec.max_params, int)
                                         or spec.max_params < 1):
         raise ConfigError(f"{where}: max_params: must be a positive integer")
+    for key, kinds, allowed in (("seed", int, "an integer"), ("baselines", bool, "true or false"),
+                                ("storage", (str, type(None)), "a storage URL or path")):
+        if not isinstance(getattr(spec, key), kinds):
+            raise ConfigError(f"{where}: {key}: must be {allowed}, got {getattr(spec, key)!r}")
+    if not isinstance(spec.heartbeat, dict):
+        raise ConfigError(f"{where}: heartbeat: must be a mapping with keys "
+                          + ", ".join(HEARTBEAT))
+    for key, value in spec.heartbeat.items():
+        if key not in HEARTBEAT:
+            raise ConfigError(f"{where}: heartbeat.{key}: unknown key; allowed: "
+                              + ", ".join(HEARTBEAT))
+        low = 0 if key == "max_retry" else 1
+        if not isinstance(value, int) or isinstance(value, bool) or value < low:
+            raise ConfigError(f"{where}: heartbeat.{key}: must be an integer >= {low} "
+                              f"(seconds for interval and grace_period), got {value!r}")
     spaces.check_space(spec.base, f"{where}: base")
     for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         value = getattr(spec, key)
@@ -123,58 +162,127 @@ def _check_spec(spec: StudySpec, where: str) -> None:
     if spec.multi_objective and spec.pruner["type"] in ("median", "hyperband"):
         raise ConfigError(f"{where}: pruner.type: Optuna cannot prune multi-objective studies "
                           "with median or hyperband; use pareto or none")
-    _check_draws(spec, where)
+    draw_configs(spec, where)
 
 
-def _check_draws(spec: StudySpec, where: str, draws: int = 32) -> None:
+def draw_configs(spec: StudySpec, where: str, draws: int = 32) -> list[RunConfig]:
     """Sample the space at random (no training) so that impossible shapes fail now."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     merged = spec.merged_space
+    configs = []
     for _ in range(draws):
         trial = probe.ask()
         raw = spaces.sample(merged, trial)
-        from_dict(raw, where=f"{where} (a draw from the space)")
+        configs.append(from_dict(raw, where=f"{where} (a draw from the space)"))
         probe.tell(trial, 0.0)
+    return configs
+
+
+def check_trainable(spec: StudySpec, draws: int = 32) -> None:
+    """What `nas search` needs beyond a valid spec, checked before the study is touched: every
+    data source the space can draw opens and is long enough (imports torch), and each trial
+    trains on one device (run one worker per GPU instead)."""
+    from .data import TokenDataModule
+
+    seen = set()
+    for cfg in draw_configs(spec, spec.path, draws):
+        if cfg.train.devices not in (1, "1"):
+            raise ConfigError(f"{spec.path}: train.devices: must be 1 in a study, got "
+                              f"{cfg.train.devices!r}: run one `nas search` worker per GPU; "
+                              "several devices per run are for `nas train`")
+        d, m = cfg.data, cfg.model
+        if (d.source, d.val_fraction, m.seq_len, m.vocab_size) in seen:
+            continue
+        seen.add((d.source, d.val_fraction, m.seq_len, m.vocab_size))
+        try:
+            TokenDataModule(d, m.seq_len, m.vocab_size, 1, 1, cfg.train.seed, 1, 1)
+        except ConfigError as exc:
+            raise ConfigError(f"{spec.path}: {exc}") from None
 
 
 # -- storage, sampler, pruner ----------------------------------------------------------------
 
 
-def make_storage(url: str, heartbeat: bool = True) -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL: sqlite:///, postgresql+psycopg://, journal:PATH or a
-    `.log` / `.journal` file path. RDB storages get heartbeats and retry stale trials."""
-    if url.startswith("journal:") or url.endswith((".log", ".journal")):
-        path = url.removeprefix("journal:")
-        Path(path).parent.mkdir(parents=True, exist_ok=True)
-        backend = optuna.storages.journal.JournalFileBackend(path)
-        return optuna.storages.JournalStorage(backend)
-    if "://" not in url:
-        raise ConfigError(f"--storage: unknown storage {url!r}; allowed: sqlite:///PATH, "
-                          "postgresql+psycopg://USER@HOST/DB, journal:PATH")
-    scheme = url.split("://", 1)[0]
-    if not scheme.startswith(("sqlite", "postgresql", "mysql")):
-        raise ConfigError(f"--storage: unknown scheme {scheme!r}; allowed: sqlite, "
-                          "postgresql+psycopg, mysql, journal")
+def journal_path(url: str) -> Path | None:
+    """The journal file of a `journal:PATH` URL or a plain path (no scheme), else None."""
+    if url.startswith("journal:"):
+        return Path(url.removeprefix("journal:"))
+    return None if ":" in url else Path(url)
+
+
+def _redact(url: str) -> str:
+    """The URL without its password, for messages."""
+    try:
+        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy can parse: it holds no password either
+        return url
+
+
+def make_storage(url: str, heartbeat: dict[str, int] | None = None,
+                 where: str = "--storage") -> optuna.storages.BaseStorage:
+    """An Optuna storage from a URL: `sqlite:///PATH` (one machine), `postgresql://` or
+    `postgresql+psycopg://` (many machines), `mysql+DRIVER://`, or a journal file
+    (`journal:PATH` or a plain path). `heartbeat` (`interval`, `grace_period`, `max_retry`,
+    see HEARTBEAT) turns on heartbeats on RDB storages: a trial whose worker stopped beating is
+    failed and retried as a new WAITING copy of itself. Bad input is a ConfigError naming
+    `where` (the option or the spec's key)."""
+    journal = journal_path(url)
+    if journal is not None:
+        try:
+            journal.parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.JournalStorage(
+                optuna.storages.journal.JournalFileBackend(str(journal)))
+        except OSError as exc:
+            raise ConfigError(f"{where}: cannot open journal file {str(journal)!r}: "
+                              f"{exc.strerror or exc}") from None
+    scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
+    if "://" not in url or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
+        raise ConfigError(f"{where}: unknown storage scheme {scheme + ':'!r} in {_redact(url)!r};"
+                          " allowed: sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
+                          "mysql+DRIVER://..., journal:PATH or a plain file path")
+    if scheme == "postgresql":
+        url = "postgresql+psycopg" + url.removeprefix("postgresql")  # psycopg 3 is our driver
     engine_kwargs: dict[str, Any] = {}
     if scheme.startswith("sqlite"):
         db = url.split(":///", 1)[-1]
         if db and db != ":memory:":
-            Path(db).parent.mkdir(parents=True, exist_ok=True)
-        # Several workers on one SQLite file wait for the write lock instead of failing.
+            try:
+                Path(db).parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise ConfigError(f"{where}: cannot create the folder of {db!r}: "
+                                  f"{exc.strerror or exc}") from None
+        # Several workers on one SQLite file wait up to a minute for the write lock.
         engine_kwargs["connect_args"] = {"timeout": 60}
     else:
         engine_kwargs["pool_pre_ping"] = True
+        if scheme.startswith("postgresql"):
+            engine_kwargs["connect_args"] = {"connect_timeout": 10}
     extra: dict[str, Any] = {}
-    if heartbeat:
-        extra = {"heartbeat_interval": 10, "grace_period": 30,
+    if heartbeat:  # None, False or {}: no heartbeats
+        hb = {**HEARTBEAT, **heartbeat}
+        extra = {"heartbeat_interval": hb["interval"], "grace_period": hb["grace_period"],
                  "heartbeat_stale_trial_callback":
-                     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=2)}
-    try:
-        return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **extra)
-    except Exception as exc:  # sqlalchemy's errors carry multi-line context
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"--storage: cannot open {url!r}: {first}") from None
+                     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"])}
+    for attempt in range(2):
+        try:
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **extra)
+            break
+        except Exception as exc:  # sqlalchemy's errors carry multi-line context
+            if attempt == 0:
+                # Workers that start together on a new database race to create its tables.
+                time.sleep(0.5 + random.random())
+                continue
+            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+            raise ConfigError(f"{where}: cannot open {_redact(url)!r}: {first}") from None
+    if scheme.startswith("sqlite"):
+        # Write-ahead logging: readers (the dashboard, waiting workers) never block a writer.
+        try:
+            with storage.engine.connect() as conn:
+                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
+        except sqlalchemy.exc.OperationalError:
+            pass  # a read-only file: a speed-up only
+    return storage
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -217,30 +325,70 @@ def pareto_pruner(spec: StudySpec) -> ParetoPruner | None:
 
 def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool = True,
                seed_offset: int = 0) -> optuna.Study:
-    """Create or load the spec's study; refuse a stored study whose objectives differ."""
-    url = storage_url or spec.storage or spec.default_storage()
-    storage = make_storage(url)
-    directions = [OBJECTIVES[o] for o in spec.objectives]
-    sampler = make_sampler(spec, spec.seed + seed_offset)
+    """Create or load the spec's study. A new study records its objectives and space and gets
+    its vanilla baselines queued. A stored study whose objectives or space differ from the
+    spec's is refused before anything is written."""
+    url = resolve_storage(spec, storage_url)
+    sampler, pruner = make_sampler(spec, spec.seed + seed_offset), make_pruner(spec)
+    storage = make_storage(url, {**HEARTBEAT, **spec.heartbeat},
+                           where="--storage" if storage_url else f"{spec.path}: storage")
     names = optuna.get_all_study_names(storage)
     if spec.name not in names and not create:
         listed = ", ".join(names) if names else "none"
-        raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {url} "
+        raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {_redact(url)} "
                           f"(studies there: {listed})")
-    if spec.name in names:
-        stored = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
-                                   pruner=make_pruner(spec))
-        if [d.name.lower() for d in stored.directions] != directions:
-            raise ConfigError(f"{spec.path}: objectives: the stored study {spec.name!r} has "
-                              f"{len(stored.directions)} objective(s), the spec {len(directions)}")
-        return stored
-    study = optuna.create_study(study_name=spec.name, storage=storage, directions=directions,
-                                sampler=sampler, pruner=make_pruner(spec), load_if_exists=True)
-    study.set_metric_names(spec.objectives)
-    study.set_user_attr("objectives", spec.objectives)
-    study.set_user_attr("space", spec.merged_space)
-    study.set_user_attr("max_params", spec.max_params)
+    if spec.name not in names:
+        try:
+            study = optuna.create_study(
+                study_name=spec.name, storage=storage, sampler=sampler, pruner=pruner,
+                directions=[OBJECTIVES[o] for o in spec.objectives])
+        except optuna.exceptions.DuplicatedStudyError:
+            pass  # another worker created it a moment ago: load it below
+        else:
+            study.set_metric_names(spec.objectives)
+            study.set_user_attr("objectives", spec.objectives)
+            study.set_user_attr("space", spec.merged_space)
+            study.set_user_attr("max_params", spec.max_params)
+            enqueue_baselines(study, spec)
+            return study
+    study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
+                              pruner=pruner)
+    _check_stored(study, spec)
     return study
+
+
+def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
+    """Refuse a spec that no longer matches its stored study: mixing objectives or spaces in
+    one study would fail every new trial or compare unlike trials."""
+    stored = study.user_attrs.get("objectives") or study.metric_names
+    directions = [d.name.lower() for d in study.directions]
+    if directions != [OBJECTIVES[o] for o in spec.objectives] or (
+            stored is not None and stored != spec.objectives):
+        raise ConfigError(f"{spec.path}: objectives: the stored study {spec.name!r} has "
+                          f"{stored or directions}, the spec {spec.objectives}; use a new "
+                          "study name for other objectives")
+    space = study.user_attrs.get("space")
+    if space is not None:
+        # data.source may differ: every machine may keep the same shards at its own path.
+        key = _first_difference(_without_source(space), _without_source(spec.merged_space))
+        if key is not None:
+            raise ConfigError(f"{spec.path}: {key}: differs from the stored study "
+                              f"{spec.name!r}; use a new study name to search a changed space")
+
+
+def _without_source(space: dict) -> dict:
+    return {**space, "data": {k: v for k, v in space.get("data", {}).items() if k != "source"}}
+
+
+def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
+    """The dotted key where two parsed YAML values first differ (`space` for the whole)."""
+    if isinstance(a, dict) and isinstance(b, dict):
+        for k in sorted(set(a) | set(b), key=str):
+            found = _first_difference(a.get(k), b.get(k), f"{key}.{k}" if key else str(k))
+            if found is not None:
+                return found
+        return None
+    return None if a == b else (key or "space")
 
 
 # -- baselines and the objective -------------------------------------------------------------
@@ -282,28 +430,51 @@ def describe(attrs: dict[str, Any]) -> str:
 
 
 class Objective:
-    def __init__(self, spec: StudySpec, target: int | None):
+    def __init__(self, spec: StudySpec, target: int | None, artifacts: Path | None = None):
         self.spec = spec
         self.target = target
+        self.artifacts = artifacts  # where config.yaml and curve.csv of each trial go
         self.space = spec.merged_space
         self.pareto = pareto_pruner(spec)
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
-        """With a target count, a trial started after the last slot was taken does not run."""
+        """With a target, a trial runs only while fewer than `target` trials are finished or
+        ahead of it (RUNNING or WAITING with a lower number). Trial numbers give every pair of
+        workers the same order, so two workers never both take the last slot."""
         if self.target is None:
             return
-        others = trial.study.get_trials(deepcopy=False, states=(*FINISHED, TrialState.RUNNING))
-        if sum(t.number < trial.number for t in others) >= self.target:
-            trial.study.stop()
-            trial.set_user_attr("failure", "surplus: the study already has its trials")
+        ahead = sum(t.state in FINISHED or (t.state in (TrialState.RUNNING, TrialState.WAITING)
+                                            and t.number < trial.number)
+                    for t in trial.study.get_trials(deepcopy=False))
+        if ahead >= self.target:
+            trial.set_user_attr("failure", f"surplus: the study already has its {self.target} "
+                                "trials")
             raise SurplusTrial(f"study already has {self.target} trials")
 
     def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """Run one trial. Any failure is recorded in the trial's `failure` attribute and the
+        trial ends FAIL (the search goes on); Ctrl+C fails the trial and stops the worker."""
         from .lit import DivergenceError
+
+        self._claim_slot(trial)
+        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
+        try:
+            return self._run(trial)
+        except optuna.TrialPruned:
+            raise
+        except KeyboardInterrupt:
+            trial.set_user_attr("failure", "interrupted (Ctrl+C or SIGTERM)")
+            raise
+        except Exception as exc:
+            trial.set_user_attr("failure", f"{type(exc).__name__}: {exc}")
+            if not isinstance(exc, DivergenceError):
+                traceback.print_exc()  # a bug or a broken machine, not a bad config
+            raise
+
+    def _run(self, trial: optuna.Trial) -> float | tuple[float, ...]:
         from .model import count_params
         from .train import train
 
-        self._claim_slot(trial)
         force = "vanilla" if trial.user_attrs.get("baseline") else None
         raw = spaces.sample(self.space, trial, force_mode=force)
         try:
@@ -327,6 +498,7 @@ class Objective:
         curve: list[list[float]] = []
 
         def on_validation(step: int, loss: float) -> None:
+            CTRL_C.check()
             curve.append([step, round(loss, 6)])
             trial.set_user_attr("curve", curve)
             if self.pareto is not None:
@@ -349,9 +521,8 @@ class Objective:
             if "pruned_reason" not in trial.user_attrs:
                 trial.set_user_attr("pruned_reason", f"{self.spec.pruner['type']}: {exc}")
             raise
-        except DivergenceError as exc:
-            trial.set_user_attr("failure", str(exc))
-            raise
+        finally:
+            upload_trial_artifacts(trial, attrs["config"], curve, self.artifacts)
         for key in ("val_loss", "val_ppl", "tokens", "tokens_per_s", "train_seconds",
                     "coefficients", "curve"):
             trial.set_user_attr(key, metrics[key])
@@ -368,58 +539,193 @@ def finished_count(study: optuna.Study) -> int:
 
 
 def worker_seed_offset(study_storage_has_running: bool, worker_id: int | None) -> int:
-    """Workers must not share a sampler seed, or their random start-up trials repeat."""
+    """Workers must not share a sampler seed, or their random start-up trials repeat: the seed
+    is the spec's plus --worker-id; without it, plus 0 for a worker alone on its study (a
+    reproducible run) and plus a random offset for one joining running workers."""
     if worker_id is not None:
         return worker_id
-    return os.getpid() if study_storage_has_running else 0
+    return secrets.randbelow(2**31) + 1 if study_storage_has_running else 0
+
+
+class CtrlC:
+    """The SIGINT handler of a worker. It raises KeyboardInterrupt at once, as Python's does,
+    and remembers the press: a KeyboardInterrupt raised inside a finalizer (the garbage
+    collector runs them during training) is swallowed by Python, which prints it as an ignored
+    exception; instead, `check()` raises it again at the trial's next validation or end. The
+    trial then ends FAIL, `interrupted`."""
+
+    def __init__(self) -> None:
+        self.pressed = False
+        self.previous: Any = None
+        self.unraisable: Any = None
+
+    def __enter__(self) -> CtrlC:
+        self.pressed = False
+        if threading.current_thread() is threading.main_thread():
+            self.previous = signal.signal(signal.SIGINT, self._handle)
+            self.unraisable, sys.unraisablehook = sys.unraisablehook, self._unraisable
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self.previous is not None:
+            signal.signal(signal.SIGINT, self.previous)
+            sys.unraisablehook = self.unraisable
+            self.previous = None
+
+    def _unraisable(self, info: Any) -> None:
+        if not isinstance(info.exc_value, KeyboardInterrupt):
+            self.unraisable(info)
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.pressed = True
+        raise KeyboardInterrupt
+
+    def check(self) -> None:
+        if self.pressed:
+            raise KeyboardInterrupt
+
+
+CTRL_C = CtrlC()
+
+
+class SearchError(RuntimeError):
+    """A worker stopped because its trials kept failing (the CLI exits with status 1)."""
+
+
+class Gate:
+    """Decides, before each trial of one worker, whether to start it, wait or stop; an Optuna
+    callback after each trial, and the check before the first.
+
+    With a target, a worker stops once the study holds `target` finished trials. When the
+    other workers' RUNNING trials fill the remaining slots, it waits, failing stale trials:
+    with heartbeats, such a trial may belong to a dead worker and is then failed and retried
+    within grace_period, which a restarted worker picks up. It waits at most grace_period plus
+    two heartbeat intervals (live workers finish their own trials, and start another if one
+    fails); journal storage has no heartbeats, so there it stops at once. Independently, a worker
+    stops after MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
+
+    def __init__(self, target: int | None, heartbeat: dict[str, int] | None,
+                 timeout: float | None, echo: Callable[[str], None]):
+        self.target, self.heartbeat, self.echo = target, heartbeat, echo
+        self.deadline = time.monotonic() + timeout if timeout else float("inf")
+        self.failures: list[str] = []
+
+    def ready(self, study: optuna.Study) -> bool:
+        """True when this worker should start a trial now; may wait (see the class)."""
+        if self.target is None:
+            return True
+        hb = self.heartbeat
+        patience = time.monotonic() + (hb["grace_period"] + 2 * hb["interval"] if hb else 0)
+        waiting = False
+        while True:
+            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+            states = [t.state for t in study.get_trials(
+                deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
+            finished = sum(s in FINISHED for s in states)
+            running = len(states) - finished
+            if finished >= self.target:
+                return False
+            if finished + running < self.target:
+                return True
+            if time.monotonic() >= min(patience, self.deadline):
+                self.echo(f"{running} trial(s) of other workers hold the last slot(s); "
+                          "this worker stops (they finish the study)")
+                return False
+            if not waiting and hb:
+                self.echo(f"waiting up to {hb['grace_period'] + 2 * hb['interval']} s for "
+                          f"{running} running trial(s) of other workers (a dead worker's "
+                          "trial is retried here)")
+                waiting = True
+            time.sleep(hb["interval"] if hb else 0)
+
+    def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
+        CTRL_C.check()
+        failure = trial.user_attrs.get("failure", "")
+        if trial.state == TrialState.FAIL and not failure.startswith("surplus"):
+            self.failures.append(failure or "see the log")
+        elif trial.state != TrialState.FAIL:
+            self.failures = []
+        if len(self.failures) >= MAX_FAILURES or not self.ready(study):
+            study.stop()
 
 
 def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | None = None,
                timeout: float | None = None, worker_id: int | None = None,
-               progress: bool = True, echo=print) -> optuna.Study:
-    """Create or resume the study and run trials; returns the study."""
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
+               progress: bool = True, echo: Callable[[str], None] = print,
+               threads: int | None = None) -> optuna.Study:
+    """Create or resume the study and run trials; returns the study.
+
+    Without `n_trials`, this worker runs trials until the study holds the spec's n_trials
+    finished (COMPLETE or PRUNED) trials, however many workers share it; failed trials
+    (diverged, raised, interrupted, lost with their worker) do not count, so another trial
+    takes their place. With `n_trials`, it starts that many trials whatever their outcome."""
+    optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_trainable(spec)
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
     study = open_study(spec, storage_url)
     running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     offset = worker_seed_offset(running, worker_id)
     if offset:
         study.sampler = make_sampler(spec, spec.seed + offset)
-    queued = enqueue_baselines(study, spec)
+    where = resolve_storage(spec, storage_url)
+    heartbeat = None if journal_path(where) else {**HEARTBEAT, **spec.heartbeat}
+    target = spec.n_trials if n_trials is None else None
+    gate = Gate(target, heartbeat, timeout, echo)
     done = finished_count(study)
-    if n_trials is None:
-        target: int | None = spec.n_trials
-        todo = spec.n_trials - done
-    else:
-        target, todo = None, n_trials
-    where = storage_url or spec.storage or spec.default_storage()
-    echo(f"study {spec.name!r} in {where}: {done} finished trial(s); running {max(todo, 0)} more"
-         + (f" ({queued} vanilla baseline(s) queued)" if queued else ""))
-    if todo <= 0:
+    echo(f"study {spec.name!r} in {_redact(where)}: {done} finished trial(s); "
+         + (f"running {n_trials} more" if target is None else f"target {target}")
+         + (f" (worker seed {spec.seed + offset})" if offset else ""))
+    if not gate.ready(study):
         return study
-    from .lit import DivergenceError
-
-    study.optimize(
-        Objective(spec, target),
-        n_trials=todo,
-        timeout=timeout,
-        catch=(DivergenceError, SurplusTrial),
-        callbacks=[TrialPrinter(spec, echo, progress)],
-        gc_after_trial=True,
-        show_progress_bar=progress,
-    )
+    printer = TrialPrinter(spec, echo, progress, total=target or n_trials or 0,
+                           study_done=done if target else None)
+    try:
+        with CTRL_C:
+            study.optimize(
+                Objective(spec, target, artifact_dir(where, spec.name, spec.artifacts)),
+                n_trials=n_trials,
+                timeout=timeout,
+                catch=(Exception,),  # recorded in the trial (state FAIL, attribute `failure`)
+                callbacks=[printer, gate],
+                gc_after_trial=True,
+            )
+    finally:
+        printer.close()
+    if len(gate.failures) >= MAX_FAILURES:
+        raise SearchError(f"{MAX_FAILURES} trials in a row failed, the last with "
+                          f"{gate.failures[-1]}; stopping this worker")
     return study
 
 
 class TrialPrinter:
-    """One line per finished trial, written above the study's progress bar."""
+    """One line per trial of this worker, written above a progress bar of `total` trials (the
+    study's finished trials with a target, else this worker's)."""
 
-    def __init__(self, spec: StudySpec, echo, progress: bool):
+    def __init__(self, spec: StudySpec, echo: Callable[[str], None], progress: bool,
+                 total: int = 0, study_done: int | None = None):
         self.spec, self.echo, self.progress = spec, echo, progress
+        self.study_wide = study_done is not None  # else the bar counts this worker's trials
+        self.bar = None
+        if progress:
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=total, initial=study_done or 0, unit="trial",
+                            dynamic_ncols=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         a = trial.user_attrs
         if a.get("failure", "").startswith("surplus"):
             return
+        if self.bar is not None:
+            self.bar.n = finished_count(study) if self.study_wide else self.bar.n + 1
+            self.bar.refresh()
         label = describe(a) + (" (baseline)" if a.get("baseline") else "")
         params = f"{a['n_params']:>10,}" if "n_params" in a else " " * 10
         if trial.state == TrialState.COMPLETE:
@@ -457,3 +763,24 @@ def front_table(study: optuna.Study) -> str:
         lines.append(f"{t.number:>5}  {describe(a):<34} {a['n_params']:>10,}  "
                      f"{a['val_loss']:>8.4f}  {a.get('tokens_per_s', 0):>8,.0f}")
     return "\n".join(lines)
+
+
+# -- reading a study back (export, report, dashboard) -----------------------------------------
+
+
+def resolve_storage(spec: StudySpec, override: str | None = None) -> str:
+    """The storage a command uses: --storage, else the spec's, else runs/<name>.db."""
+    return override or spec.storage or spec.default_storage()
+
+
+def open_existing(spec: StudySpec, override: str | None = None) -> optuna.Study:
+    """Load the spec's stored study for reading; a missing storage file or study is a
+    ConfigError, and nothing is created."""
+    url = resolve_storage(spec, override)
+    path = journal_path(url)
+    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
+        path = Path(url.removeprefix("sqlite:///"))
+    if path is not None and not path.is_file():
+        raise ConfigError(f"{spec.path}: storage: {url} does not exist; run `nas search "
+                          f"{spec.path}` first or pass --storage")
+    return open_study(spec, url, create=False)

@@ -125,14 +125,16 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         enable_progress_bar=progress,
         callbacks=extra,
     )
+    sigint = signal.getsignal(signal.SIGINT)
     try:
         trainer.fit(lit, datamodule=data)
         if not lit.curve or lit.curve[-1][0] != trainer.global_step:
             trainer.validate(lit, datamodule=data, verbose=False)
     except SystemExit:
-        # Lightning turns Ctrl+C into sys.exit(1) and ignores SIGINT from then on; give the
-        # caller (the study loop) the KeyboardInterrupt it expects and Ctrl+C back.
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        # Lightning turns Ctrl+C (and SIGTERM) into sys.exit(1) and ignores SIGINT from then
+        # on; give the caller (the study loop) the KeyboardInterrupt it expects and its Ctrl+C
+        # handler back.
+        signal.signal(signal.SIGINT, sigint)
         raise KeyboardInterrupt from None
     step_seconds = timer.seconds
     tokens = trainer.global_step * t.batch_size * cfg.model.seq_len
@@ -154,4 +156,6 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     del trainer, lit, data
     gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()  # the next trial may be a different size
     return metrics

@@ -23,3 +23,23 @@ def env_for_cli() -> dict:
     env = dict(os.environ)
     env.setdefault("PYTHONWARNINGS", "ignore")
     return env
+
+
+@pytest.fixture(scope="session")
+def pg_cluster():
+    """A private PostgreSQL server for the session (Debian's binaries; never skipped)."""
+    from nas.testing.pg import PgCluster, PgUnavailable
+
+    try:
+        cluster = PgCluster().start()
+    except PgUnavailable as exc:
+        pytest.fail(f"PostgreSQL tests need a server: {exc}", pytrace=False)
+    yield cluster
+    cluster.stop()
+
+
+@pytest.fixture
+def pg_url(pg_cluster, request):
+    """The URL of a fresh database on the session's PostgreSQL server, one per test."""
+    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
+    return pg_cluster.create_database(name)

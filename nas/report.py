@@ -1,0 +1,559 @@
+"""The interactive report: a study's figures as plotly objects and one self-contained HTML page.
+
+Figures (`build_figures`, in page order):
+- `pareto`: validation loss against parameters, coloured by mode, marked by residual source,
+  with the loss-vs-parameters Pareto front as a staircase;
+- `coefficients`: the mixing coefficients per layer (learned or fixed) as a heatmap across trials;
+- `scaling`: loss against parameters per variant with a fitted scaling curve, and the
+  equivalent parameter saving of each variant against `vanilla` (`parameter_savings`);
+- `curves`: validation loss against training step for every trial;
+- `importances`: parameter importances for validation loss;
+- `hypervolume`: hypervolume history (multi-objective) or best-loss history (single objective).
+
+The dashboard adds the same figures to the study. Uses optuna, plotly and numpy; no torch.
+"""
+
+from __future__ import annotations
+
+import datetime
+import html
+import math
+import warnings
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+from plotly.colors import qualitative
+from plotly.offline import get_plotlyjs
+
+from .config import MODES, ConfigError
+from .study import OBJECTIVES, describe, front
+
+MODE_COLORS = dict(zip(MODES, qualitative.Plotly, strict=False))
+SOURCE_SYMBOLS = {"first_layer": "circle", "value_embedding": "diamond"}
+HEIGHT = 480
+
+
+# -- trials ------------------------------------------------------------------------------------
+
+
+def completed(study: optuna.Study) -> list[FrozenTrial]:
+    """Completed trials that carry the measurements the figures read."""
+    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+            if "val_loss" in t.user_attrs and "n_params" in t.user_attrs]
+
+
+def variant(attrs: dict[str, Any]) -> str:
+    """The mode, plus `+ve` when the residual comes from a value embedding."""
+    mode = attrs.get("mode", "?")
+    return f"{mode}+ve" if attrs.get("source") == "value_embedding" else mode
+
+
+def _label(t: FrozenTrial) -> str:
+    return f"#{t.number} {describe(t.user_attrs)}" + (
+        " (baseline)" if t.user_attrs.get("baseline") else "")
+
+
+def _color(name: str) -> str:
+    return MODE_COLORS.get(name.removesuffix("+ve"), "#555555")
+
+
+def message_figure(title: str, text: str) -> go.Figure:
+    """A figure that says why there is nothing to plot."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 15})
+    fig.update_layout(title=title, height=260, xaxis={"visible": False},
+                      yaxis={"visible": False})
+    return fig
+
+
+def _params_axis(values: list[float]) -> dict[str, Any]:
+    spread = max(values) / max(min(values), 1) if values else 1
+    return {"title": "parameters (n_params)", "type": "log" if spread > 4 else "linear"}
+
+
+# -- Pareto front ------------------------------------------------------------------------------
+
+
+def loss_param_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
+    """Trials that no other trial beats on both validation loss and parameter count."""
+    ordered = sorted(trials, key=lambda t: (t.user_attrs["n_params"], t.user_attrs["val_loss"]))
+    out: list[FrozenTrial] = []
+    for t in ordered:
+        if not out or t.user_attrs["val_loss"] < out[-1].user_attrs["val_loss"]:
+            out.append(t)
+    return out
+
+
+def pareto_figure(study: optuna.Study) -> go.Figure:
+    title = "Pareto front: val_loss against parameters"
+    trials = completed(study)
+    if not trials:
+        return message_figure(title, "no completed trials yet")
+    fig = go.Figure()
+    groups: dict[tuple[str, str], list[FrozenTrial]] = {}
+    for t in trials:
+        key = (t.user_attrs.get("mode", "?"), t.user_attrs.get("source", "first_layer"))
+        groups.setdefault(key, []).append(t)
+    for (mode, source), ts in sorted(groups.items()):
+        fig.add_trace(go.Scatter(
+            x=[t.user_attrs["n_params"] for t in ts], y=[t.user_attrs["val_loss"] for t in ts],
+            mode="markers", name=mode if source == "first_layer" else f"{mode} ({source})",
+            legendgroup=mode, text=[_label(t) for t in ts],
+            marker={"color": _color(mode), "size": 11, "line": {"width": 1, "color": "white"},
+                    "symbol": SOURCE_SYMBOLS.get(source, "square")},
+            hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
+    best = loss_param_front(trials)
+    fig.add_trace(go.Scatter(
+        x=[t.user_attrs["n_params"] for t in best], y=[t.user_attrs["val_loss"] for t in best],
+        mode="lines", line={"shape": "hv", "color": "black", "dash": "dot", "width": 1.5},
+        name="Pareto front", hoverinfo="skip"))
+    fig.update_layout(title=title, height=HEIGHT, yaxis_title="validation loss",
+                      xaxis=_params_axis([t.user_attrs["n_params"] for t in trials]),
+                      legend_title="mode (marker: source)")
+    return fig
+
+
+# -- coefficients ------------------------------------------------------------------------------
+
+
+def _coefficient_key(key: str) -> tuple[str, int]:
+    """`L3.lambda1` -> ("lambda1", 3)."""
+    layer, _, name = key.partition(".")
+    try:
+        return name, int(layer.removeprefix("L"))
+    except ValueError:
+        return key, -1
+
+
+def coefficients_figure(study: optuna.Study) -> go.Figure:
+    title = "Mixing coefficients per layer"
+    trials = [t for t in completed(study) if t.user_attrs.get("coefficients")]
+    if not trials:
+        return message_figure(title, "no completed trial has residual coefficients "
+                              "(vanilla and svformer have none)")
+    keys = sorted({k for t in trials for k in t.user_attrs["coefficients"]},
+                  key=_coefficient_key)
+    columns = [f"{name} L{layer}" for name, layer in map(_coefficient_key, keys)]
+    trials.sort(key=lambda t: (t.user_attrs.get("mode", ""), t.number))
+    z = [[t.user_attrs["coefficients"].get(k, math.nan) for k in keys] for t in trials]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=columns, y=[_label(t) for t in trials], colorscale="Viridis",
+        texttemplate="%{z:.2f}", colorbar={"title": "value"}, hoverongaps=False,
+        hovertemplate="%{y}<br>%{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title + " (final values)",
+                      height=max(HEIGHT, 120 + 28 * len(trials)),
+                      xaxis_title="coefficient and receiving layer",
+                      yaxis={"autorange": "reversed"})
+    return fig
+
+
+# -- scaling fits and the equivalent parameter saving ------------------------------------------
+
+
+@dataclass
+class ScalingFit:
+    """loss = a + b * (N / n_ref)^-alpha ("power"), or loss = a + b * log(N / n_ref) ("log")."""
+
+    kind: str
+    a: float
+    b: float
+    alpha: float
+    n_ref: float
+    n_min: float
+    n_max: float
+
+    def loss(self, n: np.ndarray | float) -> np.ndarray | float:
+        x = np.asarray(n, dtype=float) / self.n_ref
+        if self.kind == "power":
+            return self.a + self.b * x ** -self.alpha
+        return self.a + self.b * np.log(x)
+
+    def size(self, loss: float) -> float | None:
+        """The parameter count at which the fit reaches `loss`, or None if it never does."""
+        if self.kind == "power":
+            if loss <= self.a:
+                return None
+            return float(self.n_ref * ((loss - self.a) / self.b) ** (-1.0 / self.alpha))
+        return float(self.n_ref * math.exp((loss - self.a) / self.b))
+
+    def describe(self) -> str:
+        if self.kind == "power":
+            return f"L = {self.a:.3f} + {self.b:.3f}·(N/{self.n_ref:,.0f})^-{self.alpha:.2f}"
+        return f"L = {self.a:.3f} {self.b:+.3f}·ln(N/{self.n_ref:,.0f})"
+
+
+def fit_scaling(n_params: list[float], losses: list[float]) -> ScalingFit | None:
+    """Fit loss against parameters: a power law with an offset from three sizes on, a
+    log-linear law from two; None when there are fewer sizes or the loss does not fall."""
+    n, y = np.asarray(n_params, dtype=float), np.asarray(losses, dtype=float)
+    if len(np.unique(n)) < 2:
+        return None
+    n_ref = float(np.exp(np.log(n).mean()))
+    x = n / n_ref
+    if len(np.unique(n)) >= 3:
+        power = _fit_power(x, y)
+        if power is not None:
+            a, b, alpha = power
+            return ScalingFit("power", a, b, alpha, n_ref, float(n.min()), float(n.max()))
+    slope, intercept = np.polyfit(np.log(x), y, 1)
+    if slope >= 0:
+        return None
+    return ScalingFit("log", float(intercept), float(slope), 0.0, n_ref, float(n.min()),
+                      float(n.max()))
+
+
+def _fit_power(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
+    """Least squares over alpha (grid, then a finer grid); a and b are linear given alpha."""
+    def solve(alpha: float) -> tuple[float, float, float]:
+        basis = np.stack([np.ones_like(x), x ** -alpha], axis=1)
+        (a, b), *_ = np.linalg.lstsq(basis, y, rcond=None)
+        return float(((basis @ np.array([a, b]) - y) ** 2).sum()), float(a), float(b)
+
+    best: tuple[float, float, float, float] | None = None
+    grid = np.linspace(0.02, 2.0, 199)
+    for _ in range(2):
+        for alpha in grid:
+            sse, a, b = solve(float(alpha))
+            if b > 0 and (best is None or sse < best[0]):
+                best = (sse, a, b, float(alpha))
+        if best is None:
+            return None
+        grid = np.linspace(max(0.005, best[3] - 0.01), best[3] + 0.01, 81)
+    return best[1], best[2], best[3]
+
+
+@dataclass
+class Saving:
+    """The equivalent parameter saving of one variant against vanilla."""
+
+    variant: str
+    sizes: int
+    fit: ScalingFit | None
+    saving: float | None = None  # mean over vanilla's sizes; 0.2 = 20% fewer parameters
+    per_size: list[tuple[float, float]] = field(default_factory=list)  # (N_vanilla, saving)
+    extrapolated: bool = False
+    note: str = ""
+
+
+def scaling_points(trials: list[FrozenTrial]) -> dict[str, list[tuple[float, float, int]]]:
+    """Per variant, the best (n_params, val_loss, trial) at each model shape."""
+    best: dict[tuple[str, str], FrozenTrial] = {}
+    for t in trials:
+        shape = repr(sorted(t.user_attrs.get("config", {}).get("model", {}).items()))
+        key = (variant(t.user_attrs), shape)
+        if key not in best or t.user_attrs["val_loss"] < best[key].user_attrs["val_loss"]:
+            best[key] = t
+    out: dict[str, list[tuple[float, float, int]]] = {}
+    for (name, _), t in best.items():
+        out.setdefault(name, []).append(
+            (float(t.user_attrs["n_params"]), float(t.user_attrs["val_loss"]), t.number))
+    return {k: sorted(v) for k, v in sorted(out.items())}
+
+
+def parameter_savings(trials: list[FrozenTrial]) -> tuple[ScalingFit | None, list[Saving]]:
+    """Vanilla's fit and, per other variant, 1 - N_variant(L) / N_vanilla(L) at vanilla's
+    fitted losses L (the paper's metric), averaged over vanilla's model sizes within the
+    variant's measured range (all of them, flagged as extrapolated, if none is)."""
+    points = scaling_points(trials)
+    base_points = points.get("vanilla", [])
+    base = fit_scaling([p[0] for p in base_points], [p[1] for p in base_points])
+    out = []
+    for name, pts in points.items():
+        if name == "vanilla":
+            continue
+        fit = fit_scaling([p[0] for p in pts], [p[1] for p in pts])
+        s = Saving(name, len(pts), fit)
+        if len(pts) < 2:
+            s.note = "too few sizes to fit (needs 2 model sizes)"
+        elif fit is None:
+            s.note = "loss does not fall with size; no fit"
+        elif base is None:
+            s.note = ("vanilla has too few sizes to fit" if len(base_points) < 2
+                      else "vanilla's loss does not fall with size; no fit")
+        else:
+            # Compare where the variant was measured; extrapolate only if the ranges are apart.
+            near = [p[0] for p in base_points if fit.n_min / 1.5 <= p[0] <= fit.n_max * 1.5]
+            s.extrapolated = not near
+            for n_v in near or [p[0] for p in base_points]:
+                n_m = fit.size(float(base.loss(n_v)))
+                if n_m is not None:
+                    s.per_size.append((n_v, 1.0 - n_m / n_v))
+                    s.extrapolated |= not fit.n_min / 1.5 <= n_m <= fit.n_max * 1.5
+            if s.per_size:
+                s.saving = float(np.mean([v for _, v in s.per_size]))
+                s.note = "extrapolated beyond its sizes" if s.extrapolated else ""
+            else:
+                s.note = "never reaches vanilla's loss"
+        out.append(s)
+    return base, out
+
+
+def scaling_figure(study: optuna.Study) -> go.Figure:
+    title = "Scaling fits per mode and parameter saving vs vanilla"
+    trials = completed(study)
+    if not trials:
+        return message_figure(title, "no completed trials yet")
+    points = scaling_points(trials)
+    base, savings = parameter_savings(trials)
+    fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
+    notes = {s.variant: (f"saving {s.saving:+.1%}" if s.saving is not None else s.note)
+             for s in savings}
+    all_n = [p[0] for pts in points.values() for p in pts]
+    fig = go.Figure()
+    for name, pts in points.items():
+        color = _color(name)
+        label = f"{name}: {notes[name]}" if name in notes else f"{name} (reference)"
+        fig.add_trace(go.Scatter(
+            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=label,
+            legendgroup=name, marker={"color": color, "size": 10},
+            text=[f"#{p[2]} {name}" for p in pts],
+            hovertemplate="%{text}<br>n_params %{x:,}<br>best val_loss %{y:.4f}<extra></extra>"))
+        fit = fits.get(name)
+        if fit is not None:
+            grid = np.geomspace(min(all_n) / 1.2, max(all_n) * 1.2, 60)
+            fig.add_trace(go.Scatter(
+                x=grid, y=fit.loss(grid), mode="lines", legendgroup=name, showlegend=False,
+                line={"color": color, "dash": "dash" if name != "vanilla" else "solid"},
+                name=f"{name} fit", hovertemplate=f"{name}: {fit.describe()}<extra></extra>"))
+    fig.update_layout(
+        title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.22},
+        xaxis=_params_axis(all_n), yaxis_title="best validation loss at the size")
+    return fig
+
+
+# -- curves, importances, hypervolume ----------------------------------------------------------
+
+
+def curves_figure(study: optuna.Study) -> go.Figure:
+    title = "Validation curves"
+    trials = [t for t in study.get_trials(deepcopy=False,
+                                          states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if t.user_attrs.get("curve")]
+    if not trials:
+        return message_figure(title, "no trial has reported a validation loss yet")
+    fig = go.Figure()
+    shown: set[str] = set()
+    for t in trials:
+        name = variant(t.user_attrs)
+        pruned = t.state == TrialState.PRUNED
+        curve = t.user_attrs["curve"]
+        fig.add_trace(go.Scatter(
+            x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines+markers", name=name,
+            legendgroup=name, showlegend=name not in shown, opacity=0.5 if pruned else 0.9,
+            line={"color": _color(name), "dash": "dot" if pruned else "solid"},
+            marker={"size": 5}, text=[_label(t) + (" (pruned)" if pruned else "")] * len(curve),
+            hovertemplate="%{text}<br>step %{x}<br>val_loss %{y:.4f}<extra></extra>"))
+        shown.add(name)
+    fig.update_layout(title=title + " (dotted: pruned)", height=HEIGHT, xaxis_title="step",
+                      yaxis_title="validation loss", legend_title="mode")
+    return fig
+
+
+def importances_figure(study: optuna.Study) -> go.Figure:
+    title = "Parameter importances for val_loss"
+    n_done = len(completed(study))
+    try:
+        if n_done < 3:
+            raise ValueError(f"needs at least 3 completed trials, the study has {n_done}")
+        with warnings.catch_warnings():  # PED-ANOVA's reminder that low values are the goal
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(
+                study, target=lambda t: t.values[0])
+        if not importances:
+            raise ValueError("no parameter varies across the completed trials")
+    except (ValueError, RuntimeError) as exc:
+        return message_figure(title, f"no importances: {exc}")
+    names = list(importances)[::-1]
+    fig = go.Figure(go.Bar(x=[importances[k] for k in names], y=names, orientation="h",
+                           marker_color="#636efa",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=title + f" ({n_done} completed trials)",
+                      height=max(300, 120 + 30 * len(names)), xaxis_title="importance",
+                      margin={"l": 220})
+    return fig
+
+
+def reference_point(study: optuna.Study) -> list[float]:
+    """10% beyond the worst observed value of each objective."""
+    values = np.array([t.values for t in study.get_trials(deepcopy=False,
+                                                          states=(TrialState.COMPLETE,))])
+    ref = []
+    for i, direction in enumerate(study.directions):
+        if direction == optuna.study.StudyDirection.MINIMIZE:
+            worst = float(values[:, i].max())
+            ref.append(worst + 0.1 * abs(worst))
+        else:
+            worst = float(values[:, i].min())
+            ref.append(worst - 0.1 * abs(worst))
+    return ref
+
+
+def hypervolume_figure(study: optuna.Study) -> go.Figure:
+    if not completed(study):
+        return message_figure("Hypervolume history", "no completed trials yet")
+    if len(study.directions) == 1:
+        fig = optuna.visualization.plot_optimization_history(study, target_name="val_loss")
+        fig.update_layout(title="Best validation loss history (single objective: "
+                                "no hypervolume)", height=HEIGHT)
+        return fig
+    ref = reference_point(study)
+    fig = optuna.visualization.plot_hypervolume_history(study, reference_point=ref)
+    names = study.metric_names or [f"objective {i}" for i in range(len(ref))]
+    where = ", ".join(f"{n} {v:,.4g}" for n, v in zip(names, ref, strict=True))
+    fig.update_layout(title=f"Hypervolume history (reference point: {where})", height=HEIGHT)
+    return fig
+
+
+# -- the page ----------------------------------------------------------------------------------
+
+FIGURES: dict[str, tuple[str, Callable[[optuna.Study], go.Figure]]] = {
+    "pareto": ("Pareto front", pareto_figure),
+    "coefficients": ("Coefficients per layer", coefficients_figure),
+    "scaling": ("Scaling and equivalent parameter saving", scaling_figure),
+    "curves": ("Validation curves", curves_figure),
+    "importances": ("Parameter importances", importances_figure),
+    "hypervolume": ("Hypervolume history", hypervolume_figure),
+}
+
+EXPLAIN = {
+    "pareto": "Every completed trial: validation loss against parameter count, coloured by the "
+              "residual mode, marker by source (circle: first layer's values, diamond: value "
+              "embedding). The dotted staircase joins the trials that no other trial beats on "
+              "both axes.",
+    "coefficients": "The mixing coefficients at the end of training: lambda1 weighs the source "
+                    "values V1, lambda2 the layer's own values; dense adds fromI weights, gated "
+                    "reports its gate weight norm. One row per trial, one column per "
+                    "coefficient and receiving layer; blank where a layer does not receive.",
+    "scaling": "The best validation loss of each mode at each model size, with a fitted "
+               "scaling curve (a power law with an offset from three sizes, log-linear from "
+               "two). The equivalent parameter saving is the paper's metric: 1 - N_mode(L) / "
+               "N_vanilla(L) at vanilla's fitted losses L, where N_mode(L) inverts the mode's "
+               "fit: how many fewer parameters the mode needs to reach vanilla's loss.",
+    "curves": "Validation loss against training step for every trial that reported one; "
+              "pruned trials are dotted and stop where they were pruned.",
+    "importances": "How much each searched parameter explains the validation loss "
+                   "(optuna.importance, PED-ANOVA).",
+    "hypervolume": "The hypervolume dominated by the Pareto front after each trial, against a "
+                   "reference point 10% beyond the worst observed value of each objective; it "
+                   "rises whenever a trial improves the front.",
+}
+
+
+def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
+    """Every report figure, keyed as in FIGURES."""
+    return {key: make(study) for key, (_, make) in FIGURES.items()}
+
+
+def savings_table(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    """Rows of the equivalent-parameter-saving table."""
+    base, savings = parameter_savings(trials)
+    n_base = len(scaling_points(trials).get("vanilla", []))
+    note = "" if base else ("too few sizes to fit (needs 2 model sizes)" if n_base < 2
+                            else "loss does not fall with size; no fit")
+    rows = [{"variant": "vanilla", "sizes": n_base, "fit": base.describe() if base else "-",
+             "saving": "reference", "note": note}]
+    for s in savings:
+        rows.append({"variant": s.variant, "sizes": s.sizes,
+                     "fit": s.fit.describe() if s.fit else "-",
+                     "saving": f"{s.saving:+.1%}" if s.saving is not None else "-",
+                     "note": s.note})
+    return rows
+
+
+def _table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values())
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
+    """The study's front (nas.study.front) as table rows."""
+    return [{"trial": t.number, "plan": describe(t.user_attrs),
+             "n_params": f"{t.user_attrs['n_params']:,}",
+             "val_loss": f"{t.user_attrs['val_loss']:.4f}",
+             "tokens/s": f"{t.user_attrs.get('tokens_per_s', 0):,.0f}"}
+            for t in front(study) if "val_loss" in t.user_attrs]
+
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }
+h1 { margin-bottom: 0.2em; } .meta { color: #666; }
+section { margin: 2.5em 0; } table { border-collapse: collapse; margin: 0.8em 0; }
+th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; font-size: 0.92em; }
+th { background: #f4f4f4; }
+"""
+
+
+def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str = "") -> str:
+    """One self-contained page: plotly.js inlined once in the head, then every figure."""
+    trials = study.get_trials(deepcopy=False)
+    counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
+    objectives = study.metric_names or study.user_attrs.get("objectives") or []
+    directions = [OBJECTIVES.get(o, d.name.lower()) for o, d in
+                  zip(objectives, study.directions, strict=False)]
+    summary = ", ".join(f"{o} ({d})" for o, d in zip(objectives, directions, strict=False))
+    now = datetime.datetime.now().strftime("%Y-%m-%d %H:%M")
+    title = "Pareto front" if len(study.directions) > 1 else "Best trials"
+    parts = [
+        "<!DOCTYPE html><html><head><meta charset='utf-8'>",
+        f"<title>nas report: {html.escape(study.study_name)}</title>",
+        f"<style>{STYLE}</style>",
+        f"<script type='text/javascript'>{get_plotlyjs()}</script></head><body>",
+        f"<h1>Study {html.escape(study.study_name)}</h1>",
+        f"<p class='meta'>{html.escape(source)} · objectives: {html.escape(summary)} · trials: "
+        f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed, "
+        f"{counts['running']} running · generated {now}</p>",
+        f"<h3>{title}</h3>", _table(front_rows(study)),
+    ]
+    for key, fig in figures.items():
+        heading = FIGURES[key][0] if key in FIGURES else key
+        parts.append(f"<section id='{key}'><h2>{html.escape(heading)}</h2>"
+                     f"<p>{html.escape(EXPLAIN.get(key, ''))}</p>")
+        parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
+                                 config={"responsive": True, "displaylogo": False}))
+        if key == "scaling":
+            parts.append("<h3>Equivalent parameter saving against vanilla</h3>"
+                         + _table(savings_table(completed(study))))
+        parts.append("</section>")
+    parts.append("</body></html>")
+    return "\n".join(parts)
+
+
+def write_report(study: optuna.Study, out: str | Path, source: str = "",
+                 image: str | Path | None = None) -> dict[str, go.Figure]:
+    """Write the HTML report to `out` (and, with `image` = X.png or X.svg, one static image
+    per figure as X-<figure>.png, which needs plotly's image backend, kaleido)."""
+    if not completed(study):
+        raise ConfigError(f"study {study.study_name!r} has no completed trials yet; "
+                          "nothing to report")
+    if image is not None:
+        _check_image(Path(image))
+    figures = build_figures(study)
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(render_html(study, figures, source), encoding="utf-8")
+    if image is not None:
+        image = Path(image)
+        for key, fig in figures.items():
+            fig.write_image(image.with_name(f"{image.stem}-{key}{image.suffix}"), width=1100)
+    return figures
+
+
+def _check_image(image: Path) -> None:
+    import importlib.util
+
+    if image.suffix.lower() not in (".png", ".svg"):
+        raise ConfigError(f"--image: {image}: must end in .png or .svg")
+    if importlib.util.find_spec("kaleido") is None:
+        raise ConfigError("--image: static images need plotly's image backend; "
+                          "`pip install kaleido` (it drives a local Chrome or Chromium)")

@@ -1,0 +1,1 @@
+"""Helpers for the test suite and the benchmarks (not used by the `nas` commands)."""

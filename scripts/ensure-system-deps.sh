@@ -1,0 +1,44 @@
+#!/usr/bin/env bash
+# Install the Debian packages that the test suite needs, if any is missing (idempotent).
+#   postgresql: the server binaries for the tests' private PostgreSQL cluster (nas/testing/pg.py)
+#   chromium:   the headless browser that renders the optuna-dashboard page (tests/test_inspect.py)
+# Installs only as root or through sudo; otherwise prints what to install and carries on.
+set -euo pipefail
+
+PACKAGES=(postgresql chromium)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed"; then
+        missing+=("$pkg")
+    fi
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+
+if ! command -v apt-get >/dev/null; then
+    echo "ensure-system-deps: no apt-get here; please install: ${missing[*]}" >&2
+    exit 0
+fi
+if [ "$(id -u)" -eq 0 ]; then
+    SUDO=()
+elif command -v sudo >/dev/null && sudo -n true 2>/dev/null; then
+    SUDO=(sudo -n)
+else
+    echo "ensure-system-deps: missing packages; run: sudo apt-get install -y ${missing[*]}" >&2
+    exit 0
+fi
+
+echo "ensure-system-deps: installing ${missing[*]}"
+export DEBIAN_FRONTEND=noninteractive
+"${SUDO[@]}" apt-get update -q
+"${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
+
+# The tests start their own private PostgreSQL server; stop the default cluster that the
+# Debian package may have started on port 5432.
+if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
+    pg_lsclusters --no-header 2>/dev/null | while read -r version name _port status _rest; do
+        if [ "$status" = online ]; then
+            "${SUDO[@]}" pg_ctlcluster "$version" "$name" stop || true
+        fi
+    done
+fi

@@ -1,0 +1,321 @@
+"""Export, report and dashboard on one tiny study: real training, a real optuna-dashboard server
+answering real HTTP requests, and a real headless browser rendering its page."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+
+import optuna
+import pytest
+import yaml
+from optuna.artifacts import download_artifact
+from optuna.trial import TrialState, create_trial
+
+from nas.artifacts import artifact_dir, artifact_store
+from nas.cli import main
+from nas.config import from_dict, load_config
+from nas.report import FIGURES, fit_scaling, parameter_savings
+from nas.study import front, load_spec, open_study, run_search
+from tests.conftest import env_for_cli, nas_cmd
+from tests.test_search import write_spec
+
+NAME = "inspect-tiny-study"
+
+
+@pytest.fixture(scope="module")
+def tiny_study(tmp_path_factory):
+    """Four trials, trained once for the module: learnable and vanilla at two sizes each."""
+    folder = tmp_path_factory.mktemp("inspect")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RESFORMER_NAS_CACHE", str(tmp_path_factory.getbasetemp() / "cache"))
+        path = write_spec(folder, name=NAME, n_trials=4, space={
+            "model": {"n_layer": [2, 3]},
+            "value_residual": {"mode": ["vanilla", "learnable"],
+                               "lambda1": {"low": 0.2, "high": 2.0}}})
+        spec = load_spec(path)
+        study = open_study(spec)
+        for n_layer in (2, 3):
+            study.enqueue_trial({"model.n_layer": n_layer, "value_residual.mode": "learnable",
+                                 "value_residual.lambda1": 0.5})
+        run_search(spec, progress=False, echo=lambda *_: None)
+    study = optuna.load_study(study_name=NAME, storage=spec.storage)
+    assert len(study.get_trials(states=(TrialState.COMPLETE,))) == 4
+    return path, spec, study
+
+
+def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    return subprocess.run(nas_cmd(*args), capture_output=True, text=True, env=env_for_cli(),
+                          timeout=timeout)
+
+
+def test_trials_carry_config_and_curve_artifacts(tiny_study, tmp_path):
+    _, spec, study = tiny_study
+    folder = artifact_dir(spec.storage, spec.name)
+    assert folder.name == "tiny-artifacts" and folder.is_dir()  # next to tiny.db
+    store = artifact_store(folder)
+    for t in study.get_trials(states=(TrialState.COMPLETE,)):
+        metas = {json.loads(v)["filename"]: json.loads(v)["artifact_id"]
+                 for k, v in t.system_attrs.items() if k.startswith("artifacts:")}
+        assert set(metas) == {"config.yaml", "curve.csv"}
+        cfg_file, curve_file = tmp_path / f"{t.number}.yaml", tmp_path / f"{t.number}.csv"
+        download_artifact(artifact_store=store, artifact_id=metas["config.yaml"],
+                          file_path=str(cfg_file))
+        download_artifact(artifact_store=store, artifact_id=metas["curve.csv"],
+                          file_path=str(curve_file))
+        assert load_config(cfg_file) == from_dict(t.user_attrs["config"])
+        rows = list(csv.reader(io.StringIO(curve_file.read_text())))
+        assert rows[0] == ["step", "val_loss"]
+        assert [[int(s), float(v)] for s, v in rows[1:]] == t.user_attrs["curve"]
+
+
+def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path):
+    path, _, study = tiny_study
+    out = tmp_path / "best"
+    proc = run_cli("export", str(path), "--best", "1", "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    best = min(study.get_trials(states=(TrialState.COMPLETE,)),
+               key=lambda t: t.user_attrs["val_loss"])
+    exported = out / f"trial-{best.number:04d}.yaml"
+    assert sorted(p.name for p in out.iterdir()) == sorted([exported.name, "summary.csv",
+                                                            "summary.json"])
+    cfg = load_config(exported)
+    assert cfg == from_dict(best.user_attrs["config"])
+    assert cfg.data.source == "builtin" and cfg.train.seed == 0
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["trials"][0]["trial"] == best.number
+    assert summary["trials"][0]["val_loss"] == best.user_attrs["val_loss"]
+    with (out / "summary.csv").open() as f:
+        assert [int(r["trial"]) for r in csv.DictReader(f)] == [best.number]
+
+    started = time.perf_counter()
+    proc = run_cli("train", str(exported), "--out", str(tmp_path / "again"))
+    assert proc.returncode == 0, proc.stderr
+    again = json.loads((tmp_path / "again" / "metrics.json").read_text())
+    print(f"trial {best.number}: val_loss {best.user_attrs['val_loss']:.6f} in the study, "
+          f"{again['val_loss']:.6f} retrained ({time.perf_counter() - started:.1f} s)")
+    assert abs(again["val_loss"] - best.user_attrs["val_loss"]) < 1e-3
+    assert again["n_params"] == best.user_attrs["n_params"]
+
+    pareto = tmp_path / "pareto"
+    assert main(["export", str(path), "--pareto", "--out", str(pareto)]) == 0
+    numbers = [t["trial"] for t in json.loads((pareto / "summary.json").read_text())["trials"]]
+    assert numbers == [t.number for t in front(study)]
+    assert all((pareto / f"trial-{n:04d}.yaml").is_file() for n in numbers)
+
+
+def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
+    path, _, _ = tiny_study
+    out = tmp_path / "report.html"
+    proc = run_cli("report", str(path), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    page = out.read_text()
+    assert page.count("* plotly.js v") == 1  # the library, inlined once
+    assert not re.search(r"<script[^>]+src=", page)  # self-contained: nothing to fetch
+    titles = {
+        "pareto": "Pareto front: val_loss against parameters",
+        "coefficients": "Mixing coefficients per layer",
+        "scaling": "Scaling fits per mode and parameter saving vs vanilla",
+        "curves": "Validation curves",
+        "importances": "Parameter importances for val_loss",
+        "hypervolume": "Hypervolume history",
+    }
+    assert list(titles) == list(FIGURES)
+    for key, title in titles.items():
+        assert f'id="fig-{key}"' in page
+        assert re.search(rf'Plotly\.newPlot\(\s*"fig-{key}"', page), key
+        assert title in page, key
+    assert "Equivalent parameter saving against vanilla" in page
+    assert re.search(r"<td>learnable</td><td>2</td>", page)  # two sizes: fitted or explained
+    assert "lambda1 L1" in page and "lambda2 L2" in page
+
+
+def _trial(number: int, mode: str, n_layer: int, n_params: float, loss: float):
+    return create_trial(value=loss, user_attrs={
+        "mode": mode, "source": "first_layer", "n_params": n_params, "val_loss": loss,
+        "config": {"model": {"n_layer": n_layer}}})
+
+
+def test_equivalent_parameter_saving_recovers_a_known_saving():
+    # learnable reaches vanilla's loss with 20% fewer parameters at every size.
+    def vanilla(n):
+        return 2.0 + 3.0 * (n / 1e5) ** -0.3
+
+    sizes = [1e5, 2e5, 4e5, 8e5]
+    trials = [_trial(i, "vanilla", i, n, vanilla(n)) for i, n in enumerate(sizes)]
+    trials += [_trial(10 + i, "learnable", i, n, vanilla(n / 0.8)) for i, n in enumerate(sizes)]
+    trials += [_trial(20 + i, "resformer", i, n, vanilla(n / 0.9))
+               for i, n in enumerate(sizes[:2])]
+    trials += [_trial(30, "svformer", 0, 1e5, 2.5)]
+    base, savings = parameter_savings(trials)
+    assert base is not None and base.kind == "power" and base.alpha == pytest.approx(0.3, 1e-3)
+    by_name = {s.variant: s for s in savings}
+    assert by_name["learnable"].fit.kind == "power"
+    assert by_name["learnable"].saving == pytest.approx(0.2, abs=1e-3)
+    assert not by_name["learnable"].extrapolated
+    assert by_name["resformer"].fit.kind == "log"  # two sizes: a log-linear fit
+    assert by_name["resformer"].saving == pytest.approx(0.1, abs=0.03)
+    assert by_name["svformer"].saving is None
+    assert "too few sizes" in by_name["svformer"].note
+    assert fit_scaling([1e5, 2e5], [3.0, 3.1]) is None  # loss rising with size: no fit
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _get(url: str):
+    with urllib.request.urlopen(url, timeout=10) as r:
+        body = r.read()
+    return json.loads(body) if r.headers.get_content_type() == "application/json" else body
+
+
+def _chromium() -> str | None:
+    return shutil.which("chromium") or shutil.which("chromium-browser")
+
+
+def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
+    path, _, study = tiny_study
+    server, base = _start_dashboard(str(path))
+    try:
+        assert _get(f"{base}/api/meta")["artifact_is_available"] is True
+        listed = {s["study_name"]: s for s in _get(f"{base}/api/studies")["study_summaries"]}
+        assert NAME in listed
+        study_id = listed[NAME]["study_id"]
+        detail = _get(f"{base}/api/studies/{study_id}")
+        assert detail["name"] == NAME and detail["objective_names"] == ["val_loss", "n_params"]
+        assert {a["key"] for a in detail["user_attrs"]} >= {"objectives", "space"}
+        assert "### Search space" in detail["note"]["body"]
+        assert "### Pareto front" in detail["note"]["body"]
+        assert "Equivalent parameter saving" in detail["note"]["body"]
+        assert {g["id"] for g in detail["plotly_graph_objects"]} == {f"nas-{k}" for k in FIGURES}
+        assert len(detail["trials"]) == 4
+        for t in detail["trials"]:
+            attrs = {a["key"]: a["value"] for a in t["user_attrs"]}
+            assert {"n_params", "n_params_non_embedding", "val_loss", "coefficients",
+                    "config", "curve", "mode"} <= set(attrs)
+            if attrs["mode"] == "learnable":
+                assert "L1.lambda1" in json.loads(attrs["coefficients"])
+            files = {a["filename"]: a["artifact_id"] for a in t["artifacts"]}
+            assert set(files) == {"config.yaml", "curve.csv"}
+            body = _get(f"{base}/artifacts/{study_id}/{t['trial_id']}/{files['config.yaml']}")
+            stored = study.trials[t["number"]].user_attrs["config"]
+            assert from_dict(yaml.safe_load(body)) == from_dict(stored)
+
+        browser = _chromium()
+        if browser is None:
+            pytest.skip("chromium is not installed (scripts/ensure-system-deps.sh installs it)")
+        with tempfile.TemporaryDirectory(prefix="nas-chromium-") as profile:
+            page = subprocess.run(
+                [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
+                 "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", f"--user-data-dir={profile}",
+                 "--virtual-time-budget=15000", "--dump-dom",
+                 f"{base}/dashboard/studies/{study_id}"],
+                capture_output=True, text=True, timeout=120)
+        assert NAME in page.stdout, page.stderr[-2000:]
+        assert "val_loss" in page.stdout  # the named objectives, rendered by React
+    finally:
+        server.terminate()
+        out, _ = server.communicate(timeout=30)
+    assert f"{base}/dashboard/studies/" in out
+
+
+def _start_dashboard(*args: str) -> tuple[subprocess.Popen, str]:
+    port = _free_port()
+    server = subprocess.Popen(nas_cmd("dashboard", *args, "--port", str(port), "--refresh", "0"),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                              env=env_for_cli())
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 90
+    while True:
+        try:
+            _get(f"{base}/api/meta")
+            return server, base
+        except OSError:
+            assert server.poll() is None, server.communicate()[1]
+            assert time.monotonic() < deadline, "the dashboard did not answer in 90 s"
+            time.sleep(0.3)
+
+
+@pytest.mark.parametrize("kind", ["journal", "postgres"])
+def test_journal_and_postgres_storages(tiny_study, tmp_path, kind, request):
+    path, spec, study = tiny_study
+    if kind == "journal":
+        url = f"journal:{tmp_path}/copy.log"
+        target = optuna.storages.JournalStorage(
+            optuna.storages.journal.JournalFileBackend(str(tmp_path / "copy.log")))
+    else:
+        url = target = request.getfixturevalue("pg_url")
+    optuna.copy_study(from_study_name=NAME, from_storage=spec.storage, to_storage=target)
+    assert main(["report", str(path), "--storage", url, "--out", str(tmp_path / "r.html")]) == 0
+    assert 'id="fig-hypervolume"' in (tmp_path / "r.html").read_text()
+    assert main(["export", str(path), "--storage", url, "--pareto",
+                 "--out", str(tmp_path / "x")]) == 0
+    assert len(json.loads((tmp_path / "x" / "summary.json").read_text())["trials"]) == len(
+        front(study))
+    # The copied trials point at the SQLite study's artifact files: --artifacts names them.
+    server, base = _start_dashboard(str(path), "--storage", url, "--artifacts",
+                                    str(artifact_dir(spec.storage, spec.name)))
+    try:
+        listed = {s["study_name"]: s for s in _get(f"{base}/api/studies")["study_summaries"]}
+        study_id = listed[NAME]["study_id"]
+        detail = _get(f"{base}/api/studies/{study_id}")
+        assert len(detail["trials"]) == 4 and "### Pareto front" in detail["note"]["body"]
+        t = detail["trials"][0]
+        files = {a["filename"]: a["artifact_id"] for a in t["artifacts"]}
+        body = _get(f"{base}/artifacts/{study_id}/{t['trial_id']}/{files['curve.csv']}")
+        assert body.decode().startswith("step,val_loss")
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
+
+
+def test_bad_input_is_one_clear_line(tiny_study, tmp_path, capsys):
+    path, spec, _ = tiny_study
+
+    def fails(*argv: str) -> str:
+        assert main(list(argv)) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        return err
+
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**yaml.safe_load(path.read_text()), "name": "nope"}))
+    for command in (["report", str(other), "--out", str(tmp_path / "r.html")],
+                    ["export", str(other), "--best", "1", "--out", str(tmp_path / "x")],
+                    ["dashboard", str(other), "--port", "0"]):
+        assert f"no study 'nope' in {spec.storage}" in fails(*command)
+    missing = f"sqlite:///{tmp_path}/absent/none.db"
+    err = fails("report", str(path), "--storage", missing, "--out", str(tmp_path / "r.html"))
+    assert "does not exist" in err and not (tmp_path / "absent").exists()
+    empty = f"sqlite:///{tmp_path}/empty.db"
+    optuna.storages.RDBStorage(empty)  # a storage that holds no study
+    assert "studies there: none" in fails("export", str(path), "--storage", empty, "--pareto",
+                                          "--out", str(tmp_path / "x"))
+    assert "--best" in fails("export", str(path), "--best", "0", "--out", str(tmp_path / "x"))
+    assert "exactly one" in fails("export", str(path), "--out", str(tmp_path / "x"))
+    assert "exactly one" in fails("export", str(path), "--pareto", "--best", "2",
+                                  "--out", str(tmp_path / "x"))
+    assert "file not found" in fails("report", str(tmp_path / "missing.yaml"),
+                                     "--out", str(tmp_path / "r.html"))
+    assert "--image" in fails("report", str(path), "--out", str(tmp_path / "r.html"),
+                              "--image", str(tmp_path / "r.gif"))
+    assert not (tmp_path / "x").exists() and not (tmp_path / "r.html").exists()
+
+
+def test_inspection_modules_do_not_import_torch():
+    code = ("import sys, nas.report, nas.export, nas.dashboard, nas.artifacts, nas.cli; "
+            "sys.exit('torch' in sys.modules)")
+    assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

@@ -1,0 +1,250 @@
+"""Scale-out and crash recovery: several `nas search` workers on one study (SQLite, journal
+file, a real PostgreSQL server), a worker killed with SIGKILL or Ctrl+C mid-trial, trials that
+diverge or raise. Workers are real `python -m nas search` processes; tiny models."""
+
+import gc
+import re
+import signal
+import subprocess
+import time
+
+import optuna
+import pytest
+import yaml
+from optuna.trial import TrialState
+
+from nas.lit import LitDecoder
+from nas.study import (
+    FINISHED,
+    MAX_FAILURES,
+    SearchError,
+    load_spec,
+    make_storage,
+    open_study,
+    run_search,
+)
+from tests.conftest import env_for_cli, nas_cmd
+from tests.test_search import TINY_BASE
+
+STEPS = {"train": {**TINY_BASE["train"], "steps": 40, "eval_every": 10}}
+# Trials of a few seconds, for the tests that stop a worker in the middle of one.
+LONG = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 300, "eval_every": 50}}
+
+
+def write_spec(tmp_path, storage, name="par", **overrides):
+    spec = {
+        "name": name,
+        # lr is drawn for every trial, so two workers with the same seed would repeat params.
+        "space": {"model": {"n_layer": [2, 3]},
+                  "value_residual": {"mode": ["vanilla", "resformer", "learnable"]},
+                  "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+        "objectives": ["val_loss", "n_params"],
+        "n_trials": 6,
+        "storage": storage,
+        "base": {**TINY_BASE, **STEPS},
+        "sampler": {"type": "tpe", "n_startup_trials": 4},
+        "heartbeat": {"interval": 1, "grace_period": 2},
+    }
+    spec.update(overrides)
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def start_worker(spec_path, worker_id, log_path, *extra):
+    env = {**env_for_cli(), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen(
+        nas_cmd("search", str(spec_path), "--no-progress", "--threads", "1",
+                *(["--worker-id", str(worker_id)] if worker_id is not None else []), *extra),
+        stdout=open(log_path, "w"), stderr=subprocess.STDOUT, env=env)
+
+
+def finish(proc, log_path, timeout=240):
+    proc.wait(timeout=timeout)
+    text = log_path.read_text()
+    assert proc.returncode == 0, text
+    return text
+
+
+def load(storage, name="par"):
+    return optuna.load_study(study_name=name, storage=make_storage(storage))
+
+
+def by_state(study):
+    out = {s: [] for s in TrialState}
+    for t in study.get_trials(deepcopy=False):
+        out[t.state].append(t)
+    return out
+
+
+def worker_trials(log_text):
+    """Numbers of the trials a worker's log reports as finished or failed."""
+    return [int(n) for n in re.findall(r"^trial\s+(\d+)\s", log_text, flags=re.M)]
+
+
+def wait_for(predicate, timeout, what):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.2)
+    raise AssertionError(f"timed out waiting for {what}")
+
+
+@pytest.fixture(params=["sqlite", "journal", "postgres"])
+def storage(request, tmp_path):
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return {"sqlite": f"sqlite:///{tmp_path}/par.db",
+            "journal": f"journal:{tmp_path}/par.log"}[request.param]
+
+
+def test_two_workers_finish_exactly_n_trials(tmp_path, storage):
+    path = write_spec(tmp_path, storage)
+    logs = [tmp_path / f"w{i}.log" for i in range(2)]
+    procs = [start_worker(path, i, logs[i]) for i in range(2)]
+    texts = [finish(p, log) for p, log in zip(procs, logs, strict=True)]
+    study = load(storage)
+    states = by_state(study)
+    finished = [t for s in FINISHED for t in states[s]]
+    assert len(finished) == 6, texts
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
+    # A failed trial may only be a surplus one (two workers raced for the last slot).
+    assert all(t.user_attrs["failure"].startswith("surplus") for t in states[TrialState.FAIL])
+    # None lost or duplicated: each finished trial was run by exactly one worker.
+    ran = [worker_trials(t) for t in texts]
+    assert sorted(ran[0] + ran[1]) == sorted(t.number for t in finished), texts
+    assert all(ran), f"a worker ran no trial: {texts}"
+    # Distinct sampler seeds: no two sampled (non-baseline) trials share their params.
+    sampled = [tuple(sorted(t.params.items())) for t in finished
+               if not t.user_attrs.get("baseline")]
+    assert len(set(sampled)) == len(sampled)
+    assert sum(bool(t.user_attrs.get("baseline")) for t in study.trials) == 2
+
+
+def test_sigkill_mid_trial_keeps_finished_trials_and_a_restart_finishes(tmp_path, pg_url):
+    path = write_spec(tmp_path, pg_url, n_trials=4, base=LONG)
+    log0, log1 = tmp_path / "w0.log", tmp_path / "w1.log"
+    worker = start_worker(path, 0, log0)
+
+    def running_after_a_complete():
+        if worker.poll() is not None:
+            raise AssertionError(log0.read_text())
+        try:
+            states = by_state(load(pg_url))
+        except KeyError:  # the study is not created yet
+            return None
+        if states[TrialState.COMPLETE] and states[TrialState.RUNNING]:
+            return states
+        return None
+
+    wait_for(running_after_a_complete, 180, "a RUNNING trial after a COMPLETE one")
+    worker.send_signal(signal.SIGKILL)
+    worker.wait(timeout=30)
+    before = by_state(load(pg_url))
+    assert len(before[TrialState.RUNNING]) == 1
+    killed = before[TrialState.RUNNING][0]
+    kept = {t.number: (t.values, t.params, t.datetime_complete)
+            for t in before[TrialState.COMPLETE] + before[TrialState.PRUNED]}
+
+    text = finish(start_worker(path, 1, log1), log1)
+    study = load(pg_url)
+    states = by_state(study)
+    assert len(states[TrialState.COMPLETE]) + len(states[TrialState.PRUNED]) == 4, text
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
+    for t in states[TrialState.COMPLETE] + states[TrialState.PRUNED]:
+        if t.number in kept:
+            assert kept.pop(t.number) == (t.values, t.params, t.datetime_complete)
+    assert not kept, "a finished trial changed or vanished"
+    # The heartbeat failed the killed trial and queued a retry with its parameters, which ran.
+    assert study.trials[killed.number].state == TrialState.FAIL
+    retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
+    assert len(retries) == 1 and retries[0].state in FINISHED
+    assert retries[0].params == killed.params
+
+
+def test_ctrl_c_fails_the_running_trial_and_a_rerun_resumes(tmp_path):
+    storage = f"sqlite:///{tmp_path}/par.db"
+    path = write_spec(tmp_path, storage, n_trials=2, base=LONG)
+    log = tmp_path / "w.log"
+    worker = start_worker(path, None, log)
+
+    def running():
+        if worker.poll() is not None:
+            raise AssertionError(log.read_text())
+        try:
+            return by_state(load(storage))[TrialState.RUNNING]
+        except KeyError:
+            return None
+
+    wait_for(running, 180, "a RUNNING trial")
+    time.sleep(1.0)
+    worker.send_signal(signal.SIGINT)
+    worker.wait(timeout=60)
+    assert worker.returncode == 130, log.read_text()
+    assert "Traceback" not in log.read_text()
+    states = by_state(load(storage))
+    assert not states[TrialState.RUNNING]  # nothing left half-done
+    assert [t.user_attrs["failure"] for t in states[TrialState.FAIL]] == [
+        "interrupted (Ctrl+C or SIGTERM)"]
+    finish(start_worker(path, None, log), log)
+    states = by_state(load(storage))
+    assert len(states[TrialState.COMPLETE]) + len(states[TrialState.PRUNED]) == 2
+    assert len(states[TrialState.FAIL]) == 1
+
+
+def quiet(spec, **kw):
+    return run_search(spec, progress=False, echo=lambda *_: None, **kw)
+
+
+def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
+    path = write_spec(tmp_path, f"sqlite:///{tmp_path}/div.db", n_trials=2, baselines=False,
+                      objectives=["val_loss"], space={"model": {"n_layer": 2},
+                                                      "train": {"lr": [3e-3, 1e3]}},
+                      sampler={"type": "random"})
+    spec = load_spec(path)
+    open_study(spec).enqueue_trial({"train.lr": 1e3})  # AdamW at lr 1000: NaN within 2 steps
+    live_models = []
+
+    def echo(line):  # after each trial (and gc_after_trial): no model may outlive its trial
+        gc.collect()
+        live_models.append(sum(isinstance(o, LitDecoder) for o in gc.get_objects()))
+
+    study = run_search(spec, progress=False, echo=echo)
+    assert live_models and not any(live_models)
+    first = study.trials[0]
+    assert first.state == TrialState.FAIL
+    assert first.user_attrs["failure"].startswith("DivergenceError: training diverged")
+    assert len(study.get_trials(states=FINISHED)) == 2
+
+
+def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkeypatch, capsys):
+    import nas.train
+
+    calls = []
+
+    def flaky(cfg, **kw):
+        calls.append(cfg)
+        if len(calls) == 1 or len(calls) > 2:
+            raise RuntimeError(f"boom {len(calls)}")
+        return real(cfg, **kw)
+
+    real = nas.train.train
+    monkeypatch.setattr(nas.train, "train", flaky)
+    path = write_spec(tmp_path, f"sqlite:///{tmp_path}/raise.db", n_trials=2, baselines=False)
+    with pytest.raises(SearchError, match=f"{MAX_FAILURES} trials in a row failed.*boom"):
+        quiet(load_spec(path))
+    study = load(f"sqlite:///{tmp_path}/raise.db")
+    states = [t.state for t in study.trials]
+    assert states == [TrialState.FAIL, TrialState.COMPLETE] + [TrialState.FAIL] * MAX_FAILURES
+    assert study.trials[0].user_attrs["failure"] == "RuntimeError: boom 1"
+    assert "RuntimeError: boom" in capsys.readouterr().err  # its traceback, for the bug report
+
+
+def test_workers_without_an_id_get_distinct_seeds():
+    from nas.study import worker_seed_offset
+
+    assert worker_seed_offset(False, None) == 0  # alone: reproducible
+    assert worker_seed_offset(True, 3) == 3
+    assert len({worker_seed_offset(True, None) for _ in range(5)}) == 5
