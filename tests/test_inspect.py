@@ -215,7 +215,7 @@ def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
 
         browser = _chromium()
         if browser is None:
-            pytest.skip("chromium is not installed (scripts/ensure-system-deps.sh installs it)")
+            pytest.fail("chromium is not installed (scripts/ensure-system-deps.sh installs it)")
         with tempfile.TemporaryDirectory(prefix="nas-chromium-") as profile:
             page = subprocess.run(
                 [browser, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic",
