@@ -30,16 +30,11 @@ def artifact_dir(storage_url: str, study_name: str, override: str | Path | None 
     """The artifact folder for a study stored at `storage_url` (see the module docstring)."""
     if override:
         return Path(str(override))
-    if storage_url.startswith("sqlite:///"):
-        db = storage_url.removeprefix("sqlite:///")
-        if db and db != ":memory:":
-            path = Path(db)
-            return path.with_name(f"{path.stem}-artifacts")
-    from .study import journal_path  # (study imports this module)
+    from .study import storage_file  # (study imports this module)
 
-    journal = journal_path(storage_url)
-    if journal is not None:
-        return journal.with_name(f"{journal.stem}-artifacts")
+    path = storage_file(storage_url)
+    if path is not None:
+        return path.with_name(f"{path.stem}-artifacts")
     return Path("runs") / f"{study_name}-artifacts"
 
 

@@ -151,7 +151,7 @@ def serve(spec: StudySpec, storage: str | None = None, host: str = "127.0.0.1",
     url = resolve_storage(spec, storage)
     folder = artifact_dir(url, spec.name, artifacts or spec.artifacts)
     publish(study, spec)
-    backend = make_storage(url, heartbeat=False)
+    backend = make_storage(url, heartbeat=None)
     app = optuna_dashboard.wsgi(backend, artifact_store=artifact_store(folder))
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)

@@ -211,6 +211,14 @@ def journal_path(url: str) -> Path | None:
     return None if ":" in url else Path(url)
 
 
+def storage_file(url: str) -> Path | None:
+    """The file a storage lives in (the SQLite database or the journal); None for a server."""
+    if url.startswith("sqlite:///"):
+        db = url.removeprefix("sqlite:///")
+        return Path(db) if db and db != ":memory:" else None
+    return journal_path(url)
+
+
 def _redact(url: str) -> str:
     """The URL without its password, for messages."""
     try:
@@ -245,12 +253,12 @@ def make_storage(url: str, heartbeat: dict[str, int] | None = None,
         url = "postgresql+psycopg" + url.removeprefix("postgresql")  # psycopg 3 is our driver
     engine_kwargs: dict[str, Any] = {}
     if scheme.startswith("sqlite"):
-        db = url.split(":///", 1)[-1]
-        if db and db != ":memory:":
+        db = storage_file(url)
+        if db is not None:
             try:
-                Path(db).parent.mkdir(parents=True, exist_ok=True)
+                db.parent.mkdir(parents=True, exist_ok=True)
             except OSError as exc:
-                raise ConfigError(f"{where}: cannot create the folder of {db!r}: "
+                raise ConfigError(f"{where}: cannot create the folder of {str(db)!r}: "
                                   f"{exc.strerror or exc}") from None
         # Several workers on one SQLite file wait up to a minute for the write lock.
         engine_kwargs["connect_args"] = {"timeout": 60}
@@ -777,9 +785,7 @@ def open_existing(spec: StudySpec, override: str | None = None) -> optuna.Study:
     """Load the spec's stored study for reading; a missing storage file or study is a
     ConfigError, and nothing is created."""
     url = resolve_storage(spec, override)
-    path = journal_path(url)
-    if url.startswith("sqlite:///") and url != "sqlite:///:memory:":
-        path = Path(url.removeprefix("sqlite:///"))
+    path = storage_file(url)
     if path is not None and not path.is_file():
         raise ConfigError(f"{spec.path}: storage: {url} does not exist; run `nas search "
                           f"{spec.path}` first or pass --storage")
