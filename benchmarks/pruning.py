@@ -7,10 +7,11 @@ It also replays the pruner on the unpruned study's stored curves: the exact coun
 identical trial sequence, free of the sampler drifting once trials are pruned.
 
     python benchmarks/pruning.py              # ~8 minutes on 2 CPU cores
+    python benchmarks/pruning.py --seed 1     # another trial sequence (another TPE seed)
     python benchmarks/pruning.py --trials 12 --steps 60   # a quick look
 
-`--grid` adds the replay at several margins and min_progress values: the trade-off between
-compute saved and front quality, measured on the same unpruned trials.
+`--grid` adds the replay at several margins, min_progress and patience values: the trade-off
+between compute saved and front quality, measured on the same unpruned trials.
 """
 
 from __future__ import annotations
@@ -48,10 +49,12 @@ def hv(points: list[tuple[float, float]], ref: tuple[float, float]) -> float:
     return area
 
 
-def spec(name: str, storage: str, trials: int, steps: int, pruner: dict) -> StudySpec:
+def spec(name: str, storage: str, trials: int, steps: int, pruner: dict,
+         seed: int = 0) -> StudySpec:
     return StudySpec(
         name=name, space=SPACE, objectives=["val_loss", "n_params"], n_trials=trials,
-        storage=storage, pruner=pruner, sampler={"type": "tpe", "n_startup_trials": 6}, seed=0,
+        storage=storage, pruner=pruner, sampler={"type": "tpe", "n_startup_trials": 6},
+        seed=seed,
         base={"train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "seed": 0,
                         "eval_every": max(1, steps // 10)}},
     )
@@ -64,17 +67,24 @@ def front_points(trials: list[optuna.trial.FrozenTrial]) -> list[tuple[float, fl
 
 def replay(trials: list[optuna.trial.FrozenTrial], pruner: ParetoPruner,
            steps: int) -> tuple[int, list[optuna.trial.FrozenTrial]]:
-    """Apply `pruner` to finished trials in order, from their stored curves."""
+    """Apply `pruner` to finished trials in order, from their stored configs and curves."""
     shadow = optuna.create_study(directions=["minimize", "minimize"])
     spent = 0
     for t in sorted(trials, key=lambda t: t.number):
         if t.state != TrialState.COMPLETE:
             continue
-        stopped = next((s for s, loss in t.user_attrs["curve"] if pruner.reason_to_prune(
-            shadow, t.user_attrs["n_params"], s, steps, loss)), None)
-        spent += stopped if stopped is not None else t.user_attrs["steps_trained"]
+        a = t.user_attrs
+        if pruner.duplicate_of(shadow, a["config"]):
+            continue  # pruned before training: no steps
+        curve = a["curve"]
+        stopped = next((curve[i][0] for i in range(len(curve)) if pruner.reason_to_prune(
+            shadow, a["n_params"], curve[:i + 1], steps)), None)
+        spent += stopped if stopped is not None else a["steps_trained"]
         if stopped is None:
-            shadow.add_trial(create_trial(values=t.values, user_attrs=t.user_attrs,
+            shadow.add_trial(create_trial(values=t.values, user_attrs=a, params=t.params,
+                                          distributions=t.distributions))
+        else:
+            shadow.add_trial(create_trial(state=TrialState.PRUNED, user_attrs=a,
                                           params=t.params, distributions=t.distributions))
     return spent, shadow.get_trials(states=(TrialState.COMPLETE,))
 
@@ -83,41 +93,60 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--margin", type=float, default=0.01)
-    parser.add_argument("--min-progress", type=float, default=0.3)
+    defaults = ParetoPruner()
+    parser.add_argument("--margin", type=float, default=defaults.margin)
+    parser.add_argument("--min-progress", type=float, default=defaults.min_progress)
+    parser.add_argument("--patience", type=int, default=defaults.patience)
+    parser.add_argument("--seed", type=int, default=0, help="the sampler seed of both runs")
+    parser.add_argument("--storage", help="keep both studies here (default: a temporary "
+                        "SQLite file); run again with it to replay without training")
     parser.add_argument("--grid", action="store_true", help="also replay a grid of settings")
     args = parser.parse_args()
-    pareto = {"type": "pareto", "margin": args.margin, "min_progress": args.min_progress}
+    pareto = {"type": "pareto", "margin": args.margin, "min_progress": args.min_progress,
+              "patience": args.patience}
     with tempfile.TemporaryDirectory() as tmp:
-        storage = f"sqlite:///{Path(tmp) / 'bench.db'}"
+        storage = args.storage or f"sqlite:///{Path(tmp) / 'bench.db'}"
         runs = {}
         for name, pruner in (("no pruning", {"type": "none"}), ("pareto pruner", pareto)):
             print(f"running {args.trials} trials: {name}", flush=True)
-            study = run_search(spec(name.replace(" ", "-"), storage, args.trials, args.steps,
-                                    pruner), progress=False, echo=lambda *_: None)
+            study = run_search(spec(f"{name.replace(' ', '-')}-seed{args.seed}", storage,
+                                    args.trials, args.steps, pruner, args.seed),
+                               progress=False, echo=lambda *_: None)
             runs[name] = study.get_trials()
     trials = runs["no pruning"]
-    spent, kept = replay(trials, ParetoPruner(args.margin, args.min_progress), args.steps)
+    chosen = ParetoPruner(args.margin, args.min_progress, args.patience)
+    spent, kept = replay(trials, chosen, args.steps)
+    duplicates = sum(t.user_attrs["steps_trained"] for t in trials
+                     if t.state == TrialState.COMPLETE and any(
+                         u.number < t.number and u.user_attrs.get("config") ==
+                         t.user_attrs["config"] for u in trials))
+    live = runs["pareto pruner"]
     rows = {
         "no pruning": (sum(t.user_attrs.get("steps_trained", 0) for t in trials),
                        front_points(trials), len(trials)),
-        "pareto pruner (live)": (
-            sum(t.user_attrs.get("steps_trained", 0) for t in runs["pareto pruner"]),
-            front_points(runs["pareto pruner"]), len(runs["pareto pruner"])),
+        "pareto pruner (live)": (sum(t.user_attrs.get("steps_trained", 0) for t in live),
+                                 front_points(live), len(live)),
         "pareto pruner (replay)": (spent, front_points(kept), len(trials)),
     }
     every = [p for _, pts, _ in rows.values() for p in pts]
     ref = (max(p[0] for p in every) * 1.01, max(p[1] for p in every) * 1.01)
     base_steps, base_pts, _ = rows["no pruning"]
     base_hv = hv(base_pts, ref)
-    print(f"\nreference point: val_loss {ref[0]:.4f}, n_params {ref[1]:,.0f}; "
-          f"margin {args.margin}, min_progress {args.min_progress}, {args.steps} steps a trial\n")
+    print(f"\nreference point: val_loss {ref[0]:.4f}, n_params {ref[1]:,.0f}; sampler seed "
+          f"{args.seed}; margin {args.margin}, min_progress {args.min_progress}, patience "
+          f"{args.patience}; {args.steps} steps a trial")
+    print(f"repeated run configs in the unpruned study: {duplicates:,} steps "
+          f"({duplicates / base_steps:.1%}); the live run pruned "
+          f"{sum('duplicate' in t.user_attrs.get('pruned_reason', '') for t in live)} "
+          "duplicate(s)\n")
     if args.grid:
-        for margin in (0.0, 0.01, 0.02):
-            for progress in (0.1, 0.2, 0.3):
-                spent, kept = replay(trials, ParetoPruner(margin, progress), args.steps)
-                rows[f"replay: margin {margin}, min_progress {progress}"] = (
-                    spent, front_points(kept), len(trials))
+        for margin in (0.0, 0.0025, 0.005, 0.01):
+            for progress in (0.1, 0.3):
+                for patience in (1, 2):
+                    spent, kept = replay(trials, ParetoPruner(margin, progress, patience),
+                                         args.steps)
+                    rows[f"replay: margin {margin}, min_progress {progress}, patience "
+                         f"{patience}"] = (spent, front_points(kept), len(trials))
     print("| run | trials | training steps | steps saved | hypervolume | HV vs no pruning |")
     print("|---|---:|---:|---:|---:|---:|")
     for name, (steps, pts, n) in rows.items():

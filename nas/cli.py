@@ -1,4 +1,4 @@
-"""The `nas` command line: train, search, export, report, dashboard."""
+"""The `nas` command line: train, search, export, report, analyze, dashboard."""
 
 from __future__ import annotations
 
@@ -66,14 +66,91 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import write_report
+    from .report import completed, write_report
+    from .scaling import summary_markdown
     from .study import load_spec, open_existing
 
     spec = load_spec(args.study)
-    figures = write_report(open_existing(spec, args.storage), args.out, source=spec.path,
-                           image=args.image)
-    print(f"wrote {args.out}: {', '.join(figures)}")
+    study = open_existing(spec, args.storage)
+    figures = write_report(study, args.out, source=spec.path, image=args.image)
+    print(summary_markdown(completed(study)))
+    print(f"\nwrote {args.out}: {', '.join(figures)}")
     return 0
+
+
+def cmd_analyze(args: argparse.Namespace) -> int:
+    """Per-layer attention entropy, value similarity and coefficients of one trained model:
+    a `nas train` output folder, a run config (trained first), or a study trial."""
+    import json
+
+    from .analysis import analysis_table
+    from .config import read_yaml
+
+    target = Path(args.target)
+    if not target.exists():
+        raise ConfigError(f"{target}: no such file or folder")
+    if target.is_dir():
+        result = _analyze_run_folder(target)
+    elif isinstance(read_yaml(target), dict) and "space" in read_yaml(target):
+        result = _analyze_trial(target, args.trial, args.storage)
+    else:
+        from .train import train
+
+        cfg = load_config(target)
+        out = Path(args.out) if args.out else Path("runs") / "train" / target.stem
+        metrics = train(cfg, out)
+        print(f"trained {target} -> {out} (val_loss {metrics['val_loss']:.4f})")
+        result = {k: metrics[k] for k in ("analysis", "coefficients", "receiving_layers")}
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(analysis_table(result["analysis"], result["coefficients"],
+                             result["receiving_layers"]))
+    return 0
+
+
+def _analyze_run_folder(folder: Path) -> dict:
+    import torch
+
+    from .data import TokenDataModule
+    from .model import build_model
+    from .train import analyze_windows
+
+    for name in ("config.yaml", "model.pt"):
+        if not (folder / name).is_file():
+            raise ConfigError(f"{folder}: no {name}; expected a `nas train --out` folder")
+    cfg = load_config(folder / "config.yaml")
+    model = build_model(cfg)
+    try:
+        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True,
+                                         map_location="cpu"))
+    except (RuntimeError, OSError, ValueError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: {first}") from None
+    t, m = cfg.train, cfg.model
+    data = TokenDataModule(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
+                           t.eval_batches, t.eval_interval)
+    return {"analysis": analyze_windows(model, data),
+            "coefficients": model.residual.coefficients(),
+            "receiving_layers": cfg.value_residual.receiving(m.n_layer)}
+
+
+def _analyze_trial(study_path: Path, number: int | None, storage: str | None) -> dict:
+    from .study import load_spec, open_existing
+
+    if number is None:
+        raise ConfigError(f"{study_path}: a study spec; pass --trial N to analyze its trial N")
+    study = open_existing(load_spec(study_path), storage)
+    trials = {t.number: t for t in study.get_trials(deepcopy=False)}
+    if number not in trials:
+        raise ConfigError(f"--trial: no trial {number} in study {study.study_name!r} "
+                          f"(trials 0..{len(trials) - 1})")
+    attrs = trials[number].user_attrs
+    if "analysis" not in attrs:
+        raise ConfigError(f"--trial: trial {number} has no analysis ({trials[number].state.name}"
+                          "; only trials that completed carry one)")
+    return {k: attrs.get(k, {} if k == "coefficients" else []) for k in
+            ("analysis", "coefficients", "receiving_layers")}
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -130,6 +207,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", required=True, help="the HTML file to write")
     p.add_argument("--image", help="also write X-<figure>.png or .svg per figure (needs kaleido)")
     p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("analyze", help="per-layer attention entropy, value similarity to "
+                       "layer 0 and coefficients of one trained model")
+    p.add_argument("target", help="a `nas train --out` folder, a run config YAML (trained "
+                   "first) or a study spec YAML with --trial")
+    p.add_argument("--trial", type=int, help="with a study spec: the trial number")
+    p.add_argument("--storage", help=storage_help)
+    p.add_argument("--out", help="with a run config: the training output folder (default: "
+                   "runs/train/<config name>)")
+    p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study")
     p.add_argument("study", help="study spec YAML")

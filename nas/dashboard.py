@@ -89,7 +89,7 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         "### " + ("Pareto front" if len(study.directions) > 1 else "Best trials"),
         *_md_table(front_rows(study)),
         "",
-        "### Equivalent parameter saving against vanilla",
+        "### Parameter and data saving against vanilla",
         *_md_table(savings_table(completed(study)) if completed(study) else []),
         "",
         "Each trial carries `config.yaml` (train it again: `nas train config.yaml`) and "

@@ -42,8 +42,11 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
-                mix: ValueMix | None) -> tuple[Tensor, Tensor]:
-        """Returns the block output and this layer's values (a source for later layers)."""
+                mix: ValueMix | None, trace: list[dict[str, Tensor]] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        """Returns the block output and this layer's values (a source for later layers).
+        With `trace`, appends this layer's rotated queries and keys, own values V_n and the
+        values attention uses V'_n (for `nas.analysis`)."""
         B, T, C = x.shape
         H = self.n_head
         v = self.wv(x) if self.wv is not None else None
@@ -55,6 +58,9 @@ class Attention(nn.Module):
         )
         u = u.transpose(1, 2).reshape(B, T, C)
         own = v if v is not None else v_mixed
+        if trace is not None:
+            trace.append({"q": q.detach(), "k": k.detach(), "values": own.detach(),
+                          "mixed_values": v_mixed.detach()})
         if mix is not None:
             u = mix.after(u, own, sources)
         return self.wo(u), own
@@ -80,8 +86,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
-                mix: ValueMix | None) -> tuple[Tensor, Tensor]:
-        a, v = self.attn(self.attn_norm(h), cos, sin, sources, mix)
+                mix: ValueMix | None, trace: list[dict[str, Tensor]] | None = None
+                ) -> tuple[Tensor, Tensor]:
+        a, v = self.attn(self.attn_norm(h), cos, sin, sources, mix, trace)
         h = h + a
         return h + self.mlp(self.mlp_norm(h)), v
 
@@ -113,8 +120,9 @@ class Decoder(nn.Module):
                     std /= math.sqrt(2 * self.cfg.n_layer)
                 nn.init.normal_(p, mean=0.0, std=std)
 
-    def forward(self, idx: Tensor) -> Tensor:
-        """idx (B, T) int64 -> logits (B, T, vocab_size)."""
+    def forward(self, idx: Tensor, trace: list[dict[str, Tensor]] | None = None) -> Tensor:
+        """idx (B, T) int64 -> logits (B, T, vocab_size). `trace`, a list, receives one entry
+        per layer (see Attention.forward)."""
         T = idx.shape[1]
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
@@ -122,7 +130,7 @@ class Decoder(nn.Module):
         h = self.tok_emb(idx)
         sources = self.residual.initial_sources(idx)
         for i, block in enumerate(self.blocks):
-            h, v = block(h, cos, sin, sources, self.residual.mix(i))
+            h, v = block(h, cos, sin, sources, self.residual.mix(i), trace)
             sources.append(v)
         return self.lm_head(self.norm(h))
 

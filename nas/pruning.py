@@ -3,10 +3,18 @@
 Optuna cannot prune multi-objective trials, but here one objective (the parameter count) is
 known before training. A running trial is hopeless for the Pareto front when some completed
 trial with no more parameters already had a lower loss at the same training step: unless the
-curves cross later, the running trial ends dominated. The rule stops a trial whose loss at a
-validation step is worse, by a relative `margin`, than the best loss that completed trials with
-no more parameters reached at that step (read off their stored curves, interpolated between
-validation points). Knows nothing of torch.
+curves cross later, the running trial ends dominated. Two rules:
+
+- before training, a trial whose run config equals that of a completed (or pruned) trial is
+  pruned: training is deterministic, so it would retrace that trial's curve exactly (TPE
+  proposes such repeats often in small categorical spaces);
+- at each validation from `min_progress` of the steps on, a trial is pruned once its loss has
+  been worse, by a relative `margin`, than the best loss that completed trials with no more
+  parameters reached at the same step (read off their stored curves, interpolated between
+  validation points) at `patience` validations in a row; one noisy validation of a near-tie
+  does not stop it.
+
+benchmarks/pruning.py measures the defaults. Knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -14,6 +22,7 @@ from __future__ import annotations
 import bisect
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -33,29 +42,54 @@ def loss_at(curve: Sequence[Sequence[float]], step: int) -> float | None:
 
 @dataclass
 class ParetoPruner:
-    margin: float = 0.01
-    # No pruning before this fraction of the trial's steps: early losses of different
+    margin: float = 0.0025
+    # No pruning before this fraction of the trial's steps: the first losses of different
     # architectures are close and noisy.
-    min_progress: float = 0.3
+    min_progress: float = 0.1
+    # Validations in a row over the margin before a trial is stopped.
+    patience: int = 2
     # Completed trials needed before pruning starts (the baselines usually come first).
     min_completed: int = 1
 
-    def reason_to_prune(self, study: optuna.Study, n_params: int, step: int, total_steps: int,
-                        loss: float) -> str | None:
-        """Why the running trial should stop now, or None to let it go on."""
-        if step < self.min_progress * total_steps:
+    def __post_init__(self) -> None:
+        if not isinstance(self.patience, int) or self.patience < 1:
+            raise TypeError(f"patience must be an integer >= 1, got {self.patience!r}")
+
+    def duplicate_of(self, study: optuna.Study, config: dict[str, Any]) -> str | None:
+        """Why a trial with this run config need not train, or None."""
+        for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
+                                                          TrialState.PRUNED)):
+            if t.user_attrs.get("config") == config:
+                outcome = (f"val_loss {t.user_attrs['val_loss']:.4f}"
+                           if t.state == TrialState.COMPLETE else "pruned")
+                return (f"duplicate of trial {t.number} ({outcome}): the same run config "
+                        "trains to the same curve")
+        return None
+
+    def reason_to_prune(self, study: optuna.Study, n_params: int,
+                        curve: Sequence[Sequence[float]], total_steps: int) -> str | None:
+        """Why the running trial, with validation `curve` [(step, loss), ...] so far, should
+        stop now, or None to let it go on."""
+        recent = [(int(s), float(v)) for s, v in curve[-self.patience:]
+                  if s >= self.min_progress * total_steps]
+        if len(recent) < self.patience:
             return None
-        completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        completed = [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                     if t.user_attrs.get("n_params", float("inf")) <= n_params]
         if len(completed) < self.min_completed:
             return None
-        best, best_number = None, None
-        for t in completed:
-            if t.user_attrs.get("n_params", float("inf")) > n_params:
-                continue
-            ref = loss_at(t.user_attrs.get("curve", []), step)
-            if ref is not None and (best is None or ref < best):
-                best, best_number = ref, t.number
-        if best is None or loss <= best * (1 + self.margin):
-            return None
-        return (f"pareto: val_loss {loss:.4f} at step {step} is over {1 + self.margin:g}x "
-                f"trial {best_number}'s {best:.4f} with no more parameters")
+        for step, loss in reversed(recent):  # the latest first: it names the reason
+            best, best_number = None, None
+            for t in completed:
+                ref = loss_at(t.user_attrs.get("curve", []), step)
+                if ref is not None and (best is None or ref < best):
+                    best, best_number = ref, t.number
+            if best is None or loss <= best * (1 + self.margin):
+                return None
+            if step == recent[-1][0]:
+                reason = (f"pareto: val_loss {loss:.4f} at step {step} is over "
+                          f"{1 + self.margin:g}x trial {best_number}'s {best:.4f} with no more "
+                          f"parameters")
+        if self.patience > 1:
+            reason += f" ({self.patience} validations in a row)"
+        return reason

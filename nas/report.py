@@ -20,7 +20,6 @@ import html
 import math
 import warnings
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -30,11 +29,22 @@ import plotly.graph_objects as go
 from optuna.trial import FrozenTrial, TrialState
 from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
+from plotly.subplots import make_subplots
 
 from .config import MODES, ConfigError
+from .scaling import (
+    data_savings,
+    layer_profile,
+    parameter_savings,
+    scaling_points,
+    seeds,
+    variant,
+    with_seeds,
+)
 from .study import OBJECTIVES, describe, front
 
-MODE_COLORS = dict(zip(MODES, qualitative.Plotly, strict=False))
+# vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
+MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
 SOURCE_SYMBOLS = {"first_layer": "circle", "value_embedding": "diamond"}
 HEIGHT = 480
 
@@ -48,19 +58,21 @@ def completed(study: optuna.Study) -> list[FrozenTrial]:
             if "val_loss" in t.user_attrs and "n_params" in t.user_attrs]
 
 
-def variant(attrs: dict[str, Any]) -> str:
-    """The mode, plus `+ve` when the residual comes from a value embedding."""
-    mode = attrs.get("mode", "?")
-    return f"{mode}+ve" if attrs.get("source") == "value_embedding" else mode
-
-
 def _label(t: FrozenTrial) -> str:
     return f"#{t.number} {describe(t.user_attrs)}" + (
         " (baseline)" if t.user_attrs.get("baseline") else "")
 
 
+_NAMED_COLORS: dict[str, str] = {}
+
+
 def _color(name: str) -> str:
-    return MODE_COLORS.get(name.removesuffix("+ve"), "#555555")
+    """A mode's colour; a named variant (studies/resformer_scaling.yaml) gets its own."""
+    if name.removesuffix("+ve") in MODE_COLORS:
+        return MODE_COLORS[name.removesuffix("+ve")]
+    if name not in _NAMED_COLORS:
+        _NAMED_COLORS[name] = qualitative.Dark24[len(_NAMED_COLORS) % len(qualitative.Dark24)]
+    return _NAMED_COLORS[name]
 
 
 def message_figure(title: str, text: str) -> go.Figure:
@@ -157,164 +169,32 @@ def coefficients_figure(study: optuna.Study) -> go.Figure:
 # -- scaling fits and the equivalent parameter saving ------------------------------------------
 
 
-@dataclass
-class ScalingFit:
-    """loss = a + b * (N / n_ref)^-alpha ("power"), or loss = a + b * log(N / n_ref) ("log")."""
-
-    kind: str
-    a: float
-    b: float
-    alpha: float
-    n_ref: float
-    n_min: float
-    n_max: float
-
-    def loss(self, n: np.ndarray | float) -> np.ndarray | float:
-        x = np.asarray(n, dtype=float) / self.n_ref
-        if self.kind == "power":
-            return self.a + self.b * x ** -self.alpha
-        return self.a + self.b * np.log(x)
-
-    def size(self, loss: float) -> float | None:
-        """The parameter count at which the fit reaches `loss`, or None if it never does."""
-        if self.kind == "power":
-            if loss <= self.a:
-                return None
-            return float(self.n_ref * ((loss - self.a) / self.b) ** (-1.0 / self.alpha))
-        return float(self.n_ref * math.exp((loss - self.a) / self.b))
-
-    def describe(self) -> str:
-        if self.kind == "power":
-            return f"L = {self.a:.3f} + {self.b:.3f}·(N/{self.n_ref:,.0f})^-{self.alpha:.2f}"
-        return f"L = {self.a:.3f} {self.b:+.3f}·ln(N/{self.n_ref:,.0f})"
-
-
-def fit_scaling(n_params: list[float], losses: list[float]) -> ScalingFit | None:
-    """Fit loss against parameters: a power law with an offset from three sizes on, a
-    log-linear law from two; None when there are fewer sizes or the loss does not fall."""
-    n, y = np.asarray(n_params, dtype=float), np.asarray(losses, dtype=float)
-    if len(np.unique(n)) < 2:
-        return None
-    n_ref = float(np.exp(np.log(n).mean()))
-    x = n / n_ref
-    if len(np.unique(n)) >= 3:
-        power = _fit_power(x, y)
-        if power is not None:
-            a, b, alpha = power
-            return ScalingFit("power", a, b, alpha, n_ref, float(n.min()), float(n.max()))
-    slope, intercept = np.polyfit(np.log(x), y, 1)
-    if slope >= 0:
-        return None
-    return ScalingFit("log", float(intercept), float(slope), 0.0, n_ref, float(n.min()),
-                      float(n.max()))
-
-
-def _fit_power(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
-    """Least squares over alpha (grid, then a finer grid); a and b are linear given alpha."""
-    def solve(alpha: float) -> tuple[float, float, float]:
-        basis = np.stack([np.ones_like(x), x ** -alpha], axis=1)
-        (a, b), *_ = np.linalg.lstsq(basis, y, rcond=None)
-        return float(((basis @ np.array([a, b]) - y) ** 2).sum()), float(a), float(b)
-
-    best: tuple[float, float, float, float] | None = None
-    grid = np.linspace(0.02, 2.0, 199)
-    for _ in range(2):
-        for alpha in grid:
-            sse, a, b = solve(float(alpha))
-            if b > 0 and (best is None or sse < best[0]):
-                best = (sse, a, b, float(alpha))
-        if best is None:
-            return None
-        grid = np.linspace(max(0.005, best[3] - 0.01), best[3] + 0.01, 81)
-    return best[1], best[2], best[3]
-
-
-@dataclass
-class Saving:
-    """The equivalent parameter saving of one variant against vanilla."""
-
-    variant: str
-    sizes: int
-    fit: ScalingFit | None
-    saving: float | None = None  # mean over vanilla's sizes; 0.2 = 20% fewer parameters
-    per_size: list[tuple[float, float]] = field(default_factory=list)  # (N_vanilla, saving)
-    extrapolated: bool = False
-    note: str = ""
-
-
-def scaling_points(trials: list[FrozenTrial]) -> dict[str, list[tuple[float, float, int]]]:
-    """Per variant, the best (n_params, val_loss, trial) at each model shape."""
-    best: dict[tuple[str, str], FrozenTrial] = {}
-    for t in trials:
-        shape = repr(sorted(t.user_attrs.get("config", {}).get("model", {}).items()))
-        key = (variant(t.user_attrs), shape)
-        if key not in best or t.user_attrs["val_loss"] < best[key].user_attrs["val_loss"]:
-            best[key] = t
-    out: dict[str, list[tuple[float, float, int]]] = {}
-    for (name, _), t in best.items():
-        out.setdefault(name, []).append(
-            (float(t.user_attrs["n_params"]), float(t.user_attrs["val_loss"]), t.number))
-    return {k: sorted(v) for k, v in sorted(out.items())}
-
-
-def parameter_savings(trials: list[FrozenTrial]) -> tuple[ScalingFit | None, list[Saving]]:
-    """Vanilla's fit and, per other variant, 1 - N_variant(L) / N_vanilla(L) at vanilla's
-    fitted losses L (the paper's metric), averaged over vanilla's model sizes within the
-    variant's measured range (all of them, flagged as extrapolated, if none is)."""
-    points = scaling_points(trials)
-    base_points = points.get("vanilla", [])
-    base = fit_scaling([p[0] for p in base_points], [p[1] for p in base_points])
-    out = []
-    for name, pts in points.items():
-        if name == "vanilla":
-            continue
-        fit = fit_scaling([p[0] for p in pts], [p[1] for p in pts])
-        s = Saving(name, len(pts), fit)
-        if len(pts) < 2:
-            s.note = "too few sizes to fit (needs 2 model sizes)"
-        elif fit is None:
-            s.note = "loss does not fall with size; no fit"
-        elif base is None:
-            s.note = ("vanilla has too few sizes to fit" if len(base_points) < 2
-                      else "vanilla's loss does not fall with size; no fit")
-        else:
-            # Compare where the variant was measured; extrapolate only if the ranges are apart.
-            near = [p[0] for p in base_points if fit.n_min / 1.5 <= p[0] <= fit.n_max * 1.5]
-            s.extrapolated = not near
-            for n_v in near or [p[0] for p in base_points]:
-                n_m = fit.size(float(base.loss(n_v)))
-                if n_m is not None:
-                    s.per_size.append((n_v, 1.0 - n_m / n_v))
-                    s.extrapolated |= not fit.n_min / 1.5 <= n_m <= fit.n_max * 1.5
-            if s.per_size:
-                s.saving = float(np.mean([v for _, v in s.per_size]))
-                s.note = "extrapolated beyond its sizes" if s.extrapolated else ""
-            else:
-                s.note = "never reaches vanilla's loss"
-        out.append(s)
-    return base, out
-
-
 def scaling_figure(study: optuna.Study) -> go.Figure:
-    title = "Scaling fits per mode and parameter saving vs vanilla"
+    title = "Scaling fits per variant and parameter saving vs vanilla"
     trials = completed(study)
     if not trials:
         return message_figure(title, "no completed trials yet")
     points = scaling_points(trials)
     base, savings = parameter_savings(trials)
     fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
-    notes = {s.variant: (f"saving {s.saving:+.1%}" if s.saving is not None else s.note)
-             for s in savings}
-    all_n = [p[0] for pts in points.values() for p in pts]
+    notes = {s.variant: (f"saving {s.saving:+.1%}" + (" (extrapolated)" if s.extrapolated
+                                                       else "")
+                         if s.saving is not None else s.note) for s in savings}
+    all_n = [p.n_params for pts in points.values() for p in pts]
+    n_seeds = len(seeds(trials))
     fig = go.Figure()
     for name, pts in points.items():
         color = _color(name)
         label = f"{name}: {notes[name]}" if name in notes else f"{name} (reference)"
         fig.add_trace(go.Scatter(
-            x=[p[0] for p in pts], y=[p[1] for p in pts], mode="markers", name=label,
+            x=[p.n_params for p in pts], y=[p.loss for p in pts], mode="markers", name=label,
             legendgroup=name, marker={"color": color, "size": 10},
-            text=[f"#{p[2]} {name}" for p in pts],
-            hovertemplate="%{text}<br>n_params %{x:,}<br>best val_loss %{y:.4f}<extra></extra>"))
+            error_y={"type": "data", "symmetric": False,
+                     "array": [p.spread[1] - p.loss for p in pts],
+                     "arrayminus": [p.loss - p.spread[0] for p in pts]},
+            text=[f"{name}, trials " + ", ".join(f"#{t.number}" for t in p.trials)
+                  for p in pts],
+            hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
         fit = fits.get(name)
         if fit is not None:
             grid = np.geomspace(min(all_n) / 1.2, max(all_n) * 1.2, 60)
@@ -322,9 +202,67 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
                 x=grid, y=fit.loss(grid), mode="lines", legendgroup=name, showlegend=False,
                 line={"color": color, "dash": "dash" if name != "vanilla" else "solid"},
                 name=f"{name} fit", hovertemplate=f"{name}: {fit.describe()}<extra></extra>"))
+    what = (f"mean of {n_seeds} seeds, bars: min-max" if n_seeds > 1
+            else "best plan at the size")
     fig.update_layout(
         title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.22},
-        xaxis=_params_axis(all_n), yaxis_title="best validation loss at the size")
+        xaxis=_params_axis(all_n), yaxis_title=f"validation loss ({what})")
+    return fig
+
+
+def savings_figure(study: optuna.Study) -> go.Figure:
+    title = "Parameter and data saving against vanilla"
+    trials = completed(study)
+    _, savings = parameter_savings(trials)
+    data = data_savings(trials)
+    if not any(s.saving is not None for s in savings) and not any(
+            d.saving is not None for d in data):
+        return message_figure(title, "no saving to show: needs vanilla and another variant "
+                              "at two or more model sizes (parameter saving) or on the same "
+                              "size and seed (data saving)")
+    fig = go.Figure()
+    for kind, rows, color in (
+            ("parameter saving", [(s.variant, s.saving, s.per_seed) for s in savings],
+             "#636efa"),
+            ("data saving", [(d.variant, d.saving, d.per_seed) for d in data], "#ef553b")):
+        rows = [r for r in rows if r[1] is not None]
+        fig.add_trace(go.Bar(
+            x=[r[0] for r in rows], y=[r[1] for r in rows], name=kind, marker_color=color,
+            offsetgroup=kind, hovertemplate=f"%{{x}}: {kind} %{{y:+.1%}}<extra></extra>"))
+        per_seed = [(r[0], seed, v) for r in rows for seed, v in r[2].items() if v is not None]
+        if per_seed:
+            fig.add_trace(go.Scatter(
+                x=[p[0] for p in per_seed], y=[p[2] for p in per_seed], mode="markers",
+                name=f"{kind}, one seed", offsetgroup=kind, marker={
+                    "color": "black", "size": 7, "symbol": "line-ew-open", "line":
+                    {"width": 2}},
+                text=[f"seed {p[1]}" for p in per_seed],
+                hovertemplate="%{x}, %{text}: %{y:+.1%}<extra></extra>"))
+    fig.update_layout(title=title + " (bars: all seeds; ticks: each seed alone)",
+                      height=HEIGHT, barmode="group", scattermode="group",
+                      yaxis={"title": "saving (share of vanilla's)", "tickformat": "+.0%"})
+    return fig
+
+
+def analysis_figure(study: optuna.Study) -> go.Figure:
+    title = "Per-layer attention entropy and value similarity to layer 0"
+    trials = completed(study)
+    entropy = layer_profile(trials, "attention_entropy")
+    cosine = layer_profile(trials, "mixed_value_cosine")
+    if not entropy:
+        return message_figure(title, "no completed trial carries an analysis")
+    shape = list(entropy)[-1]  # the largest model: the shapes sort by layers, then width
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "attention entropy (nats)", "cosine(V'_n, V_1) of the values attention uses"))
+    for col, profile in ((1, entropy), (2, cosine)):
+        for name, values in profile.get(shape, {}).items():
+            fig.add_trace(go.Scatter(
+                x=list(range(len(values))), y=values, mode="lines+markers", name=name,
+                legendgroup=name, showlegend=col == 1, line={"color": _color(name)},
+                hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.3f}}<extra></extra>"),
+                row=1, col=col)
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(title=f"{title}: {shape}, mean over seeds", height=HEIGHT)
     return fig
 
 
@@ -417,6 +355,8 @@ FIGURES: dict[str, tuple[str, Callable[[optuna.Study], go.Figure]]] = {
     "pareto": ("Pareto front", pareto_figure),
     "coefficients": ("Coefficients per layer", coefficients_figure),
     "scaling": ("Scaling and equivalent parameter saving", scaling_figure),
+    "savings": ("Parameter and data saving", savings_figure),
+    "analysis": ("Attention entropy and value similarity", analysis_figure),
     "curves": ("Validation curves", curves_figure),
     "importances": ("Parameter importances", importances_figure),
     "hypervolume": ("Hypervolume history", hypervolume_figure),
@@ -436,6 +376,17 @@ EXPLAIN = {
                "two). The equivalent parameter saving is the paper's metric: 1 - N_mode(L) / "
                "N_vanilla(L) at vanilla's fitted losses L, where N_mode(L) inverts the mode's "
                "fit: how many fewer parameters the mode needs to reach vanilla's loss.",
+    "savings": "The two savings of the paper, per variant against vanilla, with their spread "
+               "across seeds: the equivalent parameter saving from the scaling fits (computed "
+               "on the seed means, and on each seed alone), and the data saving: on each size "
+               "and seed, 1 - T_variant / T, where T_variant is the training tokens after "
+               "which the variant's validation curve reaches vanilla's final loss (negative: "
+               "the tokens vanilla needs to reach the variant's final loss, minus T).",
+    "analysis": "The paper's analyses at the largest model size, per layer and averaged over "
+                "seeds: the entropy of each query's attention (low: concentrated; uniform "
+                "causal attention has the most), and the cosine similarity of the values "
+                "attention uses, V'_n, to the first layer's V_1, on the first validation "
+                "windows. `nas analyze` prints the same for one run.",
     "curves": "Validation loss against training step for every trial that reported one; "
               "pruned trials are dotted and stop where they were pruned.",
     "importances": "How much each searched parameter explains the validation loss "
@@ -452,17 +403,20 @@ def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
 
 
 def savings_table(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
-    """Rows of the equivalent-parameter-saving table."""
+    """Rows of the savings table: both savings with their spread across seeds."""
     base, savings = parameter_savings(trials)
+    data = {d.variant: d for d in data_savings(trials)}
     n_base = len(scaling_points(trials).get("vanilla", []))
     note = "" if base else ("too few sizes to fit (needs 2 model sizes)" if n_base < 2
                             else "loss does not fall with size; no fit")
     rows = [{"variant": "vanilla", "sizes": n_base, "fit": base.describe() if base else "-",
-             "saving": "reference", "note": note}]
+             "parameter saving": "reference", "data saving": "reference", "note": note}]
     for s in savings:
+        d = data.get(s.variant)
         rows.append({"variant": s.variant, "sizes": s.sizes,
                      "fit": s.fit.describe() if s.fit else "-",
-                     "saving": f"{s.saving:+.1%}" if s.saving is not None else "-",
+                     "parameter saving": with_seeds(s.saving, s.per_seed),
+                     "data saving": with_seeds(d.saving, d.per_seed) if d else "-",
                      "note": s.note})
     return rows
 
@@ -522,7 +476,7 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
         if key == "scaling":
-            parts.append("<h3>Equivalent parameter saving against vanilla</h3>"
+            parts.append("<h3>Parameter and data saving against vanilla</h3>"
                          + _table(savings_table(completed(study))))
         parts.append("</section>")
     parts.append("</body></html>")

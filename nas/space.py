@@ -6,7 +6,16 @@ A space has the run config's sections. In it:
 - anything else is fixed.
 `value_residual.layers` is special: `all`, a fixed list of layers, or a pattern mapping
 `{pattern: P}` where P is `subset` (one boolean per layer), `last_k`, `unet` (the first and last k
-layers) or `all`, or a list of those to choose from. Optional `k: {low, high}` bounds last_k/unet.
+layers) or `all`, or a list of those to choose from. Optional `k` for last_k/unet: a range
+`{low, high}` to search, a fixed number of layers (`k: 3`), or a fixed share of n_layer
+(`k: 0.375`: 3 of 8 layers, 2 of 4; rounded half up, at least 1), which keeps a pattern comparable
+across model sizes.
+
+`variants` (beside the sections) names value-residual plans to choose among as a whole, e.g.
+`{identity: {mode: resformer, lambda1: 0.5, lambda2: 0.5}, sparse: {...}}`: each trial picks a
+name (parameter `variant`) and its mapping overrides the space's `value_residual` section.
+Named variants are how a study compares the paper's fixed forms (two of them share the mode
+`resformer`) rather than searching their coefficients.
 
 Conditional parameters are suggested only where they apply: `value_residual` keys only for the
 modes that read them (`config.MODE_KEYS`), per-layer booleans only up to the trial's n_layer.
@@ -17,6 +26,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import math
 from typing import Any, Protocol
 
 from .config import MODE_KEYS, MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
@@ -55,9 +65,12 @@ def check_space(space: Any, where: str) -> dict:
     if not isinstance(space, dict):
         raise ConfigError(f"{where}: a search space must be a mapping of run-config sections")
     for section, body in space.items():
+        if section == "variants":
+            _check_variants(body, where)
+            continue
         if section not in SECTIONS:
             raise ConfigError(f"{where}: {section}: unknown section; allowed: "
-                              + ", ".join(SECTIONS))
+                              + ", ".join([*SECTIONS, "variants"]))
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: {section}: must be a mapping")
         allowed = [f.name for f in dataclasses.fields(SECTIONS[section])]
@@ -76,6 +89,17 @@ def check_space(space: Any, where: str) -> dict:
             elif isinstance(value, dict):
                 _check_range(value, name, where)
     return space
+
+
+def _check_variants(variants: Any, where: str) -> None:
+    if not isinstance(variants, dict) or not variants:
+        raise ConfigError(f"{where}: variants: must be a mapping of names to value_residual "
+                          "settings, e.g. {identity: {mode: resformer}}")
+    for name, body in variants.items():
+        if not isinstance(name, str) or not isinstance(body, dict):
+            raise ConfigError(f"{where}: variants.{name}: must be a name mapped to "
+                              "value_residual settings")
+        check_space({"value_residual": body}, f"{where}: variants.{name}")
 
 
 def _check_range(value: dict, name: str, where: str) -> None:
@@ -107,8 +131,13 @@ def _check_layers(value: Any, where: str) -> None:
     if bad or not patterns:
         raise ConfigError(f"{where}: {name}.pattern: unknown pattern {bad[0] if bad else '[]'!r}"
                           f"; allowed: {', '.join(PATTERNS)}")
-    if "k" in value:
-        _check_range(value["k"], f"{name}.k", where)
+    k = value.get("k")
+    if isinstance(k, dict):
+        _check_range(k, f"{name}.k", where)
+    elif k is not None and (isinstance(k, bool) or not (
+            (isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0 < k < 1))):
+        raise ConfigError(f"{where}: {name}.k: expected {{low, high}}, a number of layers >= 1 "
+                          f"or a share of the layers in (0, 1); got {k!r}")
 
 
 def _suggest(trial: Suggester, name: str, value: Any) -> Any:
@@ -140,7 +169,12 @@ def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[in
                 if trial.suggest_categorical(f"{name}.{i}", [True, False])]
     most = n_layer - 1 if pattern == "last_k" else max(1, (n_layer - 1) // 2)
     bounds = value.get("k", {"low": 1, "high": most})
-    k = trial.suggest_int(f"{name}.{pattern}", max(1, bounds["low"]), min(most, bounds["high"]))
+    if isinstance(bounds, dict):
+        k = trial.suggest_int(f"{name}.{pattern}", max(1, bounds["low"]),
+                              min(most, bounds["high"]))
+    else:  # fixed: a number of layers, or a share of them
+        k = min(most, max(1, math.floor(bounds * n_layer + 0.5) if isinstance(bounds, float)
+                              else bounds))
     last = list(range(n_layer - k, n_layer))
     return last if pattern == "last_k" else sorted(set(range(1, k + 1)) | set(last))
 
@@ -148,12 +182,16 @@ def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[in
 def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict:
     """One run-config mapping drawn from `space` (already merged with the study's base).
 
-    `force_mode` fixes the mode without suggesting it (the enqueued vanilla baselines)."""
+    `force_mode` fixes the mode without suggesting it or a variant (the enqueued vanilla
+    baselines)."""
     raw: dict[str, dict] = {}
     for section in ("model", "train", "data"):
         raw[section] = {k: _suggest(trial, f"{section}.{k}", v)
                         for k, v in space.get(section, {}).items()}
     vr_space = space.get("value_residual", {})
+    if space.get("variants") and not force_mode:
+        name = trial.suggest_categorical("variant", list(space["variants"]))
+        vr_space = merge(vr_space, space["variants"][name])
     mode = force_mode or _suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
     vr: dict[str, Any] = {"mode": mode}
     for key in MODE_KEYS.get(mode, ()):

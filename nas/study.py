@@ -428,13 +428,15 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
 
 
 def describe(attrs: dict[str, Any]) -> str:
-    """A short label of a trial's residual plan, e.g. `learnable[3,4]` or `vanilla`."""
+    """A short label of a trial's residual plan, e.g. `learnable[3,4]` or `vanilla` (the
+    variant's name in place of the mode where the space names variants)."""
     mode = attrs.get("mode", "?")
+    name = attrs.get("variant") or mode
     if mode == "vanilla":
-        return mode
+        return name
     layers = ",".join(map(str, attrs.get("receiving_layers", [])))
     src = "+ve" if attrs.get("source") == "value_embedding" else ""
-    return f"{mode}{src}[{layers}]"
+    return f"{name}{src}[{layers}]"
 
 
 class Objective:
@@ -494,6 +496,8 @@ class Objective:
         vr = cfg.value_residual
         attrs = {**counts, "mode": vr.mode, "source": vr.source,
                  "receiving_layers": vr.receiving(cfg.model.n_layer), "config": cfg.to_dict()}
+        if self.space.get("variants"):
+            attrs["variant"] = force or trial.params["variant"]
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if self.spec.max_params is not None:
@@ -501,6 +505,12 @@ class Objective:
             if counts["n_params"] > self.spec.max_params:
                 reason = f"over budget: {counts['n_params']:,} > {self.spec.max_params:,} params"
                 trial.set_user_attr("pruned_reason", reason)
+                raise optuna.TrialPruned(reason)
+        if self.pareto is not None:
+            reason = self.pareto.duplicate_of(trial.study, attrs["config"])
+            if reason:
+                trial.set_user_attr("pruned_reason", reason)
+                trial.set_user_attr("steps_trained", 0)
                 raise optuna.TrialPruned(reason)
 
         curve: list[list[float]] = []
@@ -510,8 +520,8 @@ class Objective:
             curve.append([step, round(loss, 6)])
             trial.set_user_attr("curve", curve)
             if self.pareto is not None:
-                reason = self.pareto.reason_to_prune(trial.study, counts["n_params"], step,
-                                                     cfg.train.steps, loss)
+                reason = self.pareto.reason_to_prune(trial.study, counts["n_params"], curve,
+                                                     cfg.train.steps)
                 if reason:
                     trial.set_user_attr("pruned_reason", reason)
                     trial.set_user_attr("steps_trained", step)
@@ -532,7 +542,7 @@ class Objective:
         finally:
             upload_trial_artifacts(trial, attrs["config"], curve, self.artifacts)
         for key in ("val_loss", "val_ppl", "tokens", "tokens_per_s", "train_seconds",
-                    "coefficients", "curve"):
+                    "coefficients", "curve", "analysis"):
             trial.set_user_attr(key, metrics[key])
         trial.set_user_attr("steps_trained", metrics["steps"])
         values = tuple(float(metrics[o]) for o in self.spec.objectives)

@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 from lightning.pytorch.loggers import CSVLogger
 
+from .analysis import analyze
 from .config import RunConfig, dump_config
 from .data import TokenDataModule
 from .lit import LitDecoder
@@ -86,10 +87,21 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*logs directory.*exists and is not empty.*")
 
 
+def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
+                    n_windows: int = 8) -> dict[str, Any]:
+    """`nas.analysis.analyze` on the first validation windows, rounded for storage."""
+    idx, _ = next(iter(data.val_dataloader()))
+    result = analyze(model, idx[:n_windows])
+    return {k: [round(x, 5) for x in v] if isinstance(v, list) else round(v, 5)
+            for k, v in result.items()}
+
+
 def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = True,
           on_validation: ValidationHook | None = None,
           callbacks: Sequence[pl.Callback] = ()) -> dict[str, Any]:
-    """Train `cfg`; write config.yaml, metrics.csv and metrics.json under `out` if given.
+    """Train `cfg`; write config.yaml, metrics.csv, metrics.json and the weights (model.pt, a
+    state dict) under `out` if given. The metrics include `analysis` (nas.analysis) of the
+    trained model on the first validation windows.
 
     Raises DivergenceError on a NaN/inf loss, KeyboardInterrupt on Ctrl+C, and whatever a
     hook raises (optuna.TrialPruned).
@@ -151,9 +163,11 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer),
         "coefficients": lit.model.residual.coefficients(),
         "curve": [[s, round(v, 6)] for s, v in lit.curve],
+        "analysis": analyze_windows(lit.model, data),
     }
     if out is not None:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        torch.save(lit.model.state_dict(), out / "model.pt")
     del trainer, lit, data
     gc.collect()
     if torch.cuda.is_available():

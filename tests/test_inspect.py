@@ -24,7 +24,8 @@ from optuna.trial import TrialState, create_trial
 from nas.artifacts import artifact_dir, artifact_store
 from nas.cli import main
 from nas.config import from_dict, load_config
-from nas.report import FIGURES, fit_scaling, parameter_savings
+from nas.report import FIGURES
+from nas.scaling import fit_scaling, parameter_savings
 from nas.study import front, load_spec, open_study, run_search
 from tests.conftest import env_for_cli, nas_cmd
 from tests.test_search import write_spec
@@ -124,7 +125,9 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
     titles = {
         "pareto": "Pareto front: val_loss against parameters",
         "coefficients": "Mixing coefficients per layer",
-        "scaling": "Scaling fits per mode and parameter saving vs vanilla",
+        "scaling": "Scaling fits per variant and parameter saving vs vanilla",
+        "savings": "Parameter and data saving against vanilla",
+        "analysis": "Per-layer attention entropy and value similarity to layer 0",
         "curves": "Validation curves",
         "importances": "Parameter importances for val_loss",
         "hypervolume": "Hypervolume history",
@@ -134,7 +137,7 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
         assert f'id="fig-{key}"' in page
         assert re.search(rf'Plotly\.newPlot\(\s*"fig-{key}"', page), key
         assert title in page, key
-    assert "Equivalent parameter saving against vanilla" in page
+    assert "<h3>Parameter and data saving against vanilla</h3>" in page
     assert re.search(r"<td>learnable</td><td>2</td>", page)  # two sizes: fitted or explained
     assert "lambda1 L1" in page and "lambda2 L2" in page
 
@@ -198,7 +201,7 @@ def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
         assert {a["key"] for a in detail["user_attrs"]} >= {"objectives", "space"}
         assert "### Search space" in detail["note"]["body"]
         assert "### Pareto front" in detail["note"]["body"]
-        assert "Equivalent parameter saving" in detail["note"]["body"]
+        assert "Parameter and data saving" in detail["note"]["body"]
         assert {g["id"] for g in detail["plotly_graph_objects"]} == {f"nas-{k}" for k in FIGURES}
         assert len(detail["trials"]) == 4
         for t in detail["trials"]:

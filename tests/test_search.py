@@ -77,15 +77,34 @@ def test_pareto_pruner_prunes_multi_objective_trials(tmp_path):
     path = write_spec(tmp_path, n_trials=4, space={
         "model": {"n_layer": 2},
         "value_residual": {"mode": ["resformer", "neutreno", "learnable"]}},
-        pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5})
+        pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5, "patience": 1})
     study = quiet(load_spec(path))
     states = [t.state for t in study.trials]
     assert states[0] == TrialState.COMPLETE and study.trials[0].user_attrs["baseline"]
     pruned = [t for t in study.trials if t.state == TrialState.PRUNED]
     assert len(pruned) == 3
     for t in pruned:
-        assert t.user_attrs["pruned_reason"].startswith("pareto:")
-        assert t.user_attrs["steps_trained"] == 8 and len(t.user_attrs["curve"]) == 2
+        reason = t.user_attrs["pruned_reason"]
+        if reason.startswith("duplicate"):  # TPE proposed a mode again: nothing to train
+            assert t.user_attrs["steps_trained"] == 0 and "curve" not in t.user_attrs
+        else:
+            assert reason.startswith("pareto:")
+            assert t.user_attrs["steps_trained"] == 8 and len(t.user_attrs["curve"]) == 2
+
+
+def test_pareto_pruner_waits_for_patience_and_skips_duplicates(tmp_path):
+    # One fixed plan: trial 1 trails the vanilla baseline by construction (negative margin)
+    # and stops at its second eligible validation; trial 2 repeats trial 1's run config.
+    path = write_spec(tmp_path, n_trials=3, space={
+        "model": {"n_layer": 2}, "value_residual": {"mode": "learnable"}},
+        pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.3, "patience": 2})
+    study = quiet(load_spec(path))
+    first, second = study.trials[1], study.trials[2]
+    assert first.state == second.state == TrialState.PRUNED
+    assert first.user_attrs["steps_trained"] == 8  # validations at 4 and 8: two in a row
+    assert "(2 validations in a row)" in first.user_attrs["pruned_reason"]
+    assert second.user_attrs["pruned_reason"].startswith("duplicate of trial 1 (pruned)")
+    assert second.user_attrs["steps_trained"] == 0 and "curve" not in second.user_attrs
 
 
 def test_pareto_pruner_spares_smaller_models(tmp_path):

@@ -93,3 +93,42 @@ def test_forced_mode_suggests_no_mode():
 def test_bad_spaces_are_refused(space, fragment):
     with pytest.raises(ConfigError, match=fragment):
         check_space(space, "space.yaml")
+
+
+def test_named_variants_override_value_residual_and_fix_k():
+    space = check_space({
+        "model": {"n_layer": [4, 8], "d_model": 32, "n_head": 2},
+        "value_residual": {"lambda2": 0.5},
+        "variants": {"vanilla": {"mode": "vanilla"},
+                     "sparse": {"mode": "resformer", "lambda1": 5.0,
+                                "layers": {"pattern": "last_k", "k": 0.375}},
+                     "last2": {"mode": "learnable", "layers": {"pattern": "last_k", "k": 2}}},
+    }, "space")
+    seen = set()
+    for params, raw in draws(space, 60):
+        cfg = from_dict(raw)
+        name, n_layer, vr = params["variant"], cfg.model.n_layer, cfg.value_residual
+        seen.add(name)
+        assert not any(k.startswith("value_residual.") for k in params)  # nothing searched
+        if name == "vanilla":
+            assert vr.mode == "vanilla"
+        elif name == "sparse":
+            assert (vr.mode, vr.lambda1, vr.lambda2) == ("resformer", 5.0, 0.5)
+            assert vr.layers == ([5, 6, 7] if n_layer == 8 else [2, 3])  # 3 of 8, 2 of 4
+        else:
+            assert vr.mode == "learnable" and vr.layers == [n_layer - 2, n_layer - 1]
+    assert seen == {"vanilla", "sparse", "last2"}
+    study = optuna.create_study()
+    forced = sample(space, study.ask(), force_mode="vanilla")  # a baseline picks no variant
+    assert forced["value_residual"] == {"mode": "vanilla"}
+
+
+@pytest.mark.parametrize("variants, message", [
+    ([], "must be a mapping of names"),
+    ({"a": "resformer"}, "variants.a: must be a name mapped"),
+    ({"a": {"mode": "resformer", "lamda1": 2}}, "lamda1: unknown key"),
+    ({"a": {"layers": {"pattern": "last_k", "k": 1.5}}}, "share of the layers in (0, 1)"),
+])
+def test_bad_variants_are_clear_errors(variants, message):
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        check_space({"variants": variants}, "space")
