@@ -107,11 +107,13 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         storage = args.storage or f"sqlite:///{Path(tmp) / 'bench.db'}"
         runs = {}
-        for name, pruner in (("no pruning", {"type": "none"}), ("pareto pruner", pareto)):
+        settings = f"m{args.margin}-p{args.min_progress}-k{args.patience}"
+        for name, study_name, pruner in (
+                ("no pruning", f"no-pruning-seed{args.seed}", {"type": "none"}),
+                ("pareto pruner", f"pareto-pruner-seed{args.seed}-{settings}", pareto)):
             print(f"running {args.trials} trials: {name}", flush=True)
-            study = run_search(spec(f"{name.replace(' ', '-')}-seed{args.seed}", storage,
-                                    args.trials, args.steps, pruner, args.seed),
-                               progress=False, echo=lambda *_: None)
+            study = run_search(spec(study_name, storage, args.trials, args.steps, pruner,
+                                    args.seed), progress=False, echo=lambda *_: None)
             runs[name] = study.get_trials()
     trials = runs["no pruning"]
     chosen = ParetoPruner(args.margin, args.min_progress, args.patience)

@@ -91,7 +91,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         raise ConfigError(f"{target}: no such file or folder")
     if target.is_dir():
         result = _analyze_run_folder(target)
-    elif isinstance(read_yaml(target), dict) and "space" in read_yaml(target):
+    elif isinstance(raw := read_yaml(target), dict) and "space" in raw:  # a study spec
         result = _analyze_trial(target, args.trial, args.storage)
     else:
         from .train import train

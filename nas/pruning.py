@@ -42,7 +42,7 @@ def loss_at(curve: Sequence[Sequence[float]], step: int) -> float | None:
 
 @dataclass
 class ParetoPruner:
-    margin: float = 0.0025
+    margin: float = 0.005
     # No pruning before this fraction of the trial's steps: the first losses of different
     # architectures are close and noisy.
     min_progress: float = 0.1

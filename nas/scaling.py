@@ -411,8 +411,9 @@ def summary_markdown(trials: list[FrozenTrial]) -> str:
             elif "vanilla" not in points:
                 shapes[label] = min(shapes[label], p.n_params)
     order = sorted(shapes, key=shapes.get)
-    lines = [f"Validation loss per variant and model shape (mean over {n_seeds} seed(s)"
-             + ("; min-max across seeds" if n_seeds > 1 else "") + "):", ""]
+    lines = ["Validation loss per variant and model shape ("
+             + (f"the best plan's mean over {n_seeds} seeds; min-max across seeds"
+                if n_seeds > 1 else "the best plan at each shape") + "):", ""]
     rows = []
     for name, pts in points.items():
         by_shape = {shape_label(p.trials[0]): p for p in pts}

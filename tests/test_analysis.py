@@ -145,7 +145,7 @@ def test_parameter_saving_has_a_spread_across_seeds():
     assert s.per_seed[1] == pytest.approx(0.3, abs=2e-3)
     assert 0.1 < s.saving < 0.3  # the fit of the seed means lies between
     text = summary_markdown(trials)
-    assert "mean over 2 seed(s)" in text and "seed 0: +10.0%" in text
+    assert "mean over 2 seeds" in text and "seed 0: +10.0%" in text
 
 
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------
@@ -189,7 +189,7 @@ def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path):
     out = tmp_path / "report.html"
     proc = run_cli("report", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "mean over 2 seed(s)" in proc.stdout and "| sparse |" in proc.stdout
+    assert "mean over 2 seeds" in proc.stdout and "| sparse |" in proc.stdout
     page = out.read_text()
     for key in ("savings", "analysis"):
         assert f'id="fig-{key}"' in page
