@@ -37,7 +37,8 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from nas.study import FINISHED, make_storage
+from nas.storage import make_storage
+from nas.study import FINISHED
 from nas.testing.pg import PgCluster
 
 

@@ -19,6 +19,7 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from .config import dump_config, from_dict
+from .storage import storage_file
 
 logger = logging.getLogger(__name__)
 
@@ -30,7 +31,6 @@ def artifact_dir(storage_url: str, study_name: str, override: str | Path | None 
     """The artifact folder for a study stored at `storage_url` (see the module docstring)."""
     if override:
         return Path(str(override))
-    from .study import storage_file  # (study imports this module)
 
     path = storage_file(storage_url)
     if path is not None:

@@ -26,7 +26,8 @@ from optuna.trial import TrialState
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .report import build_figures, completed, front_rows, savings_table
-from .study import FINISHED, OBJECTIVES, StudySpec, make_storage, open_existing, resolve_storage
+from .storage import make_storage
+from .study import FINISHED, OBJECTIVES, StudySpec, open_existing, resolve_storage
 
 logger = logging.getLogger(__name__)
 

@@ -1,4 +1,4 @@
-"""Study specs, storages, samplers, pruners and the objective: `nas search`.
+"""Study specs, samplers, pruners and the objective: `nas search` (storages: `nas.storage`).
 
 A study spec (YAML under `studies/`) names a search space, the objectives and the fixed parts of
 the run config. `run_search` creates the Optuna study or resumes it, enqueues a `vanilla`
@@ -18,7 +18,6 @@ from __future__ import annotations
 import dataclasses
 import itertools
 import os
-import random
 import secrets
 import signal
 import socket
@@ -33,13 +32,13 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-import sqlalchemy
 from optuna.trial import TrialState
 
 from . import space as spaces
 from .artifacts import artifact_dir, upload_trial_artifacts
 from .config import ConfigError, RunConfig, from_dict, read_yaml
 from .pruning import ParetoPruner
+from .storage import HEARTBEAT, journal_path, make_storage, redact, storage_file
 
 # Objective name -> direction.
 OBJECTIVES = {
@@ -48,9 +47,6 @@ OBJECTIVES = {
     "n_params_non_embedding": "minimize",
     "tokens_per_s": "maximize",
 }
-# Heartbeats on RDB storages (seconds; the study spec's `heartbeat` overrides them): a RUNNING
-# trial with no heartbeat for grace_period is failed and retried up to max_retry times.
-HEARTBEAT = {"interval": 10, "grace_period": 30, "max_retry": 2}
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "pareto", "median", "hyperband")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
@@ -201,96 +197,7 @@ def check_trainable(spec: StudySpec, draws: int = 32) -> None:
             raise ConfigError(f"{spec.path}: {exc}") from None
 
 
-# -- storage, sampler, pruner ----------------------------------------------------------------
-
-
-def journal_path(url: str) -> Path | None:
-    """The journal file of a `journal:PATH` URL or a plain path (no scheme), else None."""
-    if url.startswith("journal:"):
-        return Path(url.removeprefix("journal:"))
-    return None if ":" in url else Path(url)
-
-
-def storage_file(url: str) -> Path | None:
-    """The file a storage lives in (the SQLite database or the journal); None for a server."""
-    if url.startswith("sqlite:///"):
-        db = url.removeprefix("sqlite:///")
-        return Path(db) if db and db != ":memory:" else None
-    return journal_path(url)
-
-
-def _redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy can parse: it holds no password either
-        return url
-
-
-def make_storage(url: str, heartbeat: dict[str, int] | None = None,
-                 where: str = "--storage") -> optuna.storages.BaseStorage:
-    """An Optuna storage from a URL: `sqlite:///PATH` (one machine), `postgresql://` or
-    `postgresql+psycopg://` (many machines), `mysql+DRIVER://`, or a journal file
-    (`journal:PATH` or a plain path). `heartbeat` (`interval`, `grace_period`, `max_retry`,
-    see HEARTBEAT) turns on heartbeats on RDB storages: a trial whose worker stopped beating is
-    failed and retried as a new WAITING copy of itself. Bad input is a ConfigError naming
-    `where` (the option or the spec's key)."""
-    journal = journal_path(url)
-    if journal is not None:
-        try:
-            journal.parent.mkdir(parents=True, exist_ok=True)
-            return optuna.storages.JournalStorage(
-                optuna.storages.journal.JournalFileBackend(str(journal)))
-        except OSError as exc:
-            raise ConfigError(f"{where}: cannot open journal file {str(journal)!r}: "
-                              f"{exc.strerror or exc}") from None
-    scheme = url.split("://", 1)[0] if "://" in url else url.split(":", 1)[0]
-    if "://" not in url or scheme.split("+")[0] not in ("sqlite", "postgresql", "mysql"):
-        raise ConfigError(f"{where}: unknown storage scheme {scheme + ':'!r} in {_redact(url)!r};"
-                          " allowed: sqlite:///PATH, postgresql+psycopg://USER@HOST/DB, "
-                          "mysql+DRIVER://..., journal:PATH or a plain file path")
-    if scheme == "postgresql":
-        url = "postgresql+psycopg" + url.removeprefix("postgresql")  # psycopg 3 is our driver
-    engine_kwargs: dict[str, Any] = {}
-    if scheme.startswith("sqlite"):
-        db = storage_file(url)
-        if db is not None:
-            try:
-                db.parent.mkdir(parents=True, exist_ok=True)
-            except OSError as exc:
-                raise ConfigError(f"{where}: cannot create the folder of {str(db)!r}: "
-                                  f"{exc.strerror or exc}") from None
-        # Several workers on one SQLite file wait up to a minute for the write lock.
-        engine_kwargs["connect_args"] = {"timeout": 60}
-    else:
-        engine_kwargs["pool_pre_ping"] = True
-        if scheme.startswith("postgresql"):
-            engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    extra: dict[str, Any] = {}
-    if heartbeat:  # None, False or {}: no heartbeats
-        hb = {**HEARTBEAT, **heartbeat}
-        extra = {"heartbeat_interval": hb["interval"], "grace_period": hb["grace_period"],
-                 "heartbeat_stale_trial_callback":
-                     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"])}
-    for attempt in range(2):
-        try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **extra)
-            break
-        except Exception as exc:  # sqlalchemy's errors carry multi-line context
-            if attempt == 0:
-                # Workers that start together on a new database race to create its tables.
-                time.sleep(0.5 + random.random())
-                continue
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{where}: cannot open {_redact(url)!r}: {first}") from None
-    if scheme.startswith("sqlite"):
-        # Write-ahead logging: readers (the dashboard, waiting workers) never block a writer.
-        try:
-            with storage.engine.connect() as conn:
-                conn.exec_driver_sql("PRAGMA journal_mode=WAL")
-        except sqlalchemy.exc.OperationalError:
-            pass  # a read-only file: a speed-up only
-    return storage
+# -- sampler, pruner ------------------------------------------------------------------------
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
@@ -343,7 +250,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     names = optuna.get_all_study_names(storage)
     if spec.name not in names and not create:
         listed = ", ".join(names) if names else "none"
-        raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {_redact(url)} "
+        raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {redact(url)} "
                           f"(studies there: {listed})")
     if spec.name not in names:
         try:
@@ -693,7 +600,7 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     target = spec.n_trials if n_trials is None else None
     gate = Gate(target, heartbeat, timeout, echo)
     done = finished_count(study)
-    echo(f"study {spec.name!r} in {_redact(where)}: {done} finished trial(s); "
+    echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
          + (f"running {n_trials} more" if target is None else f"target {target}")
          + (f" (worker seed {spec.seed + offset})" if offset else ""))
     if not gate.ready(study):

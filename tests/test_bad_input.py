@@ -7,7 +7,8 @@ import optuna
 import pytest
 import yaml
 
-from nas.study import load_spec, make_storage, run_search
+from nas.storage import make_storage
+from nas.study import load_spec, run_search
 from nas.testing.pg import free_port
 from tests.conftest import env_for_cli, nas_cmd
 from tests.test_search import TINY_BASE

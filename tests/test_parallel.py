@@ -14,12 +14,12 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.lit import LitDecoder
+from nas.storage import make_storage
 from nas.study import (
     FINISHED,
     MAX_FAILURES,
     SearchError,
     load_spec,
-    make_storage,
     open_study,
     run_search,
 )
