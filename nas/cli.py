@@ -127,12 +127,9 @@ def _analyze_run_folder(folder: Path) -> dict:
     except (RuntimeError, OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: {first}") from None
-    t, m = cfg.train, cfg.model
-    data = TokenDataModule(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
-                           t.eval_batches, t.eval_interval)
-    return {"analysis": analyze_windows(model, data),
+    return {"analysis": analyze_windows(model, TokenDataModule.for_run(cfg)),
             "coefficients": model.residual.coefficients(),
-            "receiving_layers": cfg.value_residual.receiving(m.n_layer)}
+            "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer)}
 
 
 def _analyze_trial(study_path: Path, number: int | None, storage: str | None) -> dict:

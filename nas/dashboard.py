@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
-from .report import build_figures, completed, front_rows, savings_table
+from .report import build_figures, completed, front_rows
+from .scaling import markdown_table, savings_rows
 from .storage import make_storage
 from .study import FINISHED, OBJECTIVES, StudySpec, open_existing, resolve_storage
 
@@ -57,10 +58,7 @@ def _space_rows(space: dict[str, Any]) -> tuple[list[str], list[str]]:
 def _md_table(rows: list[dict[str, Any]]) -> list[str]:
     if not rows:
         return ["(none yet)"]
-    keys = list(rows[0])
-    lines = ["| " + " | ".join(keys) + " |", "|" + "---|" * len(keys)]
-    lines += ["| " + " | ".join(str(r[k]) for k in keys) + " |" for r in rows]
-    return lines
+    return markdown_table(list(rows[0]), [list(r.values()) for r in rows])
 
 
 def study_note(study: optuna.Study, spec: StudySpec) -> str:
@@ -91,7 +89,7 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         *_md_table(front_rows(study)),
         "",
         "### Parameter and data saving against vanilla",
-        *_md_table(savings_table(completed(study)) if completed(study) else []),
+        *_md_table(savings_rows(completed(study)) if completed(study) else []),
         "",
         "Each trial carries `config.yaml` (train it again: `nas train config.yaml`) and "
         "`curve.csv` as artifacts, and its parameter counts, coefficients and curve as user "

@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from .config import ConfigError, DataConfig
+from .config import ConfigError, DataConfig, RunConfig
 
 SHARD_MAGIC = 20240520
 SHARD_HEADER_INTS = 256
@@ -166,6 +166,13 @@ class TokenDataModule(pl.LightningDataModule):
                                   f"id {top}; set vocab_size > {top}")
         self.seq_len, self.batch_size, self.steps, self.seed = seq_len, batch_size, steps, seed
         self.eval_batches, self.eval_interval = eval_batches, eval_interval
+
+    @classmethod
+    def for_run(cls, cfg: RunConfig) -> TokenDataModule:
+        """The data module a run config trains and validates on."""
+        t, m = cfg.train, cfg.model
+        return cls(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
+                   t.eval_batches, t.eval_interval)
 
     def train_dataloader(self) -> DataLoader:
         # Rebuilt every epoch (reload_dataloaders_every_n_epochs=1) at the epoch's first step.

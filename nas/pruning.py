@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
 
 def loss_at(curve: Sequence[Sequence[float]], step: int) -> float | None:
@@ -78,18 +78,18 @@ class ParetoPruner:
                      if t.user_attrs.get("n_params", float("inf")) <= n_params]
         if len(completed) < self.min_completed:
             return None
-        for step, loss in reversed(recent):  # the latest first: it names the reason
-            best, best_number = None, None
-            for t in completed:
-                ref = loss_at(t.user_attrs.get("curve", []), step)
-                if ref is not None and (best is None or ref < best):
-                    best, best_number = ref, t.number
-            if best is None or loss <= best * (1 + self.margin):
-                return None
-            if step == recent[-1][0]:
-                reason = (f"pareto: val_loss {loss:.4f} at step {step} is over "
-                          f"{1 + self.margin:g}x trial {best_number}'s {best:.4f} with no more "
-                          f"parameters")
-        if self.patience > 1:
-            reason += f" ({self.patience} validations in a row)"
-        return reason
+        refs = [_best_reference(completed, step) for step, _ in recent]
+        if any(ref is None or loss <= ref[0] * (1 + self.margin)
+               for ref, (_, loss) in zip(refs, recent, strict=True)):
+            return None
+        (step, loss), (best, number) = recent[-1], refs[-1]
+        return (f"pareto: val_loss {loss:.4f} at step {step} is over {1 + self.margin:g}x "
+                f"trial {number}'s {best:.4f} with no more parameters"
+                + (f" ({self.patience} validations in a row)" if self.patience > 1 else ""))
+
+
+def _best_reference(trials: Sequence[FrozenTrial], step: int) -> tuple[float, int] | None:
+    """The lowest loss any of `trials` had at `step` (from its curve), and that trial's number."""
+    found = [(ref, t.number) for t in trials
+             if (ref := loss_at(t.user_attrs.get("curve", []), step)) is not None]
+    return min(found) if found else None

@@ -36,10 +36,10 @@ from .scaling import (
     data_savings,
     layer_profile,
     parameter_savings,
+    savings_rows,
     scaling_points,
     seeds,
     variant,
-    with_seeds,
 )
 from .study import OBJECTIVES, describe, front
 
@@ -402,25 +402,6 @@ def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
     return {key: make(study) for key, (_, make) in FIGURES.items()}
 
 
-def savings_table(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
-    """Rows of the savings table: both savings with their spread across seeds."""
-    base, savings = parameter_savings(trials)
-    data = {d.variant: d for d in data_savings(trials)}
-    n_base = len(scaling_points(trials).get("vanilla", []))
-    note = "" if base else ("too few sizes to fit (needs 2 model sizes)" if n_base < 2
-                            else "loss does not fall with size; no fit")
-    rows = [{"variant": "vanilla", "sizes": n_base, "fit": base.describe() if base else "-",
-             "parameter saving": "reference", "data saving": "reference", "note": note}]
-    for s in savings:
-        d = data.get(s.variant)
-        rows.append({"variant": s.variant, "sizes": s.sizes,
-                     "fit": s.fit.describe() if s.fit else "-",
-                     "parameter saving": with_seeds(s.saving, s.per_seed),
-                     "data saving": with_seeds(d.saving, d.per_seed) if d else "-",
-                     "note": s.note})
-    return rows
-
-
 def _table(rows: list[dict[str, Any]]) -> str:
     if not rows:
         return "<p>none</p>"
@@ -477,7 +458,7 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
                                  config={"responsive": True, "displaylogo": False}))
         if key == "scaling":
             parts.append("<h3>Parameter and data saving against vanilla</h3>"
-                         + _table(savings_table(completed(study))))
+                         + _table(savings_rows(completed(study))))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)

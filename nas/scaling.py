@@ -392,9 +392,28 @@ def with_seeds(mean: float | None, per_seed: dict[int, Any]) -> str:
             + ", ".join(f"seed {k}: {_pct(v)}" for k, v in per_seed.items()) + ")")
 
 
-def _md_table(head: list[str], rows: list[list[str]]) -> list[str]:
+def markdown_table(head: list[str], rows: list[list[Any]]) -> list[str]:
     return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
-            *("| " + " | ".join(r) + " |" for r in rows)]
+            *("| " + " | ".join(map(str, r)) + " |" for r in rows)]
+
+
+def savings_rows(trials: list[FrozenTrial]) -> list[dict[str, Any]]:
+    """Rows of the savings table: both savings with their spread across seeds."""
+    base, savings = parameter_savings(trials)
+    data = {d.variant: d for d in data_savings(trials)}
+    n_base = len(scaling_points(trials).get("vanilla", []))
+    note = "" if base else ("too few sizes to fit (needs 2 model sizes)" if n_base < 2
+                            else "loss does not fall with size; no fit")
+    rows = [{"variant": "vanilla", "sizes": n_base, "fit": base.describe() if base else "-",
+             "parameter saving": "reference", "data saving": "reference", "note": note}]
+    for s in savings:
+        d = data.get(s.variant)
+        rows.append({"variant": s.variant, "sizes": s.sizes,
+                     "fit": s.fit.describe() if s.fit else "-",
+                     "parameter saving": with_seeds(s.saving, s.per_seed),
+                     "data saving": with_seeds(d.saving, d.per_seed) if d else "-",
+                     "note": s.note})
+    return rows
 
 
 def summary_markdown(trials: list[FrozenTrial]) -> str:
@@ -428,7 +447,7 @@ def summary_markdown(trials: list[FrozenTrial]) -> str:
             else:
                 row.append(f"{p.loss:.4f}")
         rows.append(row)
-    lines += _md_table(["variant", *(f"{label} ({shapes[label]:,.0f})" for label in order)],
+    lines += markdown_table(["variant", *(f"{label} ({shapes[label]:,.0f})" for label in order)],
                        rows)
     diffs = loss_differences(trials)
     if diffs:
@@ -443,23 +462,17 @@ def summary_markdown(trials: list[FrozenTrial]) -> str:
                 row.append("-" if not v else f"{np.mean(v):+.4f}" + (
                     f" ({min(v):+.4f}..{max(v):+.4f})" if len(v) > 1 else ""))
             rows.append(row)
-        lines += _md_table(["variant", *order], rows)
-    base, savings = parameter_savings(trials)
+        lines += markdown_table(["variant", *order], rows)
     data = {d.variant: d for d in data_savings(trials)}
     lines += ["", "Savings against vanilla (parameter: fitted loss-vs-parameters curves; data: "
               "loss-vs-tokens curves on each size and seed):", ""]
-    rows = [["vanilla", base.describe() if base else "-", "reference", "reference"]]
-    for s in savings:
-        d = data.get(s.variant)
-        param = with_seeds(s.saving, s.per_seed) + (f" [{s.note}]" if s.note else "")
-        rows.append([s.variant, s.fit.describe() if s.fit else "-", param,
-                     with_seeds(d.saving, d.per_seed) if d else "-"])
-    lines += _md_table(["variant", "fit", "parameter saving", "data saving"], rows)
+    rows = savings_rows(trials)
+    lines += markdown_table(list(rows[0]), [list(r.values()) for r in rows])
     if any(d.per_size for d in data.values()):
         lines += ["", "Data saving per model shape (mean over seeds):", ""]
         rows = [[name, *(_pct(d.per_size.get(label)) for label in order)]
                 for name, d in data.items()]
-        lines += _md_table(["variant", *order], rows)
+        lines += markdown_table(["variant", *order], rows)
     for name, what in (("lambda1", "the weight on V_1"), ("lambda2", "the weight on V_n")):
         learned = layer_profile(trials, name, modes=LEARNED)
         if not learned:
@@ -469,5 +482,5 @@ def summary_markdown(trials: list[FrozenTrial]) -> str:
         rows = [[shape, variant_name, " ".join("-" if math.isnan(v) else f"{v:.2f}"
                                                for v in vals)]
                 for shape, by_name in learned.items() for variant_name, vals in by_name.items()]
-        lines += _md_table(["size", "variant", f"{name} by layer (0, 1, ...)"], rows)
+        lines += markdown_table(["size", "variant", f"{name} by layer (0, 1, ...)"], rows)
     return "\n".join(lines)

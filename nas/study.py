@@ -431,7 +431,6 @@ class Objective:
                                                      cfg.train.steps)
                 if reason:
                     trial.set_user_attr("pruned_reason", reason)
-                    trial.set_user_attr("steps_trained", step)
                     raise optuna.TrialPruned(reason)
 
         callbacks = []

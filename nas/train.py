@@ -109,8 +109,7 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
     quiet_lightning()
     t = cfg.train
     pl.seed_everything(t.seed, verbose=False)
-    data = TokenDataModule(cfg.data, cfg.model.seq_len, cfg.model.vocab_size, t.batch_size,
-                           t.steps, t.seed, t.eval_batches, t.eval_interval)
+    data = TokenDataModule.for_run(cfg)
     lit = LitDecoder(cfg)
     timer = StepTimer()
     extra = [timer, *callbacks] + ([TrainingProgressBar()] if progress else [])
