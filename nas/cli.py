@@ -67,8 +67,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import completed, write_report
-    from .scaling import summary_markdown
     from .study import load_spec, open_existing
+    from .summary import summary_markdown
 
     spec = load_spec(args.study)
     study = open_existing(spec, args.storage)

@@ -101,9 +101,19 @@ class ValueResidualConfig:
         return sorted(set(self.layers))
 
 
+DEFAULT_STEPS = 600
+BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")  # a run's length: exactly one of them
+
+
 @dataclass
 class TrainConfig:
-    steps: int = 600
+    # The run's length: `steps`, or `tokens` (rounded up to whole steps), or `tokens_per_param`
+    # (tokens = R x the non-embedding parameters of the vanilla model of this shape, so that
+    # every value-residual plan of a shape trains on the same tokens). At most one is given;
+    # `RunConfig` resolves the other two into `steps` (600 when none is given).
+    steps: int | None = None
+    tokens: int | None = None
+    tokens_per_param: float | None = None
     batch_size: int = 32
     lr: float = 3.0e-3
     seed: int = 0
@@ -120,6 +130,10 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
 
+    def budget_key(self) -> str:
+        """The budget key the config was given (`steps` when none was)."""
+        return next((k for k in BUDGET_KEYS[1:] if getattr(self, k) is not None), "steps")
+
     @property
     def warmup(self) -> int:
         return self.warmup_steps if self.warmup_steps is not None else max(1, self.steps // 10)
@@ -129,11 +143,24 @@ class TrainConfig:
         return self.eval_every if self.eval_every is not None else max(1, self.steps // 10)
 
 
+DEFAULT_TEST_FRACTION = 0.05
+
+
 @dataclass
 class DataConfig:
-    # "builtin", a UTF-8 text file, or a glob of nanoGPT .bin token shards.
+    # "builtin", "builtin-prose", a UTF-8 text file, or a glob of nanoGPT .bin token shards.
     source: str = "builtin"
     val_fraction: float = 0.1
+    # The test split: the tail of every file (None: 0.05, or 0 with a test_source), or all of
+    # `test_source` (a file or shard glob). No training, pruning or selection ever reads it.
+    test_fraction: float | None = None
+    test_source: str | None = None
+
+    @property
+    def test_share(self) -> float:
+        if self.test_fraction is not None:
+            return self.test_fraction
+        return 0.0 if self.test_source else DEFAULT_TEST_FRACTION
 
 
 @dataclass
@@ -143,9 +170,41 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    def __post_init__(self) -> None:
+        self.train.steps = resolve_steps(self)
+
     def to_dict(self) -> dict[str, Any]:
-        """The YAML-ready form; `from_dict(to_dict())` round-trips exactly."""
-        return dataclasses.asdict(self)
+        """The YAML-ready form; `from_dict(to_dict())` round-trips exactly. A budget given as
+        tokens or tokens_per_param is kept as given, without the steps it resolved to."""
+        out = dataclasses.asdict(self)
+        key = self.train.budget_key()
+        for other in BUDGET_KEYS:
+            if other != key:
+                out["train"].pop(other)
+        return out
+
+    @property
+    def tokens_per_step(self) -> int:
+        return self.train.batch_size * self.model.seq_len
+
+
+def vanilla_non_embedding_params(m: ModelConfig) -> int:
+    """Non-embedding parameters of the vanilla model of this shape (the output head counts):
+    per layer two norms, Q, K, V, O and the SwiGLU MLP; a final norm; the head."""
+    per_layer = 2 * m.d_model + 4 * m.d_model ** 2 + 3 * m.d_model * m.ffn
+    return m.n_layer * per_layer + m.d_model + m.vocab_size * m.d_model
+
+
+def resolve_steps(cfg: RunConfig) -> int:
+    """The training steps of a config's budget (see TrainConfig)."""
+    t = cfg.train
+    if t.tokens is not None:
+        tokens = float(t.tokens)
+    elif t.tokens_per_param is not None:
+        tokens = t.tokens_per_param * vanilla_non_embedding_params(cfg.model)
+    else:
+        return DEFAULT_STEPS if t.steps is None else t.steps
+    return max(1, math.ceil(tokens / max(1, cfg.tokens_per_step)))
 
 
 SECTIONS: dict[str, type] = {
@@ -236,7 +295,7 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             raise _fail(where, "value_residual.layers",
                         f"indices {bad} out of range; allowed 1..{m.n_layer - 1} "
                         "(layer 0 is the source and never receives)")
-    for key in ("steps", "batch_size", "eval_batches"):
+    for key in ("batch_size", "eval_batches"):
         _positive(where, f"train.{key}", getattr(t, key))
     _positive(where, "train.lr", t.lr)
     if t.warmup_steps is not None and t.warmup_steps < 0:
@@ -252,9 +311,31 @@ def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
             raise _fail(where, f"train.{key}", f"must be in [0, 1), got {getattr(t, key)}")
     if not 0 < d.val_fraction < 1:
         raise _fail(where, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
+    if d.test_fraction is not None:
+        if not 0 <= d.test_fraction < 1:
+            raise _fail(where, "data.test_fraction", f"must be in [0, 1), got {d.test_fraction}")
+        if d.test_source and d.test_fraction > 0:
+            raise _fail(where, "data.test_fraction", "must be 0 (or unset) with a "
+                        "data.test_source: the test set is then all of test_source")
+    if d.val_fraction + d.test_share >= 1:
+        raise _fail(where, "data.test_fraction",
+                    f"val_fraction {d.val_fraction} + test_fraction {d.test_share} leaves no "
+                    "training data; their sum must be below 1")
     if not d.source:
         raise _fail(where, "data.source", "must be 'builtin', a text file or a .bin glob")
     return cfg
+
+
+def _check_budget(where: str, t: TrainConfig) -> None:
+    """Exactly one budget key, each a finite positive number (before steps are resolved)."""
+    given = [k for k in BUDGET_KEYS if getattr(t, k) is not None]
+    if len(given) > 1:
+        raise _fail(where, f"train.{given[1]}", f"give one of {', '.join(BUDGET_KEYS)}, "
+                    f"not {' and '.join(given)}")
+    for key in given:
+        value = getattr(t, key)
+        if not math.isfinite(value) or value <= 0:
+            raise _fail(where, f"train.{key}", f"must be a finite number > 0, got {value}")
 
 
 def from_dict(raw: Any, where: str = "config") -> RunConfig:
@@ -266,6 +347,7 @@ def from_dict(raw: Any, where: str = "config") -> RunConfig:
         raise _fail(where, str(unknown[0]), f"unknown section; allowed: {', '.join(SECTIONS)}")
     sections = {name: _build_section(where, name, cls, raw.get(name))
                 for name, cls in SECTIONS.items()}
+    _check_budget(where, sections["train"])
     return validate(RunConfig(**sections), where)
 
 

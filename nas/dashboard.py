@@ -26,9 +26,9 @@ from optuna.trial import TrialState
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .report import build_figures, completed, front_rows
-from .scaling import markdown_table, savings_rows
 from .storage import make_storage
 from .study import FINISHED, OBJECTIVES, StudySpec, open_existing, resolve_storage
+from .summary import markdown_table, sections
 
 logger = logging.getLogger(__name__)
 
@@ -56,9 +56,10 @@ def _space_rows(space: dict[str, Any]) -> tuple[list[str], list[str]]:
 
 
 def _md_table(rows: list[dict[str, Any]]) -> list[str]:
-    if not rows:
-        return ["(none yet)"]
-    return markdown_table(list(rows[0]), [list(r.values()) for r in rows])
+    return markdown_table(rows) if rows else ["(none yet)"]
+
+
+NOTE_SECTIONS = ("differences", "parameter_saving", "data_saving")  # of nas.summary
 
 
 def study_note(study: optuna.Study, spec: StudySpec) -> str:
@@ -88,9 +89,8 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         "### " + ("Pareto front" if len(study.directions) > 1 else "Best trials"),
         *_md_table(front_rows(study)),
         "",
-        "### Parameter and data saving against vanilla",
-        *_md_table(savings_rows(completed(study)) if completed(study) else []),
-        "",
+        *(line for sec in sections(completed(study)) if sec.key in NOTE_SECTIONS
+          for line in (f"### {sec.title}", *_md_table(sec.rows), *sec.notes, "")),
         "Each trial carries `config.yaml` (train it again: `nas train config.yaml`) and "
         "`curve.csv` as artifacts, and its parameter counts, coefficients and curve as user "
         "attributes. The study's main page shows the `nas report` figures below the dashboard's "

@@ -1,21 +1,27 @@
 """Token corpora and the LightningDataModule that serves them.
 
-Three sources, all memory-mapped so a corpus larger than RAM works:
+Four sources, all memory-mapped so a corpus larger than RAM works:
 - `builtin`: the Python standard library's own source files, read as bytes (vocab 256). Every
   Python installation carries them, so the tool runs with no download. They are concatenated
   once into a cache file (`~/.cache/resformer-nas`, or $RESFORMER_NAS_CACHE).
+- `builtin-prose`: English prose from the same installation: the language reference's topics
+  (`pydoc_data`) and every docstring of the standard library, as UTF-8 bytes. Prose about
+  Python, not general-domain text; it needs no download either.
 - a path to a text file: its UTF-8 bytes (vocab 256).
 - a glob of nanoGPT / modded-nanogpt `.bin` shards: a 256 x int32 header (magic 20240520,
   version 1, token count) and uint16 tokens.
 
-Each shard (or file) is split at a fixed point: the first (1 - val_fraction) trains, the rest
-validates. Training windows are drawn at random, seeded by (seed, step), so a run's batches do
-not depend on workers or restarts; validation windows are fixed and evenly spaced, so every run
-with the same data and model.seq_len is scored on the same tokens.
+Each shard (or file) is split at fixed points: the first (1 - val_fraction - test_fraction)
+trains, the next val_fraction validates, the tail tests (or `test_source` is the test set, and
+must not share a file with the training data). Training windows are drawn at random, seeded by
+(seed, step), so a run's batches do not depend on workers or restarts; validation and test
+windows are fixed and evenly spaced, so every run with the same data and model.seq_len is
+scored on the same tokens.
 """
 
 from __future__ import annotations
 
+import ast
 import glob
 import hashlib
 import os
@@ -59,6 +65,37 @@ def builtin_corpus() -> Path:
     return path
 
 
+def builtin_prose() -> Path:
+    """Concatenate the prose corpus (see the module docstring) into a cache file once."""
+    files = builtin_files()
+    key = hashlib.sha256(("prose\n" + "\n".join(f"{p}:{p.stat().st_size}" for p in files))
+                         .encode())
+    path = cache_dir() / f"builtin-prose-{key.hexdigest()[:16]}.txt"
+    if not path.exists():
+        from pydoc_data.topics import topics
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        with tmp.open("w", encoding="utf-8") as out:
+            for name in sorted(topics):
+                out.write(topics[name] + "\n\n")
+            for p in files:
+                for doc in _docstrings(p):
+                    out.write(doc + "\n\n")
+        tmp.replace(path)
+    return path
+
+
+def _docstrings(path: Path) -> list[str]:
+    try:
+        tree = ast.parse(path.read_bytes())
+    except (SyntaxError, ValueError):
+        return []
+    nodes = [tree, *(n for n in ast.walk(tree) if isinstance(
+        n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)))]
+    return [doc for n in nodes if (doc := ast.get_docstring(n)) and len(doc) >= 80]
+
+
 def read_shard(path: Path) -> np.ndarray:
     header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
     if header.size < 3 or header[0] != SHARD_MAGIC:
@@ -71,10 +108,22 @@ def read_shard(path: Path) -> np.ndarray:
     return tokens[:n]
 
 
+BUILTIN = {"builtin": builtin_corpus, "builtin-prose": builtin_prose}
+
+
+def source_files(source: str) -> list[Path]:
+    """The files a data source reads (resolved), to tell whether two sources overlap."""
+    if source in BUILTIN:
+        return [BUILTIN[source]().resolve()]
+    if any(ch in source for ch in "*?[") or source.endswith(".bin"):
+        return [Path(p).resolve() for p in sorted(glob.glob(source))]
+    return [Path(source).resolve()]
+
+
 def open_corpus(source: str) -> tuple[list[np.ndarray], int | None]:
     """The token arrays of a data source, and the vocab they imply (None: from the model)."""
-    if source == "builtin":
-        return [np.memmap(builtin_corpus(), dtype=np.uint8, mode="r")], 256
+    if source in BUILTIN:
+        return [np.memmap(BUILTIN[source](), dtype=np.uint8, mode="r")], 256
     if any(ch in source for ch in "*?[") or source.endswith(".bin"):
         paths = sorted(glob.glob(source))
         if not paths:
@@ -82,8 +131,8 @@ def open_corpus(source: str) -> tuple[list[np.ndarray], int | None]:
         return [read_shard(Path(p)) for p in paths], None
     path = Path(source)
     if not path.is_file():
-        raise ConfigError(f"data.source: {source!r} is not 'builtin', a file or a .bin glob "
-                          "(file not found)")
+        raise ConfigError(f"data.source: {source!r} is not 'builtin', 'builtin-prose', a file "
+                          "or a .bin glob (file not found)")
     if path.stat().st_size == 0:
         raise ConfigError(f"{source}: data.source: file is empty")
     return [np.memmap(path, dtype=np.uint8, mode="r")], 256
@@ -150,15 +199,29 @@ class TokenDataModule(pl.LightningDataModule):
         if implied_vocab is not None and vocab_size < implied_vocab:
             raise ConfigError(f"model.vocab_size: {vocab_size} is smaller than the {implied_vocab} "
                               f"byte values of data.source {data.source!r}")
-        cuts = [int(len(a) * (1 - data.val_fraction)) for a in arrays]
-        pairs = list(zip(arrays, cuts, strict=True))
-        self.train_arrays = [a[:c] for a, c in pairs if c > seq_len + 1]
-        self.val_arrays = [a[c:] for a, c in pairs if len(a) - c > seq_len + 1]
-        if not self.train_arrays or not self.val_arrays:
+        test_share = data.test_share
+        self.train_arrays, self.val_arrays, self.test_arrays = [], [], []
+        for a in arrays:
+            c1 = int(len(a) * (1 - data.val_fraction - test_share))
+            c2 = int(len(a) * (1 - test_share))
+            for part, chunk in ((self.train_arrays, a[:c1]), (self.val_arrays, a[c1:c2]),
+                                (self.test_arrays, a[c2:])):
+                if len(chunk) > seq_len + 1:
+                    part.append(chunk)
+        if data.test_source:
+            overlap = set(source_files(data.test_source)) & set(source_files(data.source))
+            if overlap:
+                raise ConfigError(f"data.test_source: {sorted(overlap)[0]} is also a training "
+                                  "file of data.source; the test set must be held out")
+            test, _ = open_corpus(data.test_source)
+            self.test_arrays = [a for a in test if len(a) > seq_len + 1]
+        if not self.train_arrays or not self.val_arrays or (
+                not self.test_arrays and (test_share > 0 or data.test_source)):
             longest = max(len(a) for a in arrays)
             raise ConfigError(
                 f"data.source: {data.source!r} is too short ({longest} tokens) for seq_len "
-                f"{seq_len} with val_fraction {data.val_fraction}")
+                f"{seq_len} with val_fraction {data.val_fraction} and test_fraction "
+                f"{test_share}")
         if implied_vocab is None:
             top = max(int(a.max()) for a in arrays[:1])
             if top >= vocab_size:
@@ -185,6 +248,13 @@ class TokenDataModule(pl.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         ds = FixedWindows(self.val_arrays, self.seq_len, self.batch_size, self.eval_batches)
+        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+
+    def test_dataloader(self) -> DataLoader | None:
+        """The test windows, or None for a run without a test set."""
+        if not self.test_arrays:
+            return None
+        ds = FixedWindows(self.test_arrays, self.seq_len, self.batch_size, self.eval_batches)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
 

@@ -10,12 +10,12 @@ Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr`.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import lightning.pytorch as pl
 import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
-from torchmetrics.text import Perplexity
 
 from .config import RunConfig
 from .model import build_model
@@ -37,10 +37,12 @@ class LitDecoder(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = build_model(cfg)
-        self.val_loss = MeanMetric()
-        self.val_ppl = Perplexity()
+        self.eval_loss = MeanMetric()
+        self.batch_losses: list[float] = []  # this evaluation's per-batch means, for its error
         # (step, val_loss) at each validation, kept small for the study's storage.
         self.curve: list[tuple[int, float]] = []
+        self.last_val: dict[str, Any] = {}
+        self.test: dict[str, Any] = {}
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
@@ -65,19 +67,38 @@ class LitDecoder(pl.LightningModule):
         return loss
 
     def validation_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def test_step(self, batch, batch_idx):
+        self._eval_step(batch)
+
+    def _eval_step(self, batch) -> None:
         idx, targets = batch
-        logits = self(idx)
-        self.val_loss.update(self._loss(logits, targets))
-        self.val_ppl.update(logits, targets)
+        loss = self._loss(self(idx), targets)
+        self.eval_loss.update(loss)
+        self.batch_losses.append(float(loss))
+
+    def _end_eval(self) -> dict[str, Any]:
+        """The evaluation's mean loss, its standard error over batches (0 with one), and the
+        per-batch means (two runs scored on the same windows pair up batch by batch)."""
+        loss = float(self.eval_loss.compute())
+        n = len(self.batch_losses)
+        se = float(torch.tensor(self.batch_losses).std() / math.sqrt(n)) if n > 1 else 0.0
+        batches = [round(v, 5) for v in self.batch_losses]
+        self.eval_loss.reset()
+        self.batch_losses = []
+        return {"loss": loss, "se": se, "batches": batches}
 
     def on_validation_epoch_end(self):
-        loss = self.val_loss.compute()
-        self.log("val_loss", loss, prog_bar=True)
-        self.log("val_ppl", self.val_ppl.compute())
-        self.val_loss.reset()
-        self.val_ppl.reset()
+        result = self._end_eval()
+        self.log("val_loss", result["loss"], prog_bar=True)
+        self.log("val_ppl", math.exp(min(result["loss"], 50.0)))
         if not self.trainer.sanity_checking:
-            self.curve.append((self.global_step, float(loss)))
+            self.curve.append((self.global_step, result["loss"]))
+            self.last_val = result
+
+    def on_test_epoch_end(self):
+        self.test = self._end_eval()
 
     def configure_optimizers(self):
         t = self.cfg.train

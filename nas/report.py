@@ -31,17 +31,11 @@ from plotly.colors import qualitative
 from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
+from .arms import best_arms, choose_arms, reports_test, variant
 from .config import MODES, ConfigError
-from .scaling import (
-    data_savings,
-    layer_profile,
-    parameter_savings,
-    savings_rows,
-    scaling_points,
-    seeds,
-    variant,
-)
+from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
 from .study import OBJECTIVES, describe, front
+from .summary import budget_notes, html_table, sections
 
 # vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
 MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
@@ -169,32 +163,36 @@ def coefficients_figure(study: optuna.Study) -> go.Figure:
 # -- scaling fits and the equivalent parameter saving ------------------------------------------
 
 
+def _loss_axis(trials: list[FrozenTrial]) -> str:
+    return "test loss" if reports_test(trials) else "validation loss (no test split)"
+
+
 def scaling_figure(study: optuna.Study) -> go.Figure:
     title = "Scaling fits per variant and parameter saving vs vanilla"
     trials = completed(study)
     if not trials:
         return message_figure(title, "no completed trials yet")
-    points = scaling_points(trials)
-    base, savings = parameter_savings(trials)
+    arms = best_arms(trials)
+    levels = parameter_levels(arms)
+    base, savings = parameter_savings(arms)
     fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
-    notes = {s.variant: (f"saving {s.saving:+.1%}" + (" (extrapolated)" if s.extrapolated
-                                                       else "")
-                         if s.saving is not None else s.note) for s in savings}
-    all_n = [p.n_params for pts in points.values() for p in pts]
-    n_seeds = len(seeds(trials))
+    notes = {s.variant: (f"saving {s.headline:+.1%}" if s.headline is not None else s.note)
+             for s in savings}
+    all_n = [lv.x for lvs in levels.values() for lv in lvs]
     fig = go.Figure()
-    for name, pts in points.items():
+    for name, lvs in levels.items():
         color = _color(name)
         label = f"{name}: {notes[name]}" if name in notes else f"{name} (reference)"
         fig.add_trace(go.Scatter(
-            x=[p.n_params for p in pts], y=[p.loss for p in pts], mode="markers", name=label,
+            x=[lv.x for lv in lvs], y=[lv.loss for lv in lvs], mode="markers", name=label,
             legendgroup=name, marker={"color": color, "size": 10},
             error_y={"type": "data", "symmetric": False,
-                     "array": [p.spread[1] - p.loss for p in pts],
-                     "arrayminus": [p.loss - p.spread[0] for p in pts]},
-            text=[f"{name}, trials " + ", ".join(f"#{t.number}" for t in p.trials)
-                  for p in pts],
-            hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
+                     "array": [max(lv.by_seed.values()) - lv.loss for lv in lvs],
+                     "arrayminus": [lv.loss - min(lv.by_seed.values()) for lv in lvs]},
+            text=[f"{name} at {lv.label}: {len(lv.by_seed)} seed(s), "
+                  f"{lv.tokens_per_param:.3g} tokens/param" for lv in lvs],
+            hovertemplate="%{text}<br>non-embedding params %{x:,}<br>loss %{y:.4f}"
+                          "<extra></extra>"))
         fit = fits.get(name)
         if fit is not None:
             grid = np.geomspace(min(all_n) / 1.2, max(all_n) * 1.2, 60)
@@ -202,45 +200,103 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
                 x=grid, y=fit.loss(grid), mode="lines", legendgroup=name, showlegend=False,
                 line={"color": color, "dash": "dash" if name != "vanilla" else "solid"},
                 name=f"{name} fit", hovertemplate=f"{name}: {fit.describe()}<extra></extra>"))
-    what = (f"mean of {n_seeds} seeds, bars: min-max" if n_seeds > 1
-            else "best plan at the size")
+    warning = " ".join(budget_notes(arms)[1:])
+    if warning:
+        fig.add_annotation(text=warning, showarrow=False, x=0, y=1.08, xref="paper",
+                           yref="paper", xanchor="left", font={"color": "#b00", "size": 12})
+    axis = _params_axis(all_n)
+    axis["title"] = "non-embedding parameters"
     fig.update_layout(
-        title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.22},
-        xaxis=_params_axis(all_n), yaxis_title=f"validation loss ({what})")
+        title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.22}, xaxis=axis,
+        yaxis_title=f"{_loss_axis(trials)} (mean over seeds at the chosen lr; bars: min-max)")
     return fig
 
 
 def savings_figure(study: optuna.Study) -> go.Figure:
-    title = "Parameter and data saving against vanilla"
-    trials = completed(study)
-    _, savings = parameter_savings(trials)
-    data = data_savings(trials)
-    if not any(s.saving is not None for s in savings) and not any(
-            d.saving is not None for d in data):
+    title = "Equivalent parameter saving against vanilla, per size and per seed"
+    arms = best_arms(completed(study))
+    _, savings = parameter_savings(arms)
+    savings = [s for s in savings if s.levels]
+    if not savings:
         return message_figure(title, "no saving to show: needs vanilla and another variant "
-                              "at two or more model sizes (parameter saving) or on the same "
-                              "size and seed (data saving)")
+                              "at two or more model sizes")
     fig = go.Figure()
-    for kind, rows, color in (
-            ("parameter saving", [(s.variant, s.saving, s.per_seed) for s in savings],
-             "#636efa"),
-            ("data saving", [(d.variant, d.saving, d.per_seed) for d in data], "#ef553b")):
-        rows = [r for r in rows if r[1] is not None]
+    for s in savings:
+        color = _color(s.variant)
+        error = {}
+        if s.headline is not None and s.interval is not None and not math.isnan(s.interval[0]):
+            error = {"type": "data", "symmetric": False, "array": [s.interval[1] - s.headline],
+                     "arrayminus": [s.headline - s.interval[0]]}
         fig.add_trace(go.Bar(
-            x=[r[0] for r in rows], y=[r[1] for r in rows], name=kind, marker_color=color,
-            offsetgroup=kind, hovertemplate=f"%{{x}}: {kind} %{{y:+.1%}}<extra></extra>"))
-        per_seed = [(r[0], seed, v) for r in rows for seed, v in r[2].items() if v is not None]
-        if per_seed:
+            x=[s.variant], y=[s.headline or 0.0], marker_color=color, error_y=error,
+            name=f"{s.variant} (headline, 95% interval)", legendgroup=s.variant,
+            hovertemplate=f"{s.variant}: %{{y:+.1%}} (interpolated readings)<extra></extra>"))
+        fig.add_trace(go.Scatter(
+            x=[s.variant] * len(s.levels), y=[lv.saving for lv in s.levels], mode="markers",
+            legendgroup=s.variant, showlegend=False,
+            marker={"color": "black", "symbol": ["circle" if lv.interpolated else "x-open"
+                                                 for lv in s.levels], "size": 8},
+            text=[f"at {lv.label}" + ("" if lv.interpolated else " (extrapolated)")
+                  for lv in s.levels],
+            hovertemplate="%{text}: %{y:+.1%}<extra></extra>"))
+    fig.update_layout(title=title + " (dots: per size; crosses: extrapolated, not in the bar)",
+                      height=HEIGHT, showlegend=False,
+                      yaxis={"title": "saving (share of vanilla's parameters)",
+                             "tickformat": "+.0%"})
+    return fig
+
+
+def lr_figure(study: optuna.Study) -> go.Figure:
+    title = "Validation loss against learning rate, per variant and size"
+    arms = [a for a in choose_arms(completed(study)) if len(a.grid) > 1 and a.val_by_lr]
+    if not arms:
+        return message_figure(title, "no arm ran a learning-rate grid")
+    shapes = sorted({a.shape for a in arms}, key=lambda s: min(a.n_params for a in arms
+                                                                if a.shape == s))
+    fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=shapes, shared_yaxes=False)
+    shown: set[str] = set()
+    for col, shape in enumerate(shapes, start=1):
+        for a in sorted((a for a in arms if a.shape == shape), key=lambda a: a.variant):
+            rates = [lr for lr in a.grid if lr in a.val_by_lr]
             fig.add_trace(go.Scatter(
-                x=[p[0] for p in per_seed], y=[p[2] for p in per_seed], mode="markers",
-                name=f"{kind}, one seed", offsetgroup=kind, marker={
-                    "color": "black", "size": 7, "symbol": "line-ew-open", "line":
-                    {"width": 2}},
-                text=[f"seed {p[1]}" for p in per_seed],
-                hovertemplate="%{x}, %{text}: %{y:+.1%}<extra></extra>"))
-    fig.update_layout(title=title + " (bars: all seeds; ticks: each seed alone)",
-                      height=HEIGHT, barmode="group", scattermode="group",
-                      yaxis={"title": "saving (share of vanilla's)", "tickformat": "+.0%"})
+                x=rates, y=[a.val_by_lr[lr] for lr in rates], mode="lines+markers",
+                name=a.variant, legendgroup=a.variant, showlegend=a.variant not in shown,
+                marker={"color": _color(a.variant), "size": [12 if lr == a.lr else 6
+                                                             for lr in rates]},
+                line={"color": _color(a.variant)},
+                hovertemplate=f"{a.variant}, lr %{{x:g}}: %{{y:.4f}}<extra></extra>"),
+                row=1, col=col)
+            shown.add(a.variant)
+        fig.update_xaxes(type="log", title_text="lr", row=1, col=col)
+    fig.update_layout(title=title + " (large marker: the chosen rate)", height=HEIGHT,
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def tokens_figure(study: optuna.Study) -> go.Figure:
+    title = "Loss against training tokens per variant (each budget its own schedule)"
+    trials = completed(study)
+    by_shape = token_levels(best_arms(trials))
+    if not by_shape:
+        return message_figure(title, "no model shape was trained at two or more budgets")
+    shape, by_name = next(iter(by_shape.items()))
+    base = {lv.label: lv for lv in by_name.get("vanilla", [])}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"{_loss_axis(trials)} at {shape}", "minus vanilla's (mean over seeds)"))
+    for name, lvs in by_name.items():
+        color = _color(name)
+        fig.add_trace(go.Scatter(
+            x=[lv.tokens_per_param for lv in lvs], y=[lv.loss for lv in lvs], name=name,
+            legendgroup=name, mode="lines+markers", line={"color": color}), row=1, col=1)
+        pairs = [(lv.tokens_per_param, lv.loss - base[lv.label].loss) for lv in lvs
+                 if lv.label in base and name != "vanilla"]
+        if pairs:
+            fig.add_trace(go.Scatter(
+                x=[p[0] for p in pairs], y=[p[1] for p in pairs], name=name, legendgroup=name,
+                showlegend=False, mode="lines+markers", line={"color": color}), row=1, col=2)
+    fig.add_hline(y=0, line={"color": "#404040", "dash": "dot"}, row=1, col=2)
+    fig.update_xaxes(type="log", title_text="tokens per non-embedding parameter")
+    fig.update_layout(title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.25})
     return fig
 
 
@@ -355,7 +411,9 @@ FIGURES: dict[str, tuple[str, Callable[[optuna.Study], go.Figure]]] = {
     "pareto": ("Pareto front", pareto_figure),
     "coefficients": ("Coefficients per layer", coefficients_figure),
     "scaling": ("Scaling and equivalent parameter saving", scaling_figure),
-    "savings": ("Parameter and data saving", savings_figure),
+    "savings": ("Equivalent parameter saving", savings_figure),
+    "lr": ("Learning-rate sensitivity", lr_figure),
+    "tokens": ("Loss against training tokens", tokens_figure),
     "analysis": ("Attention entropy and value similarity", analysis_figure),
     "curves": ("Validation curves", curves_figure),
     "importances": ("Parameter importances", importances_figure),
@@ -371,17 +429,24 @@ EXPLAIN = {
                     "values V1, lambda2 the layer's own values; dense adds fromI weights, gated "
                     "reports its gate weight norm. One row per trial, one column per "
                     "coefficient and receiving layer; blank where a layer does not receive.",
-    "scaling": "The best validation loss of each mode at each model size, with a fitted "
-               "scaling curve (a power law with an offset from three sizes, log-linear from "
-               "two). The equivalent parameter saving is the paper's metric: 1 - N_mode(L) / "
-               "N_vanilla(L) at vanilla's fitted losses L, where N_mode(L) inverts the mode's "
-               "fit: how many fewer parameters the mode needs to reach vanilla's loss.",
-    "savings": "The two savings of the paper, per variant against vanilla, with their spread "
-               "across seeds: the equivalent parameter saving from the scaling fits (computed "
-               "on the seed means, and on each seed alone), and the data saving: on each size "
-               "and seed, 1 - T_variant / T, where T_variant is the training tokens after "
-               "which the variant's validation curve reaches vanilla's final loss (negative: "
-               "the tokens vanilla needs to reach the variant's final loss, minus T).",
+    "scaling": "Each variant's loss at each model size (its best plan at its chosen learning "
+               "rate, mean over seeds; the test loss where the study has a test split), with a "
+               "fitted scaling curve over non-embedding parameters (a power law with an offset "
+               "from three sizes, log-linear from two). The equivalent parameter saving is the "
+               "paper's metric: 1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L.",
+    "savings": "The equivalent parameter saving per variant: the bar averages the readings "
+               "made inside the variant's measured sizes, with its 95% interval from refitting "
+               "on seeds resampled within each size; dots are the per-size readings, crosses "
+               "the extrapolated ones (outside the bar). The tables below the scaling figure "
+               "give every number, seed by seed.",
+    "lr": "Each variant's mean validation loss at every learning rate of the grid, per size, "
+          "over the seeds run at every rate; the large marker is the chosen rate. A flat "
+          "curve means the arm is insensitive to the rate; a choice at an end of the grid is "
+          "flagged in the tables.",
+    "tokens": "Where the study trains one size at several budgets (each with its own warmup "
+              "and cosine schedule): the final loss against tokens per parameter per variant, "
+              "and its difference from vanilla's, which shows whether a gain grows, shrinks "
+              "or changes sign as training gets longer.",
     "analysis": "The paper's analyses at the largest model size, per layer and averaged over "
                 "seeds: the entropy of each query's attention (low: concentrated; uniform "
                 "causal attention has the most), and the cosine similarity of the values "
@@ -400,15 +465,6 @@ EXPLAIN = {
 def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
     """Every report figure, keyed as in FIGURES."""
     return {key: make(study) for key, (_, make) in FIGURES.items()}
-
-
-def _table(rows: list[dict[str, Any]]) -> str:
-    if not rows:
-        return "<p>none</p>"
-    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
-    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values())
-                   + "</tr>" for r in rows)
-    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
 
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -448,7 +504,7 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         f"<p class='meta'>{html.escape(source)} · objectives: {html.escape(summary)} · trials: "
         f"{counts['complete']} complete, {counts['pruned']} pruned, {counts['fail']} failed, "
         f"{counts['running']} running · generated {now}</p>",
-        f"<h3>{title}</h3>", _table(front_rows(study)),
+        f"<h3>{title}</h3>", html_table(front_rows(study)),
     ]
     for key, fig in figures.items():
         heading = FIGURES[key][0] if key in FIGURES else key
@@ -457,8 +513,10 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
         if key == "scaling":
-            parts.append("<h3>Parameter and data saving against vanilla</h3>"
-                         + _table(savings_rows(completed(study))))
+            for sec in sections(completed(study)):
+                parts.append(f"<h3>{html.escape(sec.title)}</h3>"
+                             + (html_table(sec.rows) if sec.rows else "")
+                             + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)

@@ -16,6 +16,7 @@ it; `Objective._claim_slot` and `Gate` keep the workers from running more than `
 from __future__ import annotations
 
 import dataclasses
+import functools
 import itertools
 import os
 import secrets
@@ -34,6 +35,7 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from . import lr_sweep
 from . import space as spaces
 from .artifacts import artifact_dir, upload_trial_artifacts
 from .config import ConfigError, RunConfig, from_dict, read_yaml
@@ -71,6 +73,7 @@ class StudySpec:
     baselines: bool = True
     heartbeat: dict = field(default_factory=dict)  # overrides of HEARTBEAT
     artifacts: str | None = None  # artifact folder (default: next to the storage)
+    lr_sweep: str = "all_seeds"  # or first_seed (nas.lr_sweep)
     path: str = "study"
 
     @property
@@ -151,6 +154,7 @@ def _check_spec(spec: StudySpec, where: str) -> None:
             raise ConfigError(f"{where}: heartbeat.{key}: must be an integer >= {low} "
                               f"(seconds for interval and grace_period), got {value!r}")
     spaces.check_space(spec.base, f"{where}: base")
+    _check_lr_grid(spec, where)
     for key, allowed in (("sampler", SAMPLERS), ("pruner", PRUNERS)):
         value = getattr(spec, key)
         if not isinstance(value, dict) or value.get("type") not in allowed:
@@ -159,6 +163,28 @@ def _check_spec(spec: StudySpec, where: str) -> None:
         raise ConfigError(f"{where}: pruner.type: Optuna cannot prune multi-objective studies "
                           "with median or hyperband; use pareto or none")
     draw_configs(spec, where)
+
+
+def _check_lr_grid(spec: StudySpec, where: str) -> None:
+    """A named-variant study's learning-rate list is a grid the analysis chooses from; the
+    first_seed protocol needs a grid, seeds and the queue it fills."""
+    space = spec.merged_space
+    lr, seed = space.get("train", {}).get("lr"), space.get("train", {}).get("seed")
+    if space.get("variants") and isinstance(lr, list) and len(lr) < 2:
+        raise ConfigError(f"{where}: train.lr: a learning-rate grid needs at least 2 values "
+                          f"for the analysis to choose among, got {lr}; give one number to fix it")
+    if spec.lr_sweep not in lr_sweep.PROTOCOLS:
+        raise ConfigError(f"{where}: lr_sweep: must be one of {', '.join(lr_sweep.PROTOCOLS)}, "
+                          f"got {spec.lr_sweep!r}")
+    if spec.lr_sweep == "first_seed":
+        for key, value, need in (("variants", space.get("variants"), "named variants"),
+                                 ("train.lr", lr, "a list of at least 2 learning rates"),
+                                 ("train.seed", seed, "a list of at least 2 seeds")):
+            if not value or (isinstance(value, list) and len(value) < 2) or (
+                    key != "variants" and not isinstance(value, list)):
+                raise ConfigError(f"{where}: {key}: lr_sweep first_seed needs {need}")
+        if spec.sampler.get("type") != "bruteforce":
+            raise ConfigError(f"{where}: sampler.type: lr_sweep first_seed needs bruteforce")
 
 
 def draw_configs(spec: StudySpec, where: str, draws: int = 32) -> list[RunConfig]:
@@ -188,9 +214,10 @@ def check_trainable(spec: StudySpec, draws: int = 32) -> None:
                               f"{cfg.train.devices!r}: run one `nas search` worker per GPU; "
                               "several devices per run are for `nas train`")
         d, m = cfg.data, cfg.model
-        if (d.source, d.val_fraction, m.seq_len, m.vocab_size) in seen:
+        key = (d.source, d.val_fraction, d.test_fraction, d.test_source, m.seq_len, m.vocab_size)
+        if key in seen:
             continue
-        seen.add((d.source, d.val_fraction, m.seq_len, m.vocab_size))
+        seen.add(key)
         try:
             TokenDataModule(d, m.seq_len, m.vocab_size, 1, 1, cfg.train.seed, 1, 1)
         except ConfigError as exc:
@@ -265,6 +292,8 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             study.set_user_attr("space", spec.merged_space)
             study.set_user_attr("max_params", spec.max_params)
             enqueue_baselines(study, spec)
+            if spec.lr_sweep == "first_seed":
+                lr_sweep.enqueue_pending(study, spec.merged_space, spec.seed)
             return study
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                               pruner=pruner)
@@ -447,8 +476,9 @@ class Objective:
             raise
         finally:
             upload_trial_artifacts(trial, attrs["config"], curve, self.artifacts)
-        for key in ("val_loss", "val_ppl", "tokens", "tokens_per_s", "train_seconds",
-                    "coefficients", "curve", "analysis"):
+        for key in ("val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
+                    "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_param",
+                    "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis"):
             trial.set_user_attr(key, metrics[key])
         trial.set_user_attr("steps_trained", metrics["steps"])
         values = tuple(float(metrics[o]) for o in self.spec.objectives)
@@ -529,10 +559,14 @@ class Gate:
     stops after MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
 
     def __init__(self, target: int | None, heartbeat: dict[str, int] | None,
-                 timeout: float | None, echo: Callable[[str], None]):
+                 timeout: float | None, echo: Callable[[str], None],
+                 queue: Callable[[optuna.Study], int] | None = None):
         self.target, self.heartbeat, self.echo = target, heartbeat, echo
         self.deadline = time.monotonic() + timeout if timeout else float("inf")
         self.failures: list[str] = []
+        # A queue-driven study (lr_sweep first_seed) trains only queued trials: `queue` adds
+        # what has become due, and a worker with nothing queued waits for running trials.
+        self.queue = queue
 
     def ready(self, study: optuna.Study) -> bool:
         """True when this worker should start a trial now; may wait (see the class)."""
@@ -543,15 +577,24 @@ class Gate:
         waiting = False
         while True:
             optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+            queued = self.queue(study) if self.queue else 0
             states = [t.state for t in study.get_trials(
-                deepcopy=False, states=(*FINISHED, TrialState.RUNNING))]
+                deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))]
             finished = sum(s in FINISHED for s in states)
-            running = len(states) - finished
+            running = states.count(TrialState.RUNNING)
+            queued += states.count(TrialState.WAITING)
             if finished >= self.target:
                 return False
-            if finished + running < self.target:
+            if finished + running < self.target and (queued or not self.queue):
                 return True
-            if time.monotonic() >= min(patience, self.deadline):
+            # Under a queue, running trials may still queue more: wait for them to end.
+            for_queue = self.queue is not None and finished + running < self.target
+            if for_queue and not running:
+                self.echo(f"the lr_sweep grid is done with {finished} finished trial(s), short "
+                          f"of n_trials {self.target}")
+                return False
+            if time.monotonic() >= (self.deadline if for_queue else min(patience,
+                                                                         self.deadline)):
                 self.echo(f"{running} trial(s) of other workers hold the last slot(s); "
                           "this worker stops (they finish the study)")
                 return False
@@ -560,7 +603,7 @@ class Gate:
                           f"{running} running trial(s) of other workers (a dead worker's "
                           "trial is retried here)")
                 waiting = True
-            time.sleep(hb["interval"] if hb else 0)
+            time.sleep(hb["interval"] if hb else (1 if self.queue else 0))
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         CTRL_C.check()
@@ -597,7 +640,9 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     where = resolve_storage(spec, storage_url)
     heartbeat = None if journal_path(where) else {**HEARTBEAT, **spec.heartbeat}
     target = spec.n_trials if n_trials is None else None
-    gate = Gate(target, heartbeat, timeout, echo)
+    queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space, seed=spec.seed)
+             if spec.lr_sweep == "first_seed" else None)
+    gate = Gate(target, heartbeat, timeout, echo, queue)
     done = finished_count(study)
     echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
          + (f"running {n_trials} more" if target is None else f"target {target}")

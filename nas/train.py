@@ -5,6 +5,7 @@ from __future__ import annotations
 import gc
 import json
 import logging
+import math
 import signal
 import time
 import warnings
@@ -63,6 +64,9 @@ class TrainingProgressBar(TQDMProgressBar):
     shows as val_loss on it."""
 
     def init_validation_tqdm(self) -> Tqdm:
+        return Tqdm(disable=True)
+
+    def init_test_tqdm(self) -> Tqdm:
         return Tqdm(disable=True)
 
     def on_train_epoch_start(self, trainer, *_):
@@ -141,6 +145,8 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         trainer.fit(lit, datamodule=data)
         if not lit.curve or lit.curve[-1][0] != trainer.global_step:
             trainer.validate(lit, datamodule=data, verbose=False)
+        if data.test_dataloader() is not None:
+            trainer.test(lit, datamodule=data, verbose=False)
     except SystemExit:
         # Lightning turns Ctrl+C (and SIGTERM) into sys.exit(1) and ignores SIGINT from then
         # on; give the caller (the study loop) the KeyboardInterrupt it expects and its Ctrl+C
@@ -148,12 +154,20 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         signal.signal(signal.SIGINT, sigint)
         raise KeyboardInterrupt from None
     step_seconds = timer.seconds
-    tokens = trainer.global_step * t.batch_size * cfg.model.seq_len
+    tokens = trainer.global_step * cfg.tokens_per_step
+    counts = count_params(cfg)
     metrics: dict[str, Any] = {
         "val_loss": lit.curve[-1][1],
-        "val_ppl": float(trainer.callback_metrics["val_ppl"]),
-        **count_params(cfg),
+        "val_loss_se": round(lit.last_val["se"], 6),
+        "val_ppl": math.exp(lit.curve[-1][1]),
+        # Reported, never selected on: no training, pruning or choice reads it.
+        "test_loss": round(lit.test["loss"], 6) if lit.test else None,
+        "test_loss_se": round(lit.test["se"], 6) if lit.test else None,
+        "val_batch_losses": lit.last_val["batches"],
+        "test_batch_losses": lit.test["batches"] if lit.test else None,
+        **counts,
         "tokens": tokens,
+        "tokens_per_param": tokens / counts["n_params_non_embedding"],
         "tokens_per_s": tokens / step_seconds if step_seconds > 0 else 0.0,
         "train_seconds": step_seconds,
         "steps": trainer.global_step,

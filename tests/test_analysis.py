@@ -21,9 +21,11 @@ from nas.analysis import (
     uniform_entropy,
     value_cosine,
 )
+from nas.arms import best_arms
 from nas.config import dump_config
 from nas.model import build_model
-from nas.scaling import data_saving, parameter_savings, summary_markdown, tokens_to_reach
+from nas.scaling import data_saving, parameter_savings, tokens_to_reach
+from nas.summary import summary_markdown
 from tests.conftest import env_for_cli, nas_cmd
 from tests.helpers import tiny
 from tests.test_search import TINY_BASE
@@ -105,7 +107,7 @@ def test_resformer_mixing_all_first_layer_values_is_cosine_one():
 def _trial(variant, n_layer, n_params, loss, seed=0, curve=None, tokens=1000):
     return create_trial(value=loss, user_attrs={
         "variant": variant, "mode": variant, "n_params": n_params, "val_loss": loss,
-        "tokens": tokens, "curve": curve or [[10, loss]],
+        "n_params_non_embedding": n_params, "tokens": tokens, "curve": curve or [[10, loss]],
         "config": {"model": {"n_layer": n_layer, "seq_len": 10},
                    "train": {"seed": seed, "batch_size": 10, "steps": 10}}})
 
@@ -139,13 +141,15 @@ def test_parameter_saving_has_a_spread_across_seeds():
         trials += [_trial("vanilla", i, n, vanilla(n), seed) for i, n in enumerate(sizes)]
         trials += [_trial("identity", i, n, vanilla(n / (1 - saving)), seed)
                    for i, n in enumerate(sizes)]
-    _, savings = parameter_savings(trials)
+    _, savings = parameter_savings(best_arms(trials))
     (s,) = savings
     assert s.per_seed[0] == pytest.approx(0.1, abs=2e-3)
     assert s.per_seed[1] == pytest.approx(0.3, abs=2e-3)
-    assert 0.1 < s.saving < 0.3  # the fit of the seed means lies between
+    assert 0.1 < s.headline < 0.3  # the fit of the seed means lies between
+    low, high = s.interval
+    assert 0.1 - 2e-3 <= low <= s.headline <= high <= 0.3 + 2e-3
     text = summary_markdown(trials)
-    assert "mean over 2 seeds" in text and "seed 0: +10.0%" in text
+    assert "2 seeds" in text and "seed 0: +10.0%" in text
 
 
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------
@@ -189,7 +193,7 @@ def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path):
     out = tmp_path / "report.html"
     proc = run_cli("report", str(path), "--out", str(out))
     assert proc.returncode == 0, proc.stderr
-    assert "mean over 2 seeds" in proc.stdout and "| sparse |" in proc.stdout
+    assert "2 seeds" in proc.stdout and "| sparse |" in proc.stdout
     page = out.read_text()
     for key in ("savings", "analysis"):
         assert f'id="fig-{key}"' in page

@@ -32,6 +32,7 @@ def held(tmp_path_factory):
     path.write_text(yaml.safe_dump(spec_dict(tmp_path)))
     run_search(load_spec(path), progress=False, echo=lambda *_: None)
     (tmp_path / "empty.txt").write_text("")
+    (tmp_path / "corpus.txt").write_text("a corpus of some bytes to train on. " * 200)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"model": {"d_modle": [32]}}))
     return tmp_path
 
@@ -114,6 +115,45 @@ CASES = [
      ["study.yaml", "model.d_modle", "unknown key"]),
     ("train-missing-data", "train", raw(yaml.safe_dump({"model": {"n_layer": 2}})),
      ["--data", "/no/such/corpus.txt"], ["data.source", "/no/such/corpus.txt"]),
+    # budgets, test splits and learning-rate grids (sound maps)
+    ("budget-two-keys", "train",
+     raw(yaml.safe_dump({"train": {"steps": 10, "tokens_per_param": 20}})), [],
+     ["study.yaml", "train.tokens_per_param", "give one of steps, tokens, tokens_per_param"]),
+    ("budget-zero-ratio", "train", raw(yaml.safe_dump({"train": {"tokens_per_param": 0}})),
+     [], ["study.yaml", "train.tokens_per_param", "finite number > 0"]),
+    ("budget-nan-ratio", "train", raw("train: {tokens_per_param: .nan}\n"), [],
+     ["study.yaml", "train.tokens_per_param", "finite number > 0, got nan"]),
+    ("budget-infinite-ratio", "train", raw("train: {tokens_per_param: .inf}\n"), [],
+     ["study.yaml", "train.tokens_per_param", "finite number > 0, got inf"]),
+    ("budget-negative-tokens", "search", base("train", "tokens", -5), [],
+     ["study.yaml", "train.tokens", "finite number > 0"]),
+    ("test-fraction-leaves-no-training", "train",
+     raw(yaml.safe_dump({"data": {"val_fraction": 0.5, "test_fraction": 0.5}})), [],
+     ["study.yaml", "data.test_fraction", "leaves no training data"]),
+    ("test-fraction-negative", "train", raw(yaml.safe_dump({"data": {"test_fraction": -0.1}})),
+     [], ["study.yaml", "data.test_fraction", "must be in [0, 1)"]),
+    ("test-fraction-with-test-source", "train",
+     raw(yaml.safe_dump({"data": {"test_fraction": 0.1, "test_source": "x.txt"}})), [],
+     ["study.yaml", "data.test_fraction", "must be 0 (or unset) with a data.test_source"]),
+    ("test-source-overlaps-training", "train",
+     raw("model: {n_layer: 2}\n"
+         "data: {source: '{tmp}/corpus.txt', test_source: '{tmp}/corpus.txt'}\n"),
+     [], ["data.test_source", "corpus.txt", "also a training file"]),
+    ("lr-grid-of-one", "search",
+     space(variants={"vanilla": {"mode": "vanilla"}}, train={"lr": [0.003]}), [],
+     ["study.yaml", "train.lr", "at least 2 values"]),
+    ("lr-sweep-unknown", "search", spec(lr_sweep="every_seed"), [],
+     ["study.yaml", "lr_sweep", "all_seeds, first_seed"]),
+    ("lr-sweep-without-seeds", "search",
+     spec(lr_sweep="first_seed", sampler={"type": "bruteforce"},
+          space={**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
+                 "train": {"lr": [0.001, 0.003]}}), [],
+     ["study.yaml", "train.seed", "first_seed needs a list of at least 2 seeds"]),
+    ("lr-sweep-needs-bruteforce", "search",
+     spec(lr_sweep="first_seed",
+          space={**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
+                 "train": {"lr": [0.001, 0.003], "seed": [0, 1]}}), [],
+     ["study.yaml", "sampler.type", "first_seed needs bruteforce"]),
     ("export-unknown-study", "export", spec(name="other"), ["--pareto", "--out", "{tmp}/x"],
      ["study.yaml: name", "no study 'other'", "held"]),
     ("report-unknown-study", "report", spec(name="other"), ["--out", "{tmp}/r.html"],
@@ -128,16 +168,16 @@ CASES = [
 def test_bad_input_exits_2_with_one_line_and_leaves_the_study(held, tmp_path, command, content,
                                                               extra, fragments):
     path = tmp_path / "study.yaml"
+    port = str(free_port())
+    subs = {"{tmp}": str(held), "{port}": port}
     if content is None:
         path = tmp_path / "nope.yaml"
     elif content[0] == "raw":
-        path.write_text(content[1])
+        path.write_text(_sub(content[1], subs))
     else:
         # relative space files resolve next to the spec: keep the spec beside them
         path = held / "study.yaml"
         path.write_text(yaml.safe_dump(spec_dict(held, **content[1])))
-    port = str(free_port())
-    subs = {"{tmp}": str(held), "{port}": port}
     extra = [_sub(a, subs) for a in extra]
     fragments = [_sub(f, subs) for f in fragments]
     before = snapshot(held)

@@ -21,6 +21,7 @@ import yaml
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState, create_trial
 
+from nas.arms import best_arms
 from nas.artifacts import artifact_dir, artifact_store
 from nas.cli import main
 from nas.config import from_dict, load_config
@@ -126,7 +127,9 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
         "pareto": "Pareto front: val_loss against parameters",
         "coefficients": "Mixing coefficients per layer",
         "scaling": "Scaling fits per variant and parameter saving vs vanilla",
-        "savings": "Parameter and data saving against vanilla",
+        "savings": "Equivalent parameter saving against vanilla, per size and per seed",
+        "lr": "Validation loss against learning rate, per variant and size",
+        "tokens": "Loss against training tokens per variant",
         "analysis": "Per-layer attention entropy and value similarity to layer 0",
         "curves": "Validation curves",
         "importances": "Parameter importances for val_loss",
@@ -137,14 +140,15 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
         assert f'id="fig-{key}"' in page
         assert re.search(rf'Plotly\.newPlot\(\s*"fig-{key}"', page), key
         assert title in page, key
-    assert "<h3>Parameter and data saving against vanilla</h3>" in page
-    assert re.search(r"<td>learnable</td><td>2</td>", page)  # two sizes: fitted or explained
+    assert "<h3>Equivalent parameter saving against vanilla" in page
+    assert re.search(r"<tr><td>learnable</td><td>", page)  # two sizes: fitted or explained
     assert "lambda1 L1" in page and "lambda2 L2" in page
 
 
 def _trial(number: int, mode: str, n_layer: int, n_params: float, loss: float):
     return create_trial(value=loss, user_attrs={
         "mode": mode, "source": "first_layer", "n_params": n_params, "val_loss": loss,
+        "n_params_non_embedding": n_params, "tokens": 1000,
         "config": {"model": {"n_layer": n_layer}}})
 
 
@@ -159,16 +163,22 @@ def test_equivalent_parameter_saving_recovers_a_known_saving():
     trials += [_trial(20 + i, "resformer", i, n, vanilla(n / 0.9))
                for i, n in enumerate(sizes[:2])]
     trials += [_trial(30, "svformer", 0, 1e5, 2.5)]
-    base, savings = parameter_savings(trials)
+    base, savings = parameter_savings(best_arms(trials))
     assert base is not None and base.kind == "power" and base.alpha == pytest.approx(0.3, 1e-3)
+    assert base.n_free == 3 and len(base.residuals) == 4
+    assert max(abs(r) for r in base.residuals) < 1e-3
     by_name = {s.variant: s for s in savings}
-    assert by_name["learnable"].fit.kind == "power"
-    assert by_name["learnable"].saving == pytest.approx(0.2, abs=1e-3)
-    assert not by_name["learnable"].extrapolated
+    learnable = by_name["learnable"]
+    assert learnable.fit.kind == "power"
+    assert learnable.headline == pytest.approx(0.2, abs=1e-3)
+    # at vanilla's smallest size the reading (0.8e5) lies below learnable's smallest: apart
+    assert [lv.x for lv in learnable.extrapolated] == [1e5]
+    assert learnable.extrapolated[0].saving == pytest.approx(0.2, abs=1e-3)
     assert by_name["resformer"].fit.kind == "log"  # two sizes: a log-linear fit
-    assert by_name["resformer"].saving == pytest.approx(0.1, abs=0.03)
-    assert by_name["svformer"].saving is None
-    assert "too few sizes" in by_name["svformer"].note
+    assert by_name["resformer"].headline == pytest.approx(0.1, abs=0.03)
+    assert [lv.x for lv in by_name["resformer"].levels if lv.interpolated] == [2e5]
+    assert by_name["svformer"].headline is None
+    assert "too few model sizes" in by_name["svformer"].note
     assert fit_scaling([1e5, 2e5], [3.0, 3.1]) is None  # loss rising with size: no fit
 
 
@@ -201,7 +211,7 @@ def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
         assert {a["key"] for a in detail["user_attrs"]} >= {"objectives", "space"}
         assert "### Search space" in detail["note"]["body"]
         assert "### Pareto front" in detail["note"]["body"]
-        assert "Parameter and data saving" in detail["note"]["body"]
+        assert "Equivalent parameter saving against vanilla" in detail["note"]["body"]
         assert {g["id"] for g in detail["plotly_graph_objects"]} == {f"nas-{k}" for k in FIGURES}
         assert len(detail["trials"]) == 4
         for t in detail["trials"]:

@@ -1,0 +1,233 @@
+"""Arms: a study's trials grouped into what a comparison compares, each at its own learning rate.
+
+An *arm* is one plan: a variant at one model shape and training budget, with every run-config
+key but the seed and the learning rate fixed. Where an arm ran several learning rates, the rate
+is chosen on validation loss alone: the rate with the lowest mean `val_loss` over the seeds
+that ran at every rate of the grid. A choice at either end of the grid is flagged (the best rate
+may lie outside it: widen the grid). What an arm reports is its *test* loss, the mean over its
+seeds at the chosen rate, which no choice, pruner or sampler reads; a study without a test split
+reports validation loss and says so.
+
+Paired differences compare an arm with vanilla's arm of the same shape and budget on the same
+seed (the same initialisation seed and data order): per shape a 95% interval over seeds
+(`nas.stats.mean_interval`), and per variant an exact sign-flip p-value over every pair.
+Reads FrozenTrials' user attributes only; no torch.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial
+
+from .stats import Interval, mean_interval, sign_flip_p
+
+BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")
+
+
+def variant(attrs: dict[str, Any]) -> str:
+    """The trial's named variant, else its mode plus `+ve` for a value-embedding source."""
+    if attrs.get("variant"):
+        return str(attrs["variant"])
+    mode = attrs.get("mode", "?")
+    return f"{mode}+ve" if attrs.get("source") == "value_embedding" else mode
+
+
+def _config(t: FrozenTrial) -> dict[str, Any]:
+    return t.user_attrs.get("config", {})
+
+
+def seed_of(t: FrozenTrial) -> int:
+    return int(_config(t).get("train", {}).get("seed", 0))
+
+
+def lr_of(t: FrozenTrial) -> float:
+    return float(_config(t).get("train", {}).get("lr", math.nan))
+
+
+def shape_key(t: FrozenTrial) -> str:
+    return json.dumps(_config(t).get("model", {}), sort_keys=True)
+
+
+def budget_key(t: FrozenTrial) -> str:
+    train = _config(t).get("train", {})
+    return json.dumps({k: train[k] for k in BUDGET_KEYS if train.get(k) is not None},
+                      sort_keys=True)
+
+
+def shape_label(t: FrozenTrial) -> str:
+    """`8L d128`: the model's depth and width."""
+    model = _config(t).get("model", {})
+    return f"{model.get('n_layer', '?')}L d{model.get('d_model', '?')}"
+
+
+def _plan_key(t: FrozenTrial) -> str:
+    """The run config but its seed, learning rate and data paths: one arm's trials."""
+    cfg = json.loads(json.dumps(_config(t)))
+    cfg.get("train", {}).pop("seed", None)
+    cfg.get("train", {}).pop("lr", None)
+    for key in ("source", "test_source"):  # the same data at another path
+        cfg.get("data", {}).pop(key, None)
+    return json.dumps(cfg, sort_keys=True)
+
+
+def reported_loss(t: FrozenTrial) -> float:
+    """The loss a comparison reports: test loss, or validation loss without a test split."""
+    test = t.user_attrs.get("test_loss")
+    return float(test if test is not None else t.user_attrs["val_loss"])
+
+
+def reports_test(trials: Iterable[FrozenTrial]) -> bool:
+    return all(t.user_attrs.get("test_loss") is not None for t in trials)
+
+
+@dataclass
+class Arm:
+    variant: str
+    trials: list[FrozenTrial]  # the runs at the chosen rate, one per seed
+    lr: float
+    grid: list[float] = field(default_factory=list)  # the rates this arm ran
+    val_by_lr: dict[float, float] = field(default_factory=dict)  # mean over the common seeds
+    choice_seeds: list[int] = field(default_factory=list)  # the seeds the choice averaged
+
+    @property
+    def at_edge(self) -> bool:
+        """The chosen rate is the lowest or highest of a grid of 2 or more."""
+        return len(self.grid) > 1 and self.lr in (self.grid[0], self.grid[-1])
+
+    @property
+    def first(self) -> FrozenTrial:
+        return self.trials[0]
+
+    @property
+    def n_params(self) -> float:
+        """Non-embedding parameters (the axis of every fit here)."""
+        return float(self.first.user_attrs["n_params_non_embedding"])
+
+    @property
+    def tokens(self) -> float:
+        return float(self.first.user_attrs["tokens"])
+
+    @property
+    def tokens_per_param(self) -> float:
+        return self.tokens / self.n_params
+
+    @property
+    def shape(self) -> str:
+        return shape_label(self.first)
+
+    @property
+    def by_seed(self) -> dict[int, float]:
+        return {seed_of(t): reported_loss(t) for t in self.trials}
+
+    @property
+    def loss(self) -> float:
+        return float(np.mean(list(self.by_seed.values())))
+
+    @property
+    def val(self) -> float:
+        return float(np.mean([t.user_attrs["val_loss"] for t in self.trials]))
+
+    @property
+    def spread(self) -> tuple[float, float]:
+        values = list(self.by_seed.values())
+        return min(values), max(values)
+
+
+def choose_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
+    """Every plan of completed `trials` as an Arm at its chosen learning rate."""
+    plans: dict[tuple[str, str], dict[float, dict[int, FrozenTrial]]] = {}
+    for t in trials:
+        if "val_loss" not in t.user_attrs:
+            continue
+        by_seed = plans.setdefault((variant(t.user_attrs), _plan_key(t)), {}).setdefault(
+            lr_of(t), {})
+        seed = seed_of(t)
+        if seed not in by_seed or t.user_attrs["val_loss"] < by_seed[seed].user_attrs[
+                "val_loss"]:
+            by_seed[seed] = t
+    arms = []
+    for (name, _), by_lr in plans.items():
+        grid = sorted(by_lr)
+        common = sorted(set.intersection(*(set(runs) for runs in by_lr.values())))
+        val_by_lr = {lr: float(np.mean([by_lr[lr][s].user_attrs["val_loss"] for s in common]))
+                     for lr in grid} if common else {}
+        lr = min(val_by_lr, key=val_by_lr.get) if val_by_lr else grid[0]
+        runs = by_lr[lr]
+        arms.append(Arm(name, [runs[s] for s in sorted(runs)], lr, grid, val_by_lr, common))
+    return arms
+
+
+def best_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
+    """Per (variant, shape, budget) the arm with the lowest validation loss (a search study
+    holds many plans per shape), sorted by variant, then parameters, then tokens."""
+    best: dict[tuple[str, str, str], Arm] = {}
+    for arm in choose_arms(trials):
+        key = (arm.variant, shape_key(arm.first), budget_key(arm.first))
+        if key not in best or arm.val < best[key].val:
+            best[key] = arm
+    return sorted(best.values(), key=lambda a: (a.variant, a.n_params, a.tokens))
+
+
+def level_key(arm: Arm) -> tuple[str, str]:
+    return shape_key(arm.first), budget_key(arm.first)
+
+
+# -- paired differences from vanilla -----------------------------------------------------------
+
+
+@dataclass
+class Difference:
+    """A variant's reported loss minus vanilla's, per seed, at one shape and budget."""
+
+    variant: str
+    arm: Arm
+    vanilla: Arm
+    by_seed: dict[int, float]
+
+    @property
+    def interval(self) -> Interval:
+        return mean_interval(list(self.by_seed.values()))
+
+    @property
+    def label(self) -> str:
+        return self.arm.shape
+
+
+def paired_differences(trials: Iterable[FrozenTrial]) -> dict[str, list[Difference]]:
+    """Per variant (vanilla aside), one Difference per shape and budget that vanilla ran too,
+    over the seeds both ran, smallest model first."""
+    arms = best_arms(trials)
+    vanilla = {level_key(a): a for a in arms if a.variant == "vanilla"}
+    out: dict[str, list[Difference]] = {}
+    for arm in arms:
+        base = vanilla.get(level_key(arm))
+        if arm.variant == "vanilla" or base is None:
+            continue
+        mine, theirs = arm.by_seed, base.by_seed
+        pairs = {s: mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))}
+        if pairs:
+            out.setdefault(arm.variant, []).append(Difference(arm.variant, arm, base, pairs))
+    return {k: sorted(v, key=lambda d: (d.arm.n_params, d.arm.tokens))
+            for k, v in sorted(out.items())}
+
+
+def pooled_p(differences: list[Difference]) -> float:
+    """The exact sign-flip p-value over every (shape, budget, seed) pair of a variant."""
+    return sign_flip_p([v for d in differences for v in d.by_seed.values()])
+
+
+def paired_window_se(a: FrozenTrial, b: FrozenTrial, split: str = "test") -> float | None:
+    """The standard error of a's loss minus b's over the batches both were scored on (the
+    same windows), or None when either lacks per-batch losses."""
+    xa = a.user_attrs.get(f"{split}_batch_losses")
+    xb = b.user_attrs.get(f"{split}_batch_losses")
+    if not xa or not xb or len(xa) != len(xb) or len(xa) < 2:
+        return None
+    d = np.asarray(xa) - np.asarray(xb)
+    return float(d.std(ddof=1) / math.sqrt(len(d)))

@@ -1,0 +1,281 @@
+"""The numbers a study supports, as tables: what `nas report` prints, the report page shows and
+the dashboard note carries (one set of rows, rendered as Markdown or HTML).
+
+Each `Section` is a title, rows (dicts with the same keys) and notes that qualify them: the
+training budget and its warning, the learning rate chosen per arm, the reported loss per
+variant and size, paired differences from vanilla with 95% intervals and exact p-values, the
+measurement noise, and both savings with intervals. Knows nothing of torch or plotly.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+from optuna.trial import FrozenTrial
+
+from .arms import Arm, best_arms, paired_differences, paired_window_se, pooled_p, reports_test
+from .scaling import (
+    LEARNED,
+    Saving,
+    curve_data_savings,
+    layer_runs,
+    parameter_savings,
+    token_savings,
+)
+from .stats import LEVEL
+
+COMPUTE_OPTIMAL = 20  # tokens per parameter (the compute-optimal rule of thumb)
+
+
+@dataclass
+class Section:
+    key: str
+    title: str
+    rows: list[dict[str, Any]]
+    notes: list[str] = field(default_factory=list)
+
+
+def markdown_table(rows: list[dict[str, Any]]) -> list[str]:
+    if not rows:
+        return []
+    head = list(rows[0])
+    return ["| " + " | ".join(head) + " |", "|" + "---|" * len(head),
+            *("| " + " | ".join(str(r.get(k, "")) for k in head) + " |" for r in rows)]
+
+
+def html_table(rows: list[dict[str, Any]]) -> str:
+    if not rows:
+        return "<p>none</p>"
+    head = "".join(f"<th>{html.escape(str(k))}</th>" for k in rows[0])
+    body = "".join("<tr>" + "".join(f"<td>{html.escape(str(v))}</td>" for v in r.values())
+                   + "</tr>" for r in rows)
+    return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>"
+
+
+def _pct(v: float | None) -> str:
+    return "-" if v is None or math.isnan(v) else f"{v:+.1%}"
+
+
+def _level(arm: Arm, several_budgets: bool) -> str:
+    return f"{arm.shape}, {arm.tokens_per_param:.3g} tok/param" if several_budgets else arm.shape
+
+
+def budget_notes(arms: list[Arm]) -> list[str]:
+    """The training budget of the study's points, and a warning below COMPUTE_OPTIMAL."""
+    if not arms:
+        return []
+    ratios = [a.tokens_per_param for a in arms]
+    lo, hi = min(ratios), max(ratios)
+    notes = [f"Training budget: {lo:.3g}-{hi:.3g} tokens per non-embedding parameter."]
+    if lo < COMPUTE_OPTIMAL:
+        notes.append(f"Warning: points below {COMPUTE_OPTIMAL} tokens per parameter (the "
+                     "compute-optimal rule of thumb) are undertrained; savings measured there "
+                     "are not parameter savings at convergence.")
+    return notes
+
+
+def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
+    """Per arm that ran a learning-rate grid: the mean validation loss per rate and the choice."""
+    rows = []
+    for a in arms:
+        if len(a.grid) < 2:
+            continue
+        rows.append({
+            "variant": a.variant, "size": a.shape,
+            "tok/param": f"{a.tokens_per_param:.3g}",
+            "val_loss by lr (seeds " + ",".join(map(str, a.choice_seeds)) + ")": "  ".join(
+                f"{lr:g}: {a.val_by_lr[lr]:.4f}" for lr in a.grid if lr in a.val_by_lr),
+            "chosen lr": f"{a.lr:g}",
+            "note": "at the edge of the grid: widen it" if a.at_edge else ""})
+    return rows
+
+
+def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
+    by_level: dict[str, dict[str, Arm]] = {}
+    for a in sorted(arms, key=lambda a: (a.n_params, a.tokens)):
+        by_level.setdefault(_level(a, several_budgets), {})[a.variant] = a
+    names = sorted({a.variant for a in arms}, key=lambda n: (n != "vanilla", n))
+    rows = []
+    for name in names:
+        row: dict[str, Any] = {"variant": name}
+        for label, at in by_level.items():
+            a = at.get(name)
+            if a is None:
+                row[label] = "-"
+            elif len(a.trials) > 1:
+                lo, hi = a.spread
+                row[label] = f"{a.loss:.4f} ({lo:.4f}-{hi:.4f}, {len(a.trials)} seeds)"
+            else:
+                row[label] = f"{a.loss:.4f}"
+        rows.append(row)
+    return rows
+
+
+def difference_rows(trials: list[FrozenTrial], several_budgets: bool
+                    ) -> tuple[list[dict[str, Any]], list[float]]:
+    """Rows of paired differences, and the means of those whose interval excludes zero."""
+    rows, significant = [], []
+    for name, diffs in paired_differences(trials).items():
+        row: dict[str, Any] = {"variant": name}
+        for d in diffs:
+            iv = d.interval
+            row[_level(d.arm, several_budgets)] = iv.format() + f" (n={iv.n})"
+            if iv.n > 1 and iv.excludes_zero():
+                significant.append(abs(iv.mean))
+        n = sum(len(d.by_seed) for d in diffs)
+        row[f"all {n} pairs: exact p"] = f"{pooled_p(diffs):.3g}"
+        row["pairs below vanilla"] = (
+            f"{sum(v < 0 for d in diffs for v in d.by_seed.values())}/{n}")
+        rows.append(row)
+    return rows, significant
+
+
+def noise_notes(trials: list[FrozenTrial], significant: list[float], split: str) -> list[str]:
+    """The per-trial standard error against the smallest significant difference, and the
+    paired standard error over the same windows, which is what a paired difference carries."""
+    ses = [t.user_attrs[f"{split}_loss_se"] for t in trials
+           if t.user_attrs.get(f"{split}_loss_se") is not None]
+    if not ses:
+        return [f"Noise: trials store no standard error of their {split} loss (older runs)."]
+    worst = max(ses)
+    notes = [f"Noise: the largest standard error of one trial's {split} loss over its "
+             f"evaluation batches is {worst:.4f} (median {float(np.median(ses)):.4f})."]
+    if significant:
+        small = min(significant)
+        ok = worst <= small / 5
+        notes.append(
+            f"The smallest difference whose {LEVEL:.0%} interval excludes zero is {small:.4f}; "
+            + ("the per-trial error is within a fifth of it." if ok else
+               f"the per-trial error is more than a fifth of it ({worst / small:.2f}x): "
+               "single losses are too noisy to separate such differences; raise "
+               "train.eval_batches. Paired differences are scored on the same windows, so "
+               "their own error is smaller (next line)."))
+    paired = []
+    for diffs in paired_differences(trials).values():
+        for d in diffs:
+            mine = {t.user_attrs.get("config", {}).get("train", {}).get("seed"): t
+                    for t in d.arm.trials}
+            for t in d.vanilla.trials:
+                seed = t.user_attrs.get("config", {}).get("train", {}).get("seed")
+                if seed in mine and (se := paired_window_se(mine[seed], t, split)) is not None:
+                    paired.append(se)
+    if paired:
+        notes.append(f"Paired over the same {split} windows, the standard error of one "
+                     f"difference is {float(np.median(paired)):.4f} (median; max "
+                     f"{max(paired):.4f}); the seed-to-seed spread in the intervals above "
+                     "includes it.")
+    return notes
+
+
+def saving_rows(savings: list[Saving]) -> list[dict[str, Any]]:
+    rows = []
+    for s in savings:
+        inside = [lv for lv in s.levels if lv.interpolated]
+        headline = _pct(s.headline)
+        if s.headline is not None and s.interval is not None:
+            lo, hi = s.interval
+            headline += " [" + (f"{_pct(lo)}, {_pct(hi)}" if not math.isnan(lo) else "n/a") + "]"
+        seeds = ", ".join(
+            f"seed {k}: {_pct(v)}" + (" (extrapolated)" if s.per_seed_extrapolated.get(k)
+                                      else "") for k, v in s.per_seed.items())
+        fit = s.fit
+        rows.append({
+            "variant": s.variant,
+            f"saving ({LEVEL:.0%} interval), interpolated": headline,
+            "read at": ", ".join(lv.label for lv in inside) or "-",
+            "extrapolated (not in the headline)": ", ".join(
+                f"{lv.label}: {_pct(lv.saving)}" for lv in s.extrapolated) or "-",
+            "each seed alone": seeds or "-",
+            "fit": fit.describe() if fit else "-",
+            "points / free parameters": (f"{len(fit.residuals)} / {fit.n_free}" if fit else "-"),
+            "residuals": (" ".join(f"{r:+.4f}" for r in fit.residuals) if fit else "-"),
+            "note": s.note})
+    return rows
+
+
+def profile_rows(trials: Iterable[FrozenTrial], read: str,
+                 modes: Iterable[str] | None = None) -> list[dict[str, Any]]:
+    rows = []
+    for shape, by_name in layer_runs(trials, read, modes).items():
+        for name, runs in by_name.items():
+            cols = [np.asarray(col) for col in zip(*runs, strict=True)]
+            rows.append({"size": shape, "variant": name, "seeds": len(runs),
+                         f"{read} by layer (mean ± sd over seeds)": "  ".join(
+                             "-" if np.isnan(c).all() else
+                             f"{c.mean():.2f}±{c.std(ddof=1) if len(c) > 1 else 0:.2f}"
+                             for c in cols)})
+    return rows
+
+
+def sections(trials: list[FrozenTrial]) -> list[Section]:
+    """Every table the study's completed trials support, in reading order."""
+    arms = best_arms(trials)
+    if not arms:
+        return []
+    chosen = [t for a in arms for t in a.trials]
+    split = "test" if reports_test(chosen) else "val"
+    several = any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape
+                                                                             for a in arms})
+    out = [Section("budget", "Training budget", [], budget_notes(arms))]
+    if rows := lr_rows(arms):
+        out.append(Section("lr", "Learning rate per variant and size (chosen on validation "
+                           "loss)", rows, ["The rate with the lowest mean validation loss over "
+                                           "the seeds run at every rate; the test split plays "
+                                           "no part in the choice."]))
+    out.append(Section("loss", f"{split.capitalize()} loss per variant and size (mean over "
+                       "seeds at the chosen rate; min-max)", loss_rows(arms, several),
+                       [] if split == "test" else [
+                           "No test split: these are validation losses, the same numbers "
+                           "the choices were made on."]))
+    diffs, significant = difference_rows(chosen, several)
+    if diffs:
+        out.append(Section(
+            "differences", f"{split.capitalize()} loss minus vanilla's on the same seed "
+            f"(mean [{LEVEL:.0%} t-interval over seeds]; negative: better than vanilla)", diffs,
+            noise_notes(chosen, significant, split)))
+    base, savings = parameter_savings(arms)
+    if savings:
+        notes = budget_notes(arms)[1:]
+        if base is not None:
+            notes.insert(0, f"vanilla: {base.describe()}, {len(base.residuals)} points / "
+                         f"{base.n_free} free parameters, residuals "
+                         + " ".join(f"{r:+.4f}" for r in base.residuals))
+        out.append(Section("parameter_saving", "Equivalent parameter saving against vanilla "
+                           "(non-embedding parameters; the headline averages interpolated "
+                           "readings only)", saving_rows(savings), notes))
+    for shape, by_tokens in token_savings(arms).items():
+        out.append(Section("data_saving", f"Data saving against vanilla at {shape}, from "
+                           "separately scheduled runs (loss against tokens)",
+                           saving_rows(by_tokens)))
+    curve = [d for d in curve_data_savings(arms) if d.saving is not None]
+    if curve:
+        out.append(Section("curve_data_saving", "Data saving read off validation curves "
+                           "(secondary: the middle of a cosine schedule)", [
+                               {"variant": d.variant, "mean": _pct(d.saving),
+                                "per seed": ", ".join(f"seed {k}: {_pct(v)}"
+                                                      for k, v in d.per_seed.items()),
+                                "per size": ", ".join(f"{k}: {_pct(v)}"
+                                                      for k, v in d.per_size.items()),
+                                "pairs": d.pairs} for d in curve]))
+    for name, what in (("lambda1", "the weight on V_1"), ("lambda2", "the weight on V_n")):
+        if rows := profile_rows(chosen, name, LEARNED):
+            out.append(Section(name, f"Learned {name} per layer at the end of training "
+                               f"({what}; layer 0 is the source)", rows))
+    if rows := profile_rows(chosen, "attention_entropy"):
+        out.append(Section("entropy", "Attention entropy per layer (nats)", rows))
+    return out
+
+
+def summary_markdown(trials: list[FrozenTrial]) -> str:
+    lines: list[str] = []
+    for s in sections(trials):
+        lines += [f"### {s.title}", ""]
+        if s.rows:
+            lines += [*markdown_table(s.rows), ""]
+        lines += [*(f"{note}" for note in s.notes), *([""] if s.notes else [])]
+    return "\n".join(lines).rstrip()
