@@ -37,10 +37,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nas.config import MODEL_PRESETS, MODES, RunConfig, from_dict
+from nas.config import MODEL_PRESETS, RunConfig, from_dict
 from nas.data import RandomWindows, TokenDataModule
 from nas.lit import LitDecoder
 from nas.model import count_params
+from nas.modes import MODES
 from nas.train import train
 
 # The presets plus "base", a size between micro and tiny whose step is a few times nano's.

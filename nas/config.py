@@ -15,34 +15,14 @@ from typing import Any
 
 import yaml
 
+from .modes import MODES
+
 
 class ConfigError(ValueError):
     """Bad user input; the CLI prints the message as one line and exits with status 2."""
 
 
-MODES = (
-    "vanilla",
-    "resformer",
-    "learnable",
-    "learnable_plus",
-    "dense",
-    "svformer",
-    "neutreno",
-    "gated",
-)
 SOURCES = ("first_layer", "value_embedding")
-
-# Which value_residual keys each mode reads; the search space only suggests these.
-MODE_KEYS: dict[str, tuple[str, ...]] = {
-    "vanilla": (),
-    "resformer": ("layers", "source", "lambda1", "lambda2"),
-    "learnable": ("layers", "source", "lambda1", "lambda2"),
-    "learnable_plus": ("layers", "source", "lambda2"),
-    "dense": ("layers", "source", "lambda1", "lambda2"),
-    "svformer": ("layers", "source"),
-    "neutreno": ("layers", "source", "lambda1"),
-    "gated": ("layers", "source"),
-}
 
 # Named model sizes (litgpt-style presets). The paper's sizes use FFN = 3.5 * d_model.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -52,6 +32,7 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
     "tiny": {"n_layer": 8, "d_model": 128, "n_head": 4, "seq_len": 128},
     "small": {"n_layer": 8, "d_model": 192, "n_head": 6, "seq_len": 128},
     "medium": {"n_layer": 10, "d_model": 256, "n_head": 8, "seq_len": 256},
+    "large": {"n_layer": 8, "d_model": 384, "n_head": 6, "seq_len": 256},
     "paper-82m": {"n_layer": 8, "d_model": 512, "n_head": 8, "seq_len": 2048, "ffn_hidden": 1792},
     "paper-180m": {"n_layer": 12, "d_model": 768, "n_head": 12, "seq_len": 2048,
                    "ffn_hidden": 2688},
@@ -335,7 +316,7 @@ def _check_budget(where: str, t: TrainConfig) -> None:
     for key in given:
         value = getattr(t, key)
         if not math.isfinite(value) or value <= 0:
-            raise _fail(where, f"train.{key}", f"must be a finite number > 0, got {value}")
+            raise _fail(where, f"train.{key}", f"must be > 0 and finite, got {value}")
 
 
 def from_dict(raw: Any, where: str = "config") -> RunConfig:

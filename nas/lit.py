@@ -102,10 +102,10 @@ class LitDecoder(pl.LightningModule):
 
     def configure_optimizers(self):
         t = self.cfg.train
+        coefficients = set(self.model.residual.coefficient_parameters())
         decay, no_decay = [], []
-        for name, p in self.model.named_parameters():
-            is_coefficient = name.startswith("residual.") and "value_embedding" not in name
-            (decay if p.dim() == 2 and not is_coefficient else no_decay).append(p)
+        for p in self.model.parameters():
+            (decay if p.dim() == 2 and p not in coefficients else no_decay).append(p)
         optimizer = torch.optim.AdamW(
             [{"params": decay, "weight_decay": t.weight_decay},
              {"params": no_decay, "weight_decay": 0.0}],

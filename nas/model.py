@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import ModelConfig, RunConfig, ValueResidualConfig
-from .residual import ValueMix, ValueResidual
+from .residual import ValueResidual
 
 
 def rotary_tables(head_dim: int, seq_len: int, theta: float) -> tuple[Tensor, Tensor]:
@@ -42,15 +42,15 @@ class Attention(nn.Module):
         self.wo = nn.Linear(d, d, bias=False)
 
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
-                mix: ValueMix | None, trace: list[dict[str, Tensor]] | None = None
-                ) -> tuple[Tensor, Tensor]:
+                residual: ValueResidual, layer: int,
+                trace: list[dict[str, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
         """Returns the block output and this layer's values (a source for later layers).
         With `trace`, appends this layer's rotated queries and keys, own values V_n and the
         values attention uses V'_n (for `nas.analysis`)."""
         B, T, C = x.shape
         H = self.n_head
         v = self.wv(x) if self.wv is not None else None
-        v_mixed = mix.before(v, sources, x) if mix is not None else v
+        v_mixed = residual.before(layer, v, sources, x)
         q = apply_rotary(self.wq(x).view(B, T, H, -1).transpose(1, 2), cos, sin)
         k = apply_rotary(self.wk(x).view(B, T, H, -1).transpose(1, 2), cos, sin)
         u = F.scaled_dot_product_attention(
@@ -61,9 +61,7 @@ class Attention(nn.Module):
         if trace is not None:
             trace.append({"q": q.detach(), "k": k.detach(), "values": own.detach(),
                           "mixed_values": v_mixed.detach()})
-        if mix is not None:
-            u = mix.after(u, own, sources)
-        return self.wo(u), own
+        return self.wo(residual.after(layer, u, own, sources)), own
 
 
 class SwiGLU(nn.Module):
@@ -86,9 +84,9 @@ class Block(nn.Module):
         self.mlp = SwiGLU(cfg)
 
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
-                mix: ValueMix | None, trace: list[dict[str, Tensor]] | None = None
-                ) -> tuple[Tensor, Tensor]:
-        a, v = self.attn(self.attn_norm(h), cos, sin, sources, mix, trace)
+                residual: ValueResidual, layer: int,
+                trace: list[dict[str, Tensor]] | None = None) -> tuple[Tensor, Tensor]:
+        a, v = self.attn(self.attn_norm(h), cos, sin, sources, residual, layer, trace)
         h = h + a
         return h + self.mlp(self.mlp_norm(h)), v
 
@@ -111,8 +109,9 @@ class Decoder(nn.Module):
 
     def _init_weights(self) -> None:
         """GPT-2 init: N(0, 0.02), residual-branch outputs scaled by 1/sqrt(2 * n_layer)."""
+        coefficients = set(self.residual.coefficient_parameters())
         for name, p in self.named_parameters():
-            if name.startswith("residual.") and "value_embedding" not in name:
+            if p in coefficients:
                 continue  # mixing coefficients keep the init their form chose
             if p.dim() == 2:
                 std = 0.02
@@ -130,7 +129,7 @@ class Decoder(nn.Module):
         h = self.tok_emb(idx)
         sources = self.residual.initial_sources(idx)
         for i, block in enumerate(self.blocks):
-            h, v = block(h, cos, sin, sources, self.residual.mix(i), trace)
+            h, v = block(h, cos, sin, sources, self.residual, i, trace)
             sources.append(v)
         return self.lm_head(self.norm(h))
 

@@ -32,7 +32,8 @@ from plotly.offline import get_plotlyjs
 from plotly.subplots import make_subplots
 
 from .arms import best_arms, choose_arms, reports_test, variant
-from .config import MODES, ConfigError
+from .config import ConfigError
+from .modes import MODES
 from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
 from .study import OBJECTIVES, describe, front
 from .summary import budget_notes, html_table, sections

@@ -1,29 +1,53 @@
 """Value-residual forms: how a receiving layer mixes earlier values into its own.
 
-Every form is one small class behind one interface (`ValueMix`). The attention block calls
-`before(v, sources, x)` right after the value projection (heads not yet split) and
+Every form is one small class behind one interface (`ValueMix`), named by its entry in
+`nas.modes.MODES` and built by its `build(site)`. The attention block calls
+`before(v, sources, x, shared)` right after the value projection (heads not yet split) and
 `after(u, v, sources)` on the attention output before the output projection. `sources` holds
 the values a layer may draw on, oldest first: `sources[0]` is the residual source (the first
 layer's values, or the value-embedding row of each token), then the own values of the layers
 between. Only `dense` reads more than `sources[0]`.
 
 `ValueResidual` owns one mix per receiving layer plus what they share (the value-embedding
-table, learnable_plus's softmax weights), so the model only asks it for a layer's mix.
+table, learnable_plus's coefficients, which each layer's mix reads through its index), so the
+model only asks it for a layer's mix, and `coefficient_parameters()` lists what the optimizer
+must not decay and the initialiser must not touch.
 """
 
 from __future__ import annotations
+
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
 from .config import ModelConfig, ValueResidualConfig
+from .modes import MODES, Mode
+
+
+@dataclass(frozen=True)
+class Site:
+    """Where a mix sits: the model, the plan, the receiving layer and its index among them."""
+
+    model: ModelConfig
+    plan: ValueResidualConfig
+    mode: Mode
+    layer: int
+    slot: int  # its index among the receiving layers
+    n_sources: int  # the values available to it (the value embedding and earlier layers)
 
 
 class ValueMix(nn.Module):
     """Identity mix; subclasses override the hooks they need."""
 
-    def before(self, v: Tensor | None, sources: list[Tensor], x: Tensor) -> Tensor:
-        """V'_n from own values v (B, T, d), earlier values and the normed input x."""
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls()
+
+    def before(self, v: Tensor | None, sources: list[Tensor], x: Tensor,
+               shared: nn.Module | None = None) -> Tensor:
+        """V'_n from own values v (B, T, d), earlier values, the normed input x and the
+        coefficients the layers share (learnable_plus)."""
         assert v is not None
         return v
 
@@ -31,9 +55,15 @@ class ValueMix(nn.Module):
         """U_n from the attention output u (B, T, d)."""
         return u
 
-    def coefficients(self) -> dict[str, float]:
+    def coefficients(self, shared: nn.Module | None = None) -> dict[str, float]:
         """Current mixing coefficients, for logging (learned ones change during training)."""
         return {}
+
+
+def mix_class(name: str) -> type[ValueMix]:
+    """The ValueMix class a mode names: any subclass defined, so a new mode needs its class and
+    its `nas.modes` entry, nothing else."""
+    return {c.__name__: c for c in ValueMix.__subclasses__()}[name]
 
 
 class LinearMix(ValueMix):
@@ -46,13 +76,17 @@ class LinearMix(ValueMix):
         if trainable:
             self.lambdas = nn.Parameter(torch.tensor([lambda1, lambda2]))
 
-    def before(self, v, sources, x):
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(site.plan.lambda1, site.plan.lambda2, trainable=site.mode.learned)
+
+    def before(self, v, sources, x, shared=None):
         if self.fixed is None:
             return self.lambdas[0] * sources[0] + self.lambdas[1] * v
         l1, l2 = self.fixed
         return torch.add(v * l2, sources[0], alpha=l1)
 
-    def coefficients(self):
+    def coefficients(self, shared=None):
         l1, l2 = self.fixed if self.fixed is not None else self.lambdas.tolist()
         return {"lambda1": l1, "lambda2": l2}
 
@@ -76,19 +110,24 @@ class LearnablePlusShared(nn.Module):
 
 
 class LearnablePlusMix(ValueMix):
-    def __init__(self, shared: LearnablePlusShared, slot: int):
+    """A receiving layer's view of the shared coefficients (owned by ValueResidual): its slot."""
+
+    def __init__(self, slot: int):
         super().__init__()
-        # Not registered as a submodule: ValueResidual owns it, so parameters appear once.
-        object.__setattr__(self, "shared", shared)
         self.slot = slot
 
-    def before(self, v, sources, x):
-        l1 = self.shared.lambda1()[self.slot]
-        return l1 * sources[0] + self.shared.lambda2[self.slot] * v
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(site.slot)
 
-    def coefficients(self):
-        return {"lambda1": self.shared.lambda1()[self.slot].item(),
-                "lambda2": self.shared.lambda2[self.slot].item()}
+    def before(self, v, sources, x, shared=None):
+        assert isinstance(shared, LearnablePlusShared)
+        return shared.lambda1()[self.slot] * sources[0] + shared.lambda2[self.slot] * v
+
+    def coefficients(self, shared=None):
+        assert isinstance(shared, LearnablePlusShared)
+        return {"lambda1": shared.lambda1()[self.slot].item(),
+                "lambda2": shared.lambda2[self.slot].item()}
 
 
 class DenseMix(ValueMix):
@@ -103,13 +142,17 @@ class DenseMix(ValueMix):
         init[0], init[-1] = lambda1, lambda2
         self.weights = nn.Parameter(init)
 
-    def before(self, v, sources, x):
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(site.n_sources, site.plan.lambda1, site.plan.lambda2)
+
+    def before(self, v, sources, x, shared=None):
         out = self.weights[-1] * v
         for w, s in zip(self.weights[:-1], sources, strict=True):
             out = out + w * s
         return out
 
-    def coefficients(self):
+    def coefficients(self, shared=None):
         w = self.weights.tolist()
         return {"lambda1": w[0], "lambda2": w[-1],
                 **{f"from{i}": wi for i, wi in enumerate(w[1:-1], start=1)}}
@@ -118,7 +161,7 @@ class DenseMix(ValueMix):
 class SVFormerMix(ValueMix):
     """The layer has no value projection of its own and attends over the source values."""
 
-    def before(self, v, sources, x):
+    def before(self, v, sources, x, shared=None):
         return sources[0]
 
 
@@ -129,10 +172,14 @@ class NeuTRENOMix(ValueMix):
         super().__init__()
         self.lam = float(lam)
 
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(site.plan.lambda1)
+
     def after(self, u, v, sources):
         return torch.add(u, sources[0] - v, alpha=self.lam)
 
-    def coefficients(self):
+    def coefficients(self, shared=None):
         return {"lambda1": self.lam}
 
 
@@ -148,13 +195,17 @@ class GatedMix(ValueMix):
         self.gate = nn.Linear(d_model, n_head, bias=False)
         nn.init.zeros_(self.gate.weight)
 
-    def before(self, v, sources, x):
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(site.model.d_model, site.model.n_head)
+
+    def before(self, v, sources, x, shared=None):
         B, T, C = v.shape
         g = torch.sigmoid(self.gate(x)).unsqueeze(-1)  # (B, T, H, 1)
         delta = (sources[0] - v).view(B, T, self.n_head, C // self.n_head)
         return v + (g * delta).view(B, T, C)
 
-    def coefficients(self):
+    def coefficients(self, shared=None):
         # The gate depends on the token; log its norm as a summary of how far it moved.
         return {"gate_norm": self.gate.weight.norm().item()}
 
@@ -175,37 +226,36 @@ class ValueResidual(nn.Module):
             if cfg.mode == "learnable_plus" and self.receiving else None
         )
         offset = 1 if self.value_embedding is not None else 0
+        mode = MODES[cfg.mode]
         self.mixes = nn.ModuleDict({
-            str(layer): self._make_mix(model, cfg, layer, slot, n_sources=layer + offset)
+            str(layer): mix_class(mode.mix).build(
+                Site(model, cfg, mode, layer, slot, n_sources=layer + offset))
             for slot, layer in enumerate(self.receiving)
         })
-
-    def _make_mix(self, model: ModelConfig, cfg: ValueResidualConfig, layer: int, slot: int,
-                  n_sources: int) -> ValueMix:
-        mode = cfg.mode
-        if mode == "resformer":
-            return LinearMix(cfg.lambda1, cfg.lambda2, trainable=False)
-        if mode == "learnable":
-            return LinearMix(cfg.lambda1, cfg.lambda2, trainable=True)
-        if mode == "learnable_plus":
-            assert self.shared is not None
-            return LearnablePlusMix(self.shared, slot)
-        if mode == "dense":
-            return DenseMix(n_sources, cfg.lambda1, cfg.lambda2)
-        if mode == "svformer":
-            return SVFormerMix()
-        if mode == "neutreno":
-            return NeuTRENOMix(cfg.lambda1)
-        if mode == "gated":
-            return GatedMix(model.d_model, model.n_head)
-        raise ValueError(f"unknown value_residual.mode {mode!r}")
 
     def mix(self, layer: int) -> ValueMix | None:
         return self.mixes[str(layer)] if str(layer) in self.mixes else None
 
+    def before(self, layer: int, v: Tensor | None, sources: list[Tensor], x: Tensor
+               ) -> Tensor | None:
+        """The values layer `layer` attends over (its own where it does not receive)."""
+        mix = self.mix(layer)
+        return v if mix is None else mix.before(v, sources, x, self.shared)
+
+    def after(self, layer: int, u: Tensor, v: Tensor, sources: list[Tensor]) -> Tensor:
+        mix = self.mix(layer)
+        return u if mix is None else mix.after(u, v, sources)
+
     def has_value_proj(self, layer: int) -> bool:
         """svformer's receiving layers have no W_V: that is its parameter saving."""
-        return not (self.cfg.mode == "svformer" and layer in self.receiving)
+        return MODES[self.cfg.mode].own_values or layer not in self.receiving
+
+    def coefficient_parameters(self) -> list[nn.Parameter]:
+        """Every mixing coefficient (lambdas, dense weights, gates, learnable_plus's shared
+        ones): not weight-decayed, and initialised by their form, not by the model."""
+        table = set() if self.value_embedding is None else set(
+            self.value_embedding.parameters())
+        return [p for p in self.parameters() if p not in table]
 
     def initial_sources(self, idx: Tensor) -> list[Tensor]:
         """Sources available before layer 0: the value-embedding rows, if that is the source."""
@@ -217,5 +267,5 @@ class ValueResidual(nn.Module):
         """Every coefficient by name, e.g. `L3.lambda1`; empty for vanilla."""
         return {f"L{layer}.{name}": value
                 for layer, mix in self.mixes.items()
-                for name, value in mix.coefficients().items()}
+                for name, value in mix.coefficients(self.shared).items()}
 

@@ -354,9 +354,6 @@ def curve_data_savings(arms: list[Arm]) -> list[DataSaving]:
 # -- per-layer profiles ------------------------------------------------------------------------
 
 
-LEARNED = ("learnable", "learnable_plus", "dense")  # modes whose coefficients train
-
-
 def layer_runs(trials: Iterable[FrozenTrial], read: str, modes: Iterable[str] | None = None
                ) -> dict[str, dict[str, list[list[float]]]]:
     """Per model shape (its label; smallest first) and variant, one per-layer list per trial:

@@ -18,7 +18,7 @@ Named variants are how a study compares the paper's fixed forms (two of them sha
 `resformer`) rather than searching their coefficients.
 
 Conditional parameters are suggested only where they apply: `value_residual` keys only for the
-modes that read them (`config.MODE_KEYS`), per-layer booleans only up to the trial's n_layer.
+modes that read them (`nas.modes.MODES`), per-layer booleans only up to the trial's n_layer.
 Parameter names are dotted paths (`value_residual.lambda1`). Knows nothing of torch.
 """
 
@@ -29,7 +29,8 @@ import dataclasses
 import math
 from typing import Any, Protocol
 
-from .config import MODE_KEYS, MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
+from .config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
+from .modes import MODES
 
 PATTERNS = ("all", "subset", "last_k", "unet")
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -194,7 +195,7 @@ def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict
         vr_space = merge(vr_space, space["variants"][name])
     mode = force_mode or _suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
     vr: dict[str, Any] = {"mode": mode}
-    for key in MODE_KEYS.get(mode, ()):
+    for key in MODES[mode].keys if mode in MODES else ():
         if key not in vr_space:
             continue
         if key == "layers":

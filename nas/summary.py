@@ -19,8 +19,8 @@ import numpy as np
 from optuna.trial import FrozenTrial
 
 from .arms import Arm, best_arms, paired_differences, paired_window_se, pooled_p, reports_test
+from .modes import LEARNED
 from .scaling import (
-    LEARNED,
     Saving,
     curve_data_savings,
     layer_runs,

@@ -4,8 +4,9 @@ import pytest
 import torch
 
 from nas import build_model
-from nas.config import MODES, SOURCES
+from nas.config import SOURCES
 from nas.model import count_params
+from nas.modes import MODES
 from tests.helpers import tiny
 
 ALL = [(m, s) for m in MODES for s in SOURCES if m != "vanilla"] + [("vanilla", "first_layer")]
@@ -142,13 +143,62 @@ def test_gradient_reaches_every_trainable_tensor(mode, source):
         assert p.grad.abs().sum() > 0, f"{name} got a zero gradient"
 
 
-def test_first_layer_values_are_not_detached():
-    """Every receiving layer sends gradient into W_V of layer 0 (as the official code)."""
-    model = build_model(tiny("svformer", n_layer=3))
+@pytest.mark.parametrize("mode", [m for m in MODES if m != "vanilla"])
+def test_first_layer_values_are_not_detached(mode):
+    """Every receiving layer sends gradient into W_V of layer 0 (as the official code). With
+    layer 0's output projection zeroed, its own attention passes no gradient back to its
+    values: what reaches its W_V came through the receiving layers, and would be exactly zero
+    if the source values were detached."""
+    torch.manual_seed(0)
+    model = build_model(tiny(mode, n_layer=3))
+    randomize_coefficients(model)
+    with torch.no_grad():
+        model.blocks[0].attn.wo.weight.zero_()
     idx = torch.randint(0, 256, (2, 16))
-    model(idx).sum().backward()
-    # svformer layers 1, 2 have no W_V: all their value gradient flows into layer 0's.
+    model(idx).pow(2).sum().backward()
     assert model.blocks[0].attn.wv.weight.grad.abs().sum() > 0
+
+
+def test_the_mode_table_counts_parameters_exactly():
+    for mode, source in ALL:
+        for layers in ("all", [2, 3]):
+            cfg = tiny(mode, source=source, layers=layers, n_layer=4)
+            receiving = cfg.value_residual.receiving(4)
+            offset = 1 if source == "value_embedding" and receiving else 0
+            extra = MODES[mode].extra_params(32, 4, receiving, offset) + offset * 256 * 32
+            vanilla = count_params(tiny("vanilla", n_layer=4))["n_params"]
+            assert count_params(cfg)["n_params"] == vanilla + extra, (mode, source, layers)
+
+
+def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch):
+    """What docs/ARCHITECTURE.md shows: a mode registered here builds, trains a step and is
+    counted, with nothing else changed."""
+    from nas import modes, residual
+    from nas.config import from_dict
+    from nas.lit import LitDecoder
+
+    class HalfMix(residual.ValueMix):
+        """V' = (V_src + V_n) / 2, fixed."""
+
+        def before(self, v, sources, x, shared=None):
+            return 0.5 * (sources[0] + v)
+
+    monkeypatch.setitem(modes.MODES, "half", modes.Mode(
+        "half", modes.SOURCE_KEYS, False, "HalfMix", lambda d, h, r, s: 0, "(V_src + V_n) / 2"))
+    cfg = from_dict({"model": {"n_layer": 3, "d_model": 32, "n_head": 4, "seq_len": 16},
+                     "value_residual": {"mode": "half"}, "train": {"steps": 1}})
+    model = build_model(cfg)
+    assert count_params(cfg)["n_params"] == count_params(tiny("vanilla"))["n_params"]
+    assert isinstance(model.residual.mix(1), HalfMix) and model.residual.mix(0) is None
+    lit = LitDecoder(cfg)
+    optimizer = lit.configure_optimizers()["optimizer"]
+    idx = torch.randint(0, 256, (2, 16))
+    before = [p.detach().clone() for p in lit.model.parameters()]
+    loss = torch.nn.functional.cross_entropy(lit(idx).flatten(0, 1), idx.flatten())
+    loss.backward()
+    optimizer.step()
+    assert all(not torch.equal(a, b) for a, b in zip(before, lit.model.parameters(),
+                                                      strict=True))
 
 
 def test_learnable_plus_starts_at_lambda1_one():

@@ -43,9 +43,11 @@ def test_divergence_names_the_step():
 def test_text_file_and_bin_shards(tmp_path):
     text = tmp_path / "corpus.txt"
     text.write_bytes(("the quick brown fox jumps over the lazy dog. " * 200).encode())
-    cfg = tiny("resformer", steps=4)
+    cfg = tiny("resformer", steps=30, lr=1e-2, eval_every=10)
     cfg.data.source = str(text)
-    assert train(cfg, progress=False)["val_loss"] < 6
+    # An untrained byte model scores about ln 256 = 5.55, the sentence's 27 distinct bytes
+    # used uniformly ln 27 = 3.30: below that, it learned which byte follows which.
+    assert train(cfg, progress=False)["val_loss"] < 3.0
     rng = np.random.default_rng(0)
     for i in range(2):
         write_shard(tmp_path / f"shard_{i}.bin", rng.integers(0, 1000, size=5000))

@@ -1,0 +1,162 @@
+"""The Pareto-aware pruner's rules on synthetic curves, and the pruning benchmark's arithmetic
+(no training)."""
+
+import sys
+from pathlib import Path
+
+import optuna
+import pytest
+from optuna.distributions import CategoricalDistribution
+from optuna.trial import TrialState, create_trial
+
+from nas.pruning import ParetoPruner, nondominated_ranks
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+import pruning as bench  # noqa: E402
+
+STEPS = 100
+VALIDATIONS = range(10, STEPS + 1, 10)
+
+
+def curve_of(final: float, gap: float = 0.0, bend: float = 1.0) -> list[list[float]]:
+    """A decreasing curve ending at `final`; `gap` is the extra loss at the first validation,
+    shrinking linearly to nothing at the last step (a trial catching up) when nonzero."""
+    return [[s, round(final * (1 + bend * (STEPS / s - 1) * 0.1)
+                      + gap * (STEPS - s) / (STEPS - 10), 6)] for s in VALIDATIONS]
+
+
+def completed(study: optuna.Study, n_params: int, curve: list[list[float]],
+              tag: str = "") -> None:
+    study.add_trial(create_trial(
+        values=[curve[-1][1], n_params], params={"tag": tag or str(len(study.trials))},
+        distributions={"tag": CategoricalDistribution([tag or str(len(study.trials))])},
+        user_attrs={"n_params": n_params, "curve": curve, "val_loss": curve[-1][1],
+                    "steps_trained": curve[-1][0], "config": {"tag": tag or len(study.trials)}}))
+
+
+def first_stop(pruner: ParetoPruner, study: optuna.Study, n_params: int,
+               curve: list[list[float]]) -> tuple[int | None, str | None]:
+    """The step at which `pruner` would stop a trial with this whole curve, and why."""
+    for i in range(len(curve)):
+        if reason := pruner.reason_to_prune(study, n_params, curve[:i + 1], STEPS):
+            return curve[i][0], reason
+    return None, None
+
+
+@pytest.fixture
+def study() -> optuna.Study:
+    """A completed reference trial of 1,000 params that ends at loss 2.0."""
+    s = optuna.create_study(directions=["minimize", "minimize"])
+    completed(s, 1_000, curve_of(2.0))
+    return s
+
+
+RULES = [ParetoPruner(rule="step", margin=0.005, patience=2),
+         ParetoPruner(rule="step", margin=0.01, final_margin=0.0025, protect=True),
+         ParetoPruner(rule="step", margin=0.0025, trend=True, protect=True),
+         ParetoPruner(rule="rungs", rungs=(0.3, 0.6, 0.9), keep=0.5),
+         ParetoPruner(rule="rungs", rungs=(0.3, 0.6, 0.9), keep=0.5, protect=True)]
+
+
+@pytest.mark.parametrize("pruner", RULES)
+def test_a_trial_that_stays_dominated_is_pruned_by_the_last_rung(study, pruner):
+    stop, reason = first_stop(pruner, study, 1_000, curve_of(2.2))  # 10% worse throughout
+    assert stop is not None and stop <= 0.9 * STEPS and reason.startswith("pareto:")
+
+
+@pytest.mark.parametrize("pruner", RULES)
+def test_a_trial_that_ends_on_the_front_is_never_pruned(study, pruner):
+    # Ahead of the reference from the start, by 2%: it ends on the front at its size.
+    assert first_stop(pruner, study, 1_000, curve_of(1.96)) == (None, None)
+    # Larger, but lower in loss: the reference does not dominate it either.
+    assert first_stop(pruner, study, 2_000, curve_of(1.9)) == (None, None)
+
+
+@pytest.mark.parametrize("pruner", RULES)
+def test_smaller_models_are_never_pruned(study, pruner):
+    # Nothing completed has as few parameters: nothing could dominate it.
+    assert first_stop(pruner, study, 500, curve_of(2.5)) == (None, None)
+
+
+def test_protect_spares_a_trial_already_below_the_front():
+    # The reference's validation loss dips to 1.98 at step 80 and ends at 2.0 (noise, or the
+    # start of overfitting). At step 90 the trial is worse than the reference at that step but
+    # below its final loss: were it stopped there, it would still be on the front.
+    s = optuna.create_study(directions=["minimize", "minimize"])
+    bumpy = [[step, loss] for step, loss in curve_of(2.0) if step < 80]
+    completed(s, 1_000, [*bumpy, [80, 1.98], [90, 1.98], [100, 2.0]])
+    trial = [*curve_of(2.0)[:7], [80, 2.01], [90, 1.995], [100, 1.99]]
+    assert first_stop(ParetoPruner(patience=1), s, 1_000, trial)[0] == 80
+    assert first_stop(ParetoPruner(patience=1, protect=True), s, 1_000, trial)[0] == 80
+    assert first_stop(ParetoPruner(patience=2, protect=True), s, 1_000, trial) == (None, None)
+    assert first_stop(ParetoPruner(patience=2), s, 1_000, trial)[0] == 90
+
+
+def test_trend_spares_a_trial_that_is_catching_up(study):
+    # 6% behind the reference at step 10, 1% ahead at the end, closing the gap steadily.
+    reference = study.trials[0].user_attrs["curve"]
+    catching_up = [[s, v * (1.06 - 0.07 * (s - 10) / 90)] for s, v in reference]
+    assert first_stop(ParetoPruner(margin=0.005), study, 1_000, catching_up)[0] == 20
+    assert first_stop(ParetoPruner(margin=0.005, trend=True), study, 1_000, catching_up) == (
+        None, None)
+
+
+def test_the_margin_shrinks_towards_the_last_step():
+    p = ParetoPruner(margin=0.02, final_margin=0.0, min_progress=0.2)
+    assert p.margin_at(0.1) == p.margin_at(0.2) == 0.02
+    assert p.margin_at(0.6) == pytest.approx(0.01) and p.margin_at(1.0) == 0.0
+    assert ParetoPruner(margin=0.02).margin_at(1.0) == 0.02
+
+
+def test_rungs_rank_by_non_dominated_sorting(study):
+    assert nondominated_ranks([(1.0, 2), (2.0, 1), (2.0, 2), (3.0, 3)]) == [0, 0, 1, 2]
+    pruner = ParetoPruner(rule="rungs", rungs=(0.5,), keep=0.5)
+    # At the 0.5 rung the trial ranks behind the reference only: 1 of 2 ahead, not kept.
+    stop, reason = first_stop(pruner, study, 1_000, curve_of(2.1))
+    assert stop == 50 and "1 of 2 trials rank before" in reason
+    # Pruned trials' curves count at the rungs they reached.
+    completed(study, 3_000, curve_of(1.5))
+    assert first_stop(pruner, study, 1_000, curve_of(2.1))[0] == 50
+
+
+def test_bad_options_are_type_errors():
+    for bad in ({"rule": "median"}, {"patience": 0}, {"keep": 0}, {"rungs": (0.5, 1.5)},
+                {"colour": "red"}):
+        with pytest.raises(TypeError):
+            ParetoPruner(**bad)
+
+
+# -- the benchmark's arithmetic ----------------------------------------------------------------
+
+
+def test_hypervolume_of_a_staircase():
+    # Two points under the reference (3, 30): (1, 10) covers 2 x 10 until n_params 20, then the
+    # best loss stays 1 until 30 (the dominated (2, 20) adds nothing): 2 x 20 in all = 40.
+    assert bench.hv([(1.0, 10), (2.0, 20)], (3.0, 30)) == pytest.approx(40.0)
+    assert bench.hv([(2.0, 10), (1.0, 20)], (3.0, 30)) == pytest.approx(10 + 20)
+    assert bench.hv([(4.0, 10)], (3.0, 30)) == 0.0
+
+
+def test_summary_is_mean_and_worst():
+    outcomes = [bench.Outcome(0.5, 0.01), bench.Outcome(0.3, -0.04), bench.Outcome(0.4, 0.0)]
+    got = bench.summary(outcomes)
+    assert got["saved_mean"] == pytest.approx(0.4) and got["saved_worst"] == 0.3
+    assert got["hv_mean"] == pytest.approx(-0.01) and got["hv_worst"] == -0.04
+
+
+def test_replay_counts_steps_and_keeps_what_the_pruner_lets_complete(study):
+    unpruned = optuna.create_study(directions=["minimize", "minimize"])
+    completed(unpruned, 1_000, curve_of(2.0), tag="a")
+    completed(unpruned, 1_000, curve_of(2.0), tag="a")  # a repeat: no steps in the replay
+    completed(unpruned, 2_000, curve_of(2.3), tag="b")  # dominated: stops at step 20
+    completed(unpruned, 2_000, curve_of(1.8), tag="c")
+    base = unpruned.get_trials()
+    spent, kept = bench.replay(base, ParetoPruner(margin=0.005, patience=2), STEPS)
+    assert spent == 100 + 20 + 100
+    assert sorted(t.user_attrs["val_loss"] for t in kept) == [1.8, 2.0]
+    ref = bench.reference_point(base)
+    assert ref == pytest.approx((2.3 * 1.01, 2_000 * 1.01))
+    outcome = bench.compare(base, spent, kept, ref)
+    assert outcome.saved == pytest.approx(1 - 220 / 400)
+    assert outcome.hv_change == 0.0  # the two dropped trials were off the front
+    assert all(t.state == TrialState.COMPLETE for t in kept)
