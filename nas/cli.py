@@ -66,9 +66,10 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import completed, write_report
+    from .report import write_report
     from .study import load_spec, open_existing
     from .summary import summary_markdown
+    from .trials import completed
 
     spec = load_spec(args.study)
     study = open_existing(spec, args.storage)

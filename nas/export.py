@@ -17,8 +17,7 @@ import optuna
 from optuna.trial import FrozenTrial
 
 from .config import ConfigError, dump_config, from_dict
-from .report import completed, loss_param_front
-from .study import describe, front
+from .trials import completed, describe, front, nondominated
 
 SUMMARY_FIELDS = ("file", "trial", "plan", "mode", "source", "receiving_layers", "baseline",
                   "n_params", "n_params_non_embedding", "val_loss", "val_ppl", "tokens",
@@ -47,7 +46,7 @@ def choose_trials(study: optuna.Study, pareto: bool = False,
     if len(study.directions) > 1:
         return [t for t in front(study) if "config" in t.user_attrs]
     # One objective (val_loss with a budget): the loss-vs-parameters front of what completed.
-    return loss_param_front(done)
+    return nondominated(done, ["val_loss", "n_params"])
 
 
 def summary_row(trial: FrozenTrial, file: str) -> dict[str, Any]:

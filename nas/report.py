@@ -19,9 +19,10 @@ import datetime
 import html
 import math
 import warnings
+import zlib
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, NamedTuple
 
 import numpy as np
 import optuna
@@ -35,8 +36,8 @@ from .arms import best_arms, choose_arms, reports_test, variant
 from .config import ConfigError
 from .modes import MODES
 from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
-from .study import OBJECTIVES, describe, front
 from .summary import budget_notes, html_table, sections
+from .trials import OBJECTIVES, completed, describe, front, nondominated
 
 # vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
 MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
@@ -47,27 +48,22 @@ HEIGHT = 480
 # -- trials ------------------------------------------------------------------------------------
 
 
-def completed(study: optuna.Study) -> list[FrozenTrial]:
-    """Completed trials that carry the measurements the figures read."""
-    return [t for t in study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-            if "val_loss" in t.user_attrs and "n_params" in t.user_attrs]
-
-
 def _label(t: FrozenTrial) -> str:
     return f"#{t.number} {describe(t.user_attrs)}" + (
         " (baseline)" if t.user_attrs.get("baseline") else "")
 
 
-_NAMED_COLORS: dict[str, str] = {}
+# The paper's named variants that share the mode resformer (studies/resformer_scaling.yaml).
+VARIANT_COLORS = {"identity": qualitative.Dark24[0], "sparse": qualitative.Dark24[5]}
 
 
 def _color(name: str) -> str:
-    """A mode's colour; a named variant (studies/resformer_scaling.yaml) gets its own."""
-    if name.removesuffix("+ve") in MODE_COLORS:
-        return MODE_COLORS[name.removesuffix("+ve")]
-    if name not in _NAMED_COLORS:
-        _NAMED_COLORS[name] = qualitative.Dark24[len(_NAMED_COLORS) % len(qualitative.Dark24)]
-    return _NAMED_COLORS[name]
+    """A mode's or named variant's colour, fixed by its name (the same in every figure and
+    report, whatever order they are drawn in)."""
+    base = name.removesuffix("+ve")
+    if base in MODE_COLORS or name in VARIANT_COLORS:
+        return MODE_COLORS.get(base) or VARIANT_COLORS[name]
+    return qualitative.Dark24[zlib.crc32(name.encode()) % len(qualitative.Dark24)]
 
 
 def message_figure(title: str, text: str) -> go.Figure:
@@ -88,16 +84,6 @@ def _params_axis(values: list[float]) -> dict[str, Any]:
 # -- Pareto front ------------------------------------------------------------------------------
 
 
-def loss_param_front(trials: list[FrozenTrial]) -> list[FrozenTrial]:
-    """Trials that no other trial beats on both validation loss and parameter count."""
-    ordered = sorted(trials, key=lambda t: (t.user_attrs["n_params"], t.user_attrs["val_loss"]))
-    out: list[FrozenTrial] = []
-    for t in ordered:
-        if not out or t.user_attrs["val_loss"] < out[-1].user_attrs["val_loss"]:
-            out.append(t)
-    return out
-
-
 def pareto_figure(study: optuna.Study) -> go.Figure:
     title = "Pareto front: val_loss against parameters"
     trials = completed(study)
@@ -116,7 +102,7 @@ def pareto_figure(study: optuna.Study) -> go.Figure:
             marker={"color": _color(mode), "size": 11, "line": {"width": 1, "color": "white"},
                     "symbol": SOURCE_SYMBOLS.get(source, "square")},
             hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
-    best = loss_param_front(trials)
+    best = nondominated(trials, ["val_loss", "n_params"])  # the front this plot shows
     fig.add_trace(go.Scatter(
         x=[t.user_attrs["n_params"] for t in best], y=[t.user_attrs["val_loss"] for t in best],
         mode="lines", line={"shape": "hv", "color": "black", "dash": "dot", "width": 1.5},
@@ -408,64 +394,68 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
 
 # -- the page ----------------------------------------------------------------------------------
 
-FIGURES: dict[str, tuple[str, Callable[[optuna.Study], go.Figure]]] = {
-    "pareto": ("Pareto front", pareto_figure),
-    "coefficients": ("Coefficients per layer", coefficients_figure),
-    "scaling": ("Scaling and equivalent parameter saving", scaling_figure),
-    "savings": ("Equivalent parameter saving", savings_figure),
-    "lr": ("Learning-rate sensitivity", lr_figure),
-    "tokens": ("Loss against training tokens", tokens_figure),
-    "analysis": ("Attention entropy and value similarity", analysis_figure),
-    "curves": ("Validation curves", curves_figure),
-    "importances": ("Parameter importances", importances_figure),
-    "hypervolume": ("Hypervolume history", hypervolume_figure),
-}
+class Figure(NamedTuple):
+    title: str
+    build: Callable[[optuna.Study], go.Figure]
+    explain: str
 
-EXPLAIN = {
-    "pareto": "Every completed trial: validation loss against parameter count, coloured by the "
-              "residual mode, marker by source (circle: first layer's values, diamond: value "
-              "embedding). The dotted staircase joins the trials that no other trial beats on "
-              "both axes.",
-    "coefficients": "The mixing coefficients at the end of training: lambda1 weighs the source "
-                    "values V1, lambda2 the layer's own values; dense adds fromI weights, gated "
-                    "reports its gate weight norm. One row per trial, one column per "
-                    "coefficient and receiving layer; blank where a layer does not receive.",
-    "scaling": "Each variant's loss at each model size (its best plan at its chosen learning "
-               "rate, mean over seeds; the test loss where the study has a test split), with a "
-               "fitted scaling curve over non-embedding parameters (a power law with an offset "
-               "from three sizes, log-linear from two). The equivalent parameter saving is the "
-               "paper's metric: 1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L.",
-    "savings": "The equivalent parameter saving per variant: the bar averages the readings "
-               "made inside the variant's measured sizes, with its 95% interval from refitting "
-               "on seeds resampled within each size; dots are the per-size readings, crosses "
-               "the extrapolated ones (outside the bar). The tables below the scaling figure "
-               "give every number, seed by seed.",
-    "lr": "Each variant's mean validation loss at every learning rate of the grid, per size, "
-          "over the seeds run at every rate; the large marker is the chosen rate. A flat "
-          "curve means the arm is insensitive to the rate; a choice at an end of the grid is "
-          "flagged in the tables.",
-    "tokens": "Where the study trains one size at several budgets (each with its own warmup "
-              "and cosine schedule): the final loss against tokens per parameter per variant, "
-              "and its difference from vanilla's, which shows whether a gain grows, shrinks "
-              "or changes sign as training gets longer.",
-    "analysis": "The paper's analyses at the largest model size, per layer and averaged over "
-                "seeds: the entropy of each query's attention (low: concentrated; uniform "
-                "causal attention has the most), and the cosine similarity of the values "
-                "attention uses, V'_n, to the first layer's V_1, on the first validation "
-                "windows. `nas analyze` prints the same for one run.",
-    "curves": "Validation loss against training step for every trial that reported one; "
-              "pruned trials are dotted and stop where they were pruned.",
-    "importances": "How much each searched parameter explains the validation loss "
-                   "(optuna.importance, PED-ANOVA).",
-    "hypervolume": "The hypervolume dominated by the Pareto front after each trial, against a "
-                   "reference point 10% beyond the worst observed value of each objective; it "
-                   "rises whenever a trial improves the front.",
+
+# Every figure of the report and the dashboard, in page order: one entry per figure.
+FIGURES: dict[str, Figure] = {
+    "pareto": Figure("Pareto front", pareto_figure, (
+        "Every completed trial: validation loss against parameter count, coloured by the "
+        "residual mode, marker by source (circle: first layer's values, diamond: value "
+        "embedding). The dotted staircase joins the trials that no other trial beats on both "
+        "axes.")),
+    "coefficients": Figure("Coefficients per layer", coefficients_figure, (
+        "The mixing coefficients at the end of training: lambda1 weighs the source values V1, "
+        "lambda2 the layer's own values; dense adds fromI weights, gated reports its gate "
+        "weight norm. One row per trial, one column per coefficient and receiving layer; "
+        "blank where a layer does not receive.")),
+    "scaling": Figure("Scaling and equivalent parameter saving", scaling_figure, (
+        "Each variant's loss at each model size (its best plan at its chosen learning rate, "
+        "mean over seeds; the test loss where the study has a test split), with a fitted "
+        "scaling curve over non-embedding parameters (a power law with an offset from three "
+        "sizes, log-linear from two). The equivalent parameter saving is the paper's metric: "
+        "1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L.")),
+    "savings": Figure("Equivalent parameter saving", savings_figure, (
+        "The equivalent parameter saving per variant: the bar averages the readings made "
+        "inside the variant's measured sizes, with its 95% interval from refitting on seeds "
+        "resampled within each size; dots are the per-size readings, crosses the extrapolated "
+        "ones (outside the bar). The tables below the scaling figure give every number, seed "
+        "by seed.")),
+    "lr": Figure("Learning-rate sensitivity", lr_figure, (
+        "Each variant's mean validation loss at every learning rate of the grid, per size, "
+        "over the seeds run at every rate; the large marker is the chosen rate. A flat curve "
+        "means the arm is insensitive to the rate; a choice at an end of the grid is flagged "
+        "in the tables.")),
+    "tokens": Figure("Loss against training tokens", tokens_figure, (
+        "Where the study trains one size at several budgets (each with its own warmup and "
+        "cosine schedule): the final loss against tokens per parameter per variant, and its "
+        "difference from vanilla's, which shows whether a gain grows, shrinks or changes sign "
+        "as training gets longer.")),
+    "analysis": Figure("Attention entropy and value similarity", analysis_figure, (
+        "The paper's analyses at the largest model size, per layer and averaged over seeds: "
+        "the entropy of each query's attention (low: concentrated; uniform causal attention "
+        "has the most), and the cosine similarity of the values attention uses, V'_n, to the "
+        "first layer's V_1, on the first validation windows. `nas analyze` prints the same "
+        "for one run.")),
+    "curves": Figure("Validation curves", curves_figure, (
+        "Validation loss against training step for every trial that reported one; pruned "
+        "trials are dotted and stop where they were pruned.")),
+    "importances": Figure("Parameter importances", importances_figure, (
+        "How much each searched parameter explains the validation loss (optuna.importance, "
+        "PED-ANOVA).")),
+    "hypervolume": Figure("Hypervolume history", hypervolume_figure, (
+        "The hypervolume dominated by the Pareto front after each trial, against a reference "
+        "point 10% beyond the worst observed value of each objective; it rises whenever a "
+        "trial improves the front.")),
 }
 
 
 def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
     """Every report figure, keyed as in FIGURES."""
-    return {key: make(study) for key, (_, make) in FIGURES.items()}
+    return {key: figure.build(study) for key, figure in FIGURES.items()}
 
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
@@ -508,9 +498,9 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         f"<h3>{title}</h3>", html_table(front_rows(study)),
     ]
     for key, fig in figures.items():
-        heading = FIGURES[key][0] if key in FIGURES else key
+        heading = FIGURES[key].title if key in FIGURES else key
         parts.append(f"<section id='{key}'><h2>{html.escape(heading)}</h2>"
-                     f"<p>{html.escape(EXPLAIN.get(key, ''))}</p>")
+                     f"<p>{html.escape(FIGURES[key].explain if key in FIGURES else '')}</p>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
         if key == "scaling":

@@ -41,14 +41,8 @@ from .artifacts import artifact_dir, upload_trial_artifacts
 from .config import ConfigError, RunConfig, from_dict, read_yaml
 from .pruning import ParetoPruner
 from .storage import HEARTBEAT, journal_path, make_storage, redact, storage_file
+from .trials import OBJECTIVES, describe, front
 
-# Objective name -> direction.
-OBJECTIVES = {
-    "val_loss": "minimize",
-    "n_params": "minimize",
-    "n_params_non_embedding": "minimize",
-    "tokens_per_s": "maximize",
-}
 SAMPLERS = ("tpe", "nsga2", "random", "bruteforce")
 PRUNERS = ("none", "pareto", "median", "hyperband")
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
@@ -361,18 +355,6 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
         study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=False)
         added += 1
     return added
-
-
-def describe(attrs: dict[str, Any]) -> str:
-    """A short label of a trial's residual plan, e.g. `learnable[3,4]` or `vanilla` (the
-    variant's name in place of the mode where the space names variants)."""
-    mode = attrs.get("mode", "?")
-    name = attrs.get("variant") or mode
-    if mode == "vanilla":
-        return name
-    layers = ",".join(map(str, attrs.get("receiving_layers", [])))
-    src = "+ve" if attrs.get("source") == "value_embedding" else ""
-    return f"{name}{src}[{layers}]"
 
 
 class Objective:
@@ -710,14 +692,6 @@ class TrialPrinter:
             tqdm.write(line)
         else:
             self.echo(line)
-
-
-def front(study: optuna.Study) -> list[optuna.trial.FrozenTrial]:
-    """The Pareto front (multi-objective) or the five best trials (single objective)."""
-    if len(study.directions) > 1:
-        return sorted(study.best_trials, key=lambda t: t.values[1])
-    done = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    return sorted(done, key=lambda t: t.value)[:5]
 
 
 def front_table(study: optuna.Study) -> str:

@@ -27,7 +27,8 @@ from nas.cli import main
 from nas.config import from_dict, load_config
 from nas.report import FIGURES
 from nas.scaling import fit_scaling, parameter_savings
-from nas.study import front, load_spec, open_study, run_search
+from nas.study import load_spec, open_study, run_search
+from nas.trials import front
 from tests.conftest import env_for_cli, nas_cmd
 from tests.test_search import write_spec
 
