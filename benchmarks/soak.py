@@ -1,6 +1,6 @@
 """Soak: N `nas search` workers on one PostgreSQL study, with random SIGKILLs.
 
-Starts a private PostgreSQL server (`nas.testing.pg`, Debian's binaries), writes a tiny study
+Starts a private PostgreSQL server (`tests/pg.py`, Debian's binaries), writes a tiny study
 spec with fast heartbeats, and keeps `--workers` worker processes running on it. Every
 `--kill-every` seconds (jittered) it SIGKILLs a random worker in the middle of a trial and
 starts a replacement with the same worker id. Once the workers have all exited, a worker is
@@ -39,7 +39,9 @@ from optuna.trial import TrialState
 
 from nas.storage import make_storage
 from nas.study import FINISHED
-from nas.testing.pg import PgCluster
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' PostgreSQL fixture
+from tests.pg import PgCluster  # noqa: E402
 
 
 @dataclass

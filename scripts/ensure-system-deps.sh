@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Install the Debian packages that the test suite needs, if any is missing (idempotent).
-#   postgresql: the server binaries for the tests' private PostgreSQL cluster (nas/testing/pg.py)
+#   postgresql: the server binaries for the tests' private PostgreSQL cluster (tests/pg.py)
 #   chromium:   the headless browser that renders the optuna-dashboard page (tests/test_inspect.py)
 # Installs only as root or through sudo; otherwise prints what to install and carries on.
 set -euo pipefail

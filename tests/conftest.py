@@ -1,10 +1,6 @@
-import os
-import sys
-from pathlib import Path
+"""Fixtures: an isolated corpus cache for every test, and a private PostgreSQL server."""
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(autouse=True)
@@ -14,21 +10,10 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("RESFORMER_NAS_CACHE", str(cache))
 
 
-def nas_cmd(*args: str) -> list[str]:
-    """The `nas` CLI as a user runs it, in a subprocess of this interpreter."""
-    return [sys.executable, "-m", "nas", *args]
-
-
-def env_for_cli() -> dict:
-    env = dict(os.environ)
-    env.setdefault("PYTHONWARNINGS", "ignore")
-    return env
-
-
 @pytest.fixture(scope="session")
 def pg_cluster():
     """A private PostgreSQL server for the session (Debian's binaries; never skipped)."""
-    from nas.testing.pg import PgCluster, PgUnavailable
+    from tests.pg import PgCluster, PgUnavailable
 
     try:
         cluster = PgCluster().start()

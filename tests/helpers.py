@@ -1,8 +1,25 @@
-"""Tiny run configs shared by the tests."""
+"""What the tests share: tiny run configs and study specs, the CLI as a user runs it (in a
+subprocess, or in-process through `main`), and free ports. Fixtures live in conftest.py."""
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
 from nas.config import RunConfig, from_dict
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# The fixed part of tiny studies: a few steps of a 2-3 layer, d 32 model.
+TINY_BASE = {
+    "model": {"d_model": 32, "n_head": 2, "seq_len": 16},
+    "train": {"steps": 12, "batch_size": 4, "eval_every": 4, "eval_batches": 1, "lr": 3e-3},
+}
 
 
 def tiny(mode: str = "vanilla", *, layers="all", source: str = "first_layer", lambda1=0.5,
@@ -15,3 +32,53 @@ def tiny(mode: str = "vanilla", *, layers="all", source: str = "first_layer", la
         "train": {**({"steps": steps} if steps is not None else {}), "batch_size": batch_size,
                   "seed": seed, "eval_batches": 2, **train},
     })
+
+
+def write_spec(tmp_path: Path, **overrides) -> Path:
+    """A tiny multi-objective study spec (4 TPE trials) in tmp_path/study.yaml."""
+    spec = {
+        "name": "tiny",
+        "space": {"model": {"n_layer": [2, 3]},
+                  "value_residual": {"mode": ["vanilla", "resformer", "learnable", "svformer"],
+                                     "lambda1": {"low": 0.2, "high": 2.0}}},
+        "objectives": ["val_loss", "n_params"],
+        "n_trials": 4,
+        "storage": f"sqlite:///{tmp_path}/tiny.db",
+        "base": TINY_BASE,
+        "sampler": {"type": "tpe", "n_startup_trials": 2},
+        "seed": 0,
+    }
+    spec.update(overrides)
+    path = tmp_path / "study.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def quiet(*args, **kw):
+    """run_search without a progress bar or printing."""
+    from nas.study import run_search
+
+    return run_search(*args, progress=False, echo=lambda *_: None, **kw)
+
+
+def nas_cmd(*args: str) -> list[str]:
+    """The `nas` CLI as a user runs it, in a subprocess of this interpreter."""
+    return [sys.executable, "-m", "nas", *args]
+
+
+def env_for_cli() -> dict:
+    env = dict(os.environ)
+    env.setdefault("PYTHONWARNINGS", "ignore")
+    env["HF_HUB_OFFLINE"] = "1"
+    return env
+
+
+def run_cli(*args: str, timeout: int = 600, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(nas_cmd(*args), capture_output=True, text=True, env=env_for_cli(),
+                          timeout=timeout, cwd=cwd)
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

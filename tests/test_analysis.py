@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
 
 import optuna
 import pytest
@@ -26,9 +25,7 @@ from nas.config import dump_config
 from nas.model import build_model
 from nas.scaling import data_saving, parameter_savings, tokens_to_reach
 from nas.summary import summary_markdown
-from tests.conftest import env_for_cli, nas_cmd
-from tests.helpers import tiny
-from tests.test_search import TINY_BASE
+from tests.helpers import TINY_BASE, run_cli, tiny
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -155,9 +152,6 @@ def test_parameter_saving_has_a_spread_across_seeds():
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------
 
 
-def run_cli(*args: str, cwd=None) -> subprocess.CompletedProcess:
-    return subprocess.run(nas_cmd(*args), capture_output=True, text=True, env=env_for_cli(),
-                          timeout=600, cwd=cwd)
 
 
 def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path):

@@ -9,9 +9,7 @@ import yaml
 
 from nas.storage import make_storage
 from nas.study import load_spec, run_search
-from nas.testing.pg import free_port
-from tests.conftest import env_for_cli, nas_cmd
-from tests.test_search import TINY_BASE
+from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd
 
 SPACE = {"model": {"n_layer": [2, 3]},
          "value_residual": {"mode": ["vanilla", "resformer"], "lambda1": {"low": 0.2,

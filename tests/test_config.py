@@ -6,7 +6,7 @@ import pytest
 import yaml
 
 from nas.config import ConfigError, from_dict, load_config
-from tests.conftest import ROOT, env_for_cli, nas_cmd
+from tests.helpers import ROOT, env_for_cli, nas_cmd
 
 GOOD = {
     "model": {"vocab_size": 256, "n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 16},

@@ -8,7 +8,6 @@ import io
 import json
 import re
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -29,8 +28,7 @@ from nas.report import FIGURES
 from nas.scaling import fit_scaling, parameter_savings
 from nas.study import load_spec, open_study, run_search
 from nas.trials import front
-from tests.conftest import env_for_cli, nas_cmd
-from tests.test_search import write_spec
+from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
 
 NAME = "inspect-tiny-study"
 
@@ -56,9 +54,6 @@ def tiny_study(tmp_path_factory):
     return path, spec, study
 
 
-def run_cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
-    return subprocess.run(nas_cmd(*args), capture_output=True, text=True, env=env_for_cli(),
-                          timeout=timeout)
 
 
 def test_trials_carry_config_and_curve_artifacts(tiny_study, tmp_path):
@@ -183,10 +178,6 @@ def test_equivalent_parameter_saving_recovers_a_known_saving():
     assert fit_scaling([1e5, 2e5], [3.0, 3.1]) is None  # loss rising with size: no fit
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _get(url: str):
@@ -247,7 +238,7 @@ def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
 
 
 def _start_dashboard(*args: str) -> tuple[subprocess.Popen, str]:
-    port = _free_port()
+    port = free_port()
     server = subprocess.Popen(nas_cmd("dashboard", *args, "--port", str(port), "--refresh", "0"),
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env_for_cli())

@@ -23,8 +23,7 @@ from nas.study import (
     open_study,
     run_search,
 )
-from tests.conftest import env_for_cli, nas_cmd
-from tests.test_search import TINY_BASE
+from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet
 
 STEPS = {"train": {**TINY_BASE["train"], "steps": 40, "eval_every": 10}}
 # Trials of a few seconds, for the tests that stop a worker in the middle of one.
@@ -194,8 +193,6 @@ def test_ctrl_c_fails_the_running_trial_and_a_rerun_resumes(tmp_path):
     assert len(states[TrialState.FAIL]) == 1
 
 
-def quiet(spec, **kw):
-    return run_search(spec, progress=False, echo=lambda *_: None, **kw)
 
 
 def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):

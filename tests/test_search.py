@@ -9,36 +9,8 @@ from optuna.trial import TrialState
 
 from nas.config import from_dict
 from nas.model import count_params
-from nas.study import load_spec, open_study, run_search
-from tests.conftest import env_for_cli, nas_cmd
-
-TINY_BASE = {
-    "model": {"d_model": 32, "n_head": 2, "seq_len": 16},
-    "train": {"steps": 12, "batch_size": 4, "eval_every": 4, "eval_batches": 1, "lr": 3e-3},
-}
-
-
-def write_spec(tmp_path, **overrides):
-    spec = {
-        "name": "tiny",
-        "space": {"model": {"n_layer": [2, 3]},
-                  "value_residual": {"mode": ["vanilla", "resformer", "learnable", "svformer"],
-                                     "lambda1": {"low": 0.2, "high": 2.0}}},
-        "objectives": ["val_loss", "n_params"],
-        "n_trials": 4,
-        "storage": f"sqlite:///{tmp_path}/tiny.db",
-        "base": TINY_BASE,
-        "sampler": {"type": "tpe", "n_startup_trials": 2},
-        "seed": 0,
-    }
-    spec.update(overrides)
-    path = tmp_path / "study.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
-
-
-def quiet(*args, **kw):
-    return run_search(*args, progress=False, echo=lambda *_: None, **kw)
+from nas.study import load_spec, open_study
+from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
 
 
 def test_study_completes_resumes_and_stores_what_it_measured(tmp_path):

@@ -19,8 +19,7 @@ from nas.pruning import ParetoPruner
 from nas.scaling import parameter_savings
 from nas.stats import mean_interval, sign_flip_p
 from nas.train import train
-from tests.conftest import env_for_cli, nas_cmd
-from tests.helpers import tiny
+from tests.helpers import env_for_cli, nas_cmd, tiny
 
 # -- budgets -----------------------------------------------------------------------------------
 

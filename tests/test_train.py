@@ -10,8 +10,7 @@ import yaml
 from nas.data import write_shard
 from nas.lit import DivergenceError
 from nas.train import train
-from tests.conftest import env_for_cli, nas_cmd
-from tests.helpers import tiny
+from tests.helpers import env_for_cli, nas_cmd, tiny
 
 
 def test_a_few_dozen_steps_lower_the_loss():

@@ -1,1 +1,0 @@
-"""Helpers for the test suite and the benchmarks (not used by the `nas` commands)."""
