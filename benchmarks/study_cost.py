@@ -22,7 +22,7 @@ from optuna.trial import FixedTrial
 from nas import lr_sweep
 from nas import space as spaces
 from nas.config import RunConfig, from_dict, vanilla_non_embedding_params
-from nas.study import load_spec
+from nas.spec import load_spec
 
 
 def train_flops(cfg: RunConfig) -> float:

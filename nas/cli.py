@@ -30,7 +30,9 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .study import SearchError, front_table, load_spec, run_search
+    from .console import front_table
+    from .search import SearchError, run_search
+    from .spec import load_spec
 
     for flag, zero_ok in (("n_trials", False), ("timeout", False), ("worker_id", True),
                           ("threads", False)):
@@ -52,7 +54,8 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_choice, choose_trials, export_trials
-    from .study import load_spec, open_existing
+    from .spec import load_spec
+    from .study import open_existing
 
     check_choice(args.pareto, args.best)
     study = open_existing(load_spec(args.study), args.storage)
@@ -67,7 +70,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def cmd_report(args: argparse.Namespace) -> int:
     from .report import write_report
-    from .study import load_spec, open_existing
+    from .spec import load_spec
+    from .study import open_existing
     from .summary import summary_markdown
     from .trials import completed
 
@@ -134,7 +138,8 @@ def _analyze_run_folder(folder: Path) -> dict:
 
 
 def _analyze_trial(study_path: Path, number: int | None, storage: str | None) -> dict:
-    from .study import load_spec, open_existing
+    from .spec import load_spec
+    from .study import open_existing
 
     if number is None:
         raise ConfigError(f"{study_path}: a study spec; pass --trial N to analyze its trial N")
@@ -153,7 +158,7 @@ def _analyze_trial(study_path: Path, number: int | None, storage: str | None) ->
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
     from .dashboard import serve
-    from .study import load_spec
+    from .spec import load_spec
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: must be in 0..65535, got {args.port}")

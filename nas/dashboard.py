@@ -26,8 +26,9 @@ from optuna.trial import TrialState
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .report import build_figures, front_rows
+from .spec import StudySpec
 from .storage import make_storage
-from .study import FINISHED, StudySpec, open_existing, resolve_storage
+from .study import FINISHED, open_existing, resolve_storage
 from .summary import markdown_table, sections
 from .trials import OBJECTIVES, completed
 

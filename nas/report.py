@@ -459,7 +459,7 @@ def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
 
 
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The study's front (nas.study.front) as table rows."""
+    """The study's front (nas.trials.front) as table rows."""
     return [{"trial": t.number, "plan": describe(t.user_attrs),
              "n_params": f"{t.user_attrs['n_params']:,}",
              "val_loss": f"{t.user_attrs['val_loss']:.4f}",

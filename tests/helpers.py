@@ -56,7 +56,7 @@ def write_spec(tmp_path: Path, **overrides) -> Path:
 
 def quiet(*args, **kw):
     """run_search without a progress bar or printing."""
-    from nas.study import run_search
+    from nas.search import run_search
 
     return run_search(*args, progress=False, echo=lambda *_: None, **kw)
 

@@ -7,8 +7,9 @@ import optuna
 import pytest
 import yaml
 
+from nas.search import run_search
+from nas.spec import load_spec
 from nas.storage import make_storage
-from nas.study import load_spec, run_search
 from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd
 
 SPACE = {"model": {"n_layer": [2, 3]},

@@ -26,7 +26,9 @@ from nas.cli import main
 from nas.config import from_dict, load_config
 from nas.report import FIGURES
 from nas.scaling import fit_scaling, parameter_savings
-from nas.study import load_spec, open_study, run_search
+from nas.search import run_search
+from nas.spec import load_spec
+from nas.study import open_study
 from nas.trials import front
 from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
 

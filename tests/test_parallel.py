@@ -14,15 +14,10 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.lit import LitDecoder
+from nas.search import MAX_FAILURES, SearchError, run_search
+from nas.spec import load_spec
 from nas.storage import make_storage
-from nas.study import (
-    FINISHED,
-    MAX_FAILURES,
-    SearchError,
-    load_spec,
-    open_study,
-    run_search,
-)
+from nas.study import FINISHED, open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet
 
 STEPS = {"train": {**TINY_BASE["train"], "steps": 40, "eval_every": 10}}
@@ -240,7 +235,7 @@ def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkey
 
 
 def test_workers_without_an_id_get_distinct_seeds():
-    from nas.study import worker_seed_offset
+    from nas.search import worker_seed_offset
 
     assert worker_seed_offset(False, None) == 0  # alone: reproducible
     assert worker_seed_offset(True, 3) == 3

@@ -9,7 +9,8 @@ from optuna.trial import TrialState
 
 from nas.config import from_dict
 from nas.model import count_params
-from nas.study import load_spec, open_study
+from nas.spec import load_spec
+from nas.study import open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
 
 
