@@ -25,7 +25,8 @@ from optuna.trial import TrialState
 
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
-from .report import build_figures, front_rows
+from .figures import build_figures
+from .report import front_rows
 from .spec import StudySpec
 from .storage import make_storage
 from .study import FINISHED, open_existing, resolve_storage

@@ -1,13 +1,16 @@
-"""Ctrl+C in a worker: one handler, used by the search loop and the trial objective. Lightning
-turns Ctrl+C (and SIGTERM) into its own exit during training; `nas.train` converts that back
-into the KeyboardInterrupt handled here. Knows nothing of torch.
+"""Ctrl+C, in one place: the worker's SIGINT handler (`CTRL_C`, used by the search loop and the
+trial objective), and `lightning_interrupts`, which turns Lightning's own exit on Ctrl+C (and
+SIGTERM) during training back into the KeyboardInterrupt that handler expects. Knows nothing
+of torch.
 """
 
 from __future__ import annotations
 
+import contextlib
 import signal
 import sys
 import threading
+from collections.abc import Iterator
 from typing import Any
 
 
@@ -50,3 +53,15 @@ class CtrlC:
 
 
 CTRL_C = CtrlC()
+
+
+@contextlib.contextmanager
+def lightning_interrupts() -> Iterator[None]:
+    """Lightning turns Ctrl+C (and SIGTERM) into sys.exit(1) and ignores SIGINT from then on:
+    give the caller the KeyboardInterrupt it expects and its Ctrl+C handler back."""
+    sigint = signal.getsignal(signal.SIGINT)
+    try:
+        yield
+    except SystemExit:
+        signal.signal(signal.SIGINT, sigint)
+        raise KeyboardInterrupt from None

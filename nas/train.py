@@ -6,7 +6,6 @@ import gc
 import json
 import logging
 import math
-import signal
 import time
 import warnings
 from collections.abc import Callable, Sequence
@@ -22,6 +21,7 @@ from lightning.pytorch.loggers import CSVLogger
 from .analysis import analyze
 from .config import RunConfig, dump_config
 from .data import TokenDataModule
+from .interrupt import lightning_interrupts
 from .lit import LitDecoder
 from .model import count_params
 
@@ -140,19 +140,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
         enable_progress_bar=progress,
         callbacks=extra,
     )
-    sigint = signal.getsignal(signal.SIGINT)
-    try:
+    with lightning_interrupts():
         trainer.fit(lit, datamodule=data)
         if not lit.curve or lit.curve[-1][0] != trainer.global_step:
             trainer.validate(lit, datamodule=data, verbose=False)
         if data.test_dataloader() is not None:
             trainer.test(lit, datamodule=data, verbose=False)
-    except SystemExit:
-        # Lightning turns Ctrl+C (and SIGTERM) into sys.exit(1) and ignores SIGINT from then
-        # on; give the caller (the study loop) the KeyboardInterrupt it expects and its Ctrl+C
-        # handler back.
-        signal.signal(signal.SIGINT, sigint)
-        raise KeyboardInterrupt from None
     step_seconds = timer.seconds
     tokens = trainer.global_step * cfg.tokens_per_step
     counts = count_params(cfg)

@@ -24,7 +24,7 @@ from nas.arms import best_arms
 from nas.artifacts import artifact_dir, artifact_store
 from nas.cli import main
 from nas.config import from_dict, load_config
-from nas.report import FIGURES
+from nas.figures import FIGURES
 from nas.scaling import fit_scaling, parameter_savings
 from nas.search import run_search
 from nas.spec import load_spec

@@ -1,0 +1,446 @@
+"""The report's figures: one plotly builder per figure, and one registry (`FIGURES`: title,
+builder, explanation) that the HTML report and the dashboard both read. Adding a figure is one
+builder and one entry. Reads trials (through nas.arms and nas.scaling for the scaling figures);
+knows nothing of torch. One piece (about 440 lines) because the ten builders share the palette
+and axis helpers and the registry must see them all.
+"""
+
+
+from __future__ import annotations
+
+import math
+import warnings
+import zlib
+from collections.abc import Callable
+from typing import Any, NamedTuple
+
+import numpy as np
+import optuna
+import plotly.graph_objects as go
+from optuna.trial import FrozenTrial, TrialState
+from plotly.colors import qualitative
+from plotly.subplots import make_subplots
+
+from .arms import best_arms, choose_arms, reports_test, variant
+from .modes import MODES
+from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
+from .summary import budget_notes
+from .trials import completed, describe, nondominated
+
+# vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
+MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
+SOURCE_SYMBOLS = {"first_layer": "circle", "value_embedding": "diamond"}
+HEIGHT = 480
+
+
+# -- trials ------------------------------------------------------------------------------------
+
+
+def _label(t: FrozenTrial) -> str:
+    return f"#{t.number} {describe(t.user_attrs)}" + (
+        " (baseline)" if t.user_attrs.get("baseline") else "")
+
+
+# The paper's named variants that share the mode resformer (studies/resformer_scaling.yaml).
+VARIANT_COLORS = {"identity": qualitative.Dark24[0], "sparse": qualitative.Dark24[5]}
+
+
+def _color(name: str) -> str:
+    """A mode's or named variant's colour, fixed by its name (the same in every figure and
+    report, whatever order they are drawn in)."""
+    base = name.removesuffix("+ve")
+    if base in MODE_COLORS or name in VARIANT_COLORS:
+        return MODE_COLORS.get(base) or VARIANT_COLORS[name]
+    return qualitative.Dark24[zlib.crc32(name.encode()) % len(qualitative.Dark24)]
+
+
+def message_figure(title: str, text: str) -> go.Figure:
+    """A figure that says why there is nothing to plot."""
+    fig = go.Figure()
+    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
+                       font={"size": 15})
+    fig.update_layout(title=title, height=260, xaxis={"visible": False},
+                      yaxis={"visible": False})
+    return fig
+
+
+def _params_axis(values: list[float]) -> dict[str, Any]:
+    spread = max(values) / max(min(values), 1) if values else 1
+    return {"title": "parameters (n_params)", "type": "log" if spread > 4 else "linear"}
+
+
+# -- Pareto front ------------------------------------------------------------------------------
+
+
+def pareto_figure(study: optuna.Study) -> go.Figure:
+    title = "Pareto front: val_loss against parameters"
+    trials = completed(study)
+    if not trials:
+        return message_figure(title, "no completed trials yet")
+    fig = go.Figure()
+    groups: dict[tuple[str, str], list[FrozenTrial]] = {}
+    for t in trials:
+        key = (t.user_attrs.get("mode", "?"), t.user_attrs.get("source", "first_layer"))
+        groups.setdefault(key, []).append(t)
+    for (mode, source), ts in sorted(groups.items()):
+        fig.add_trace(go.Scatter(
+            x=[t.user_attrs["n_params"] for t in ts], y=[t.user_attrs["val_loss"] for t in ts],
+            mode="markers", name=mode if source == "first_layer" else f"{mode} ({source})",
+            legendgroup=mode, text=[_label(t) for t in ts],
+            marker={"color": _color(mode), "size": 11, "line": {"width": 1, "color": "white"},
+                    "symbol": SOURCE_SYMBOLS.get(source, "square")},
+            hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
+    best = nondominated(trials, ["val_loss", "n_params"])  # the front this plot shows
+    fig.add_trace(go.Scatter(
+        x=[t.user_attrs["n_params"] for t in best], y=[t.user_attrs["val_loss"] for t in best],
+        mode="lines", line={"shape": "hv", "color": "black", "dash": "dot", "width": 1.5},
+        name="Pareto front", hoverinfo="skip"))
+    fig.update_layout(title=title, height=HEIGHT, yaxis_title="validation loss",
+                      xaxis=_params_axis([t.user_attrs["n_params"] for t in trials]),
+                      legend_title="mode (marker: source)")
+    return fig
+
+
+# -- coefficients ------------------------------------------------------------------------------
+
+
+def _coefficient_key(key: str) -> tuple[str, int]:
+    """`L3.lambda1` -> ("lambda1", 3)."""
+    layer, _, name = key.partition(".")
+    try:
+        return name, int(layer.removeprefix("L"))
+    except ValueError:
+        return key, -1
+
+
+def coefficients_figure(study: optuna.Study) -> go.Figure:
+    title = "Mixing coefficients per layer"
+    trials = [t for t in completed(study) if t.user_attrs.get("coefficients")]
+    if not trials:
+        return message_figure(title, "no completed trial has residual coefficients "
+                              "(vanilla and svformer have none)")
+    keys = sorted({k for t in trials for k in t.user_attrs["coefficients"]},
+                  key=_coefficient_key)
+    columns = [f"{name} L{layer}" for name, layer in map(_coefficient_key, keys)]
+    trials.sort(key=lambda t: (t.user_attrs.get("mode", ""), t.number))
+    z = [[t.user_attrs["coefficients"].get(k, math.nan) for k in keys] for t in trials]
+    fig = go.Figure(go.Heatmap(
+        z=z, x=columns, y=[_label(t) for t in trials], colorscale="Viridis",
+        texttemplate="%{z:.2f}", colorbar={"title": "value"}, hoverongaps=False,
+        hovertemplate="%{y}<br>%{x}: %{z:.4f}<extra></extra>"))
+    fig.update_layout(title=title + " (final values)",
+                      height=max(HEIGHT, 120 + 28 * len(trials)),
+                      xaxis_title="coefficient and receiving layer",
+                      yaxis={"autorange": "reversed"})
+    return fig
+
+
+# -- scaling fits and the equivalent parameter saving ------------------------------------------
+
+
+def _loss_axis(trials: list[FrozenTrial]) -> str:
+    return "test loss" if reports_test(trials) else "validation loss (no test split)"
+
+
+def scaling_figure(study: optuna.Study) -> go.Figure:
+    title = "Scaling fits per variant and parameter saving vs vanilla"
+    trials = completed(study)
+    if not trials:
+        return message_figure(title, "no completed trials yet")
+    arms = best_arms(trials)
+    levels = parameter_levels(arms)
+    base, savings = parameter_savings(arms)
+    fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
+    notes = {s.variant: (f"saving {s.headline:+.1%}" if s.headline is not None else s.note)
+             for s in savings}
+    all_n = [lv.x for lvs in levels.values() for lv in lvs]
+    fig = go.Figure()
+    for name, lvs in levels.items():
+        color = _color(name)
+        label = f"{name}: {notes[name]}" if name in notes else f"{name} (reference)"
+        fig.add_trace(go.Scatter(
+            x=[lv.x for lv in lvs], y=[lv.loss for lv in lvs], mode="markers", name=label,
+            legendgroup=name, marker={"color": color, "size": 10},
+            error_y={"type": "data", "symmetric": False,
+                     "array": [max(lv.by_seed.values()) - lv.loss for lv in lvs],
+                     "arrayminus": [lv.loss - min(lv.by_seed.values()) for lv in lvs]},
+            text=[f"{name} at {lv.label}: {len(lv.by_seed)} seed(s), "
+                  f"{lv.tokens_per_param:.3g} tokens/param" for lv in lvs],
+            hovertemplate="%{text}<br>non-embedding params %{x:,}<br>loss %{y:.4f}"
+                          "<extra></extra>"))
+        fit = fits.get(name)
+        if fit is not None:
+            grid = np.geomspace(min(all_n) / 1.2, max(all_n) * 1.2, 60)
+            fig.add_trace(go.Scatter(
+                x=grid, y=fit.loss(grid), mode="lines", legendgroup=name, showlegend=False,
+                line={"color": color, "dash": "dash" if name != "vanilla" else "solid"},
+                name=f"{name} fit", hovertemplate=f"{name}: {fit.describe()}<extra></extra>"))
+    warning = " ".join(budget_notes(arms)[1:])
+    if warning:
+        fig.add_annotation(text=warning, showarrow=False, x=0, y=1.08, xref="paper",
+                           yref="paper", xanchor="left", font={"color": "#b00", "size": 12})
+    axis = _params_axis(all_n)
+    axis["title"] = "non-embedding parameters"
+    fig.update_layout(
+        title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.22}, xaxis=axis,
+        yaxis_title=f"{_loss_axis(trials)} (mean over seeds at the chosen lr; bars: min-max)")
+    return fig
+
+
+def savings_figure(study: optuna.Study) -> go.Figure:
+    title = "Equivalent parameter saving against vanilla, per size and per seed"
+    arms = best_arms(completed(study))
+    _, savings = parameter_savings(arms)
+    savings = [s for s in savings if s.levels]
+    if not savings:
+        return message_figure(title, "no saving to show: needs vanilla and another variant "
+                              "at two or more model sizes")
+    fig = go.Figure()
+    for s in savings:
+        color = _color(s.variant)
+        error = {}
+        if s.headline is not None and s.interval is not None and not math.isnan(s.interval[0]):
+            error = {"type": "data", "symmetric": False, "array": [s.interval[1] - s.headline],
+                     "arrayminus": [s.headline - s.interval[0]]}
+        fig.add_trace(go.Bar(
+            x=[s.variant], y=[s.headline or 0.0], marker_color=color, error_y=error,
+            name=f"{s.variant} (headline, 95% interval)", legendgroup=s.variant,
+            hovertemplate=f"{s.variant}: %{{y:+.1%}} (interpolated readings)<extra></extra>"))
+        fig.add_trace(go.Scatter(
+            x=[s.variant] * len(s.levels), y=[lv.saving for lv in s.levels], mode="markers",
+            legendgroup=s.variant, showlegend=False,
+            marker={"color": "black", "symbol": ["circle" if lv.interpolated else "x-open"
+                                                 for lv in s.levels], "size": 8},
+            text=[f"at {lv.label}" + ("" if lv.interpolated else " (extrapolated)")
+                  for lv in s.levels],
+            hovertemplate="%{text}: %{y:+.1%}<extra></extra>"))
+    fig.update_layout(title=title + " (dots: per size; crosses: extrapolated, not in the bar)",
+                      height=HEIGHT, showlegend=False,
+                      yaxis={"title": "saving (share of vanilla's parameters)",
+                             "tickformat": "+.0%"})
+    return fig
+
+
+def lr_figure(study: optuna.Study) -> go.Figure:
+    title = "Validation loss against learning rate, per variant and size"
+    arms = [a for a in choose_arms(completed(study)) if len(a.grid) > 1 and a.val_by_lr]
+    if not arms:
+        return message_figure(title, "no arm ran a learning-rate grid")
+    shapes = sorted({a.shape for a in arms}, key=lambda s: min(a.n_params for a in arms
+                                                                if a.shape == s))
+    fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=shapes, shared_yaxes=False)
+    shown: set[str] = set()
+    for col, shape in enumerate(shapes, start=1):
+        for a in sorted((a for a in arms if a.shape == shape), key=lambda a: a.variant):
+            rates = [lr for lr in a.grid if lr in a.val_by_lr]
+            fig.add_trace(go.Scatter(
+                x=rates, y=[a.val_by_lr[lr] for lr in rates], mode="lines+markers",
+                name=a.variant, legendgroup=a.variant, showlegend=a.variant not in shown,
+                marker={"color": _color(a.variant), "size": [12 if lr == a.lr else 6
+                                                             for lr in rates]},
+                line={"color": _color(a.variant)},
+                hovertemplate=f"{a.variant}, lr %{{x:g}}: %{{y:.4f}}<extra></extra>"),
+                row=1, col=col)
+            shown.add(a.variant)
+        fig.update_xaxes(type="log", title_text="lr", row=1, col=col)
+    fig.update_layout(title=title + " (large marker: the chosen rate)", height=HEIGHT,
+                      legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def tokens_figure(study: optuna.Study) -> go.Figure:
+    title = "Loss against training tokens per variant (each budget its own schedule)"
+    trials = completed(study)
+    by_shape = token_levels(best_arms(trials))
+    if not by_shape:
+        return message_figure(title, "no model shape was trained at two or more budgets")
+    shape, by_name = next(iter(by_shape.items()))
+    base = {lv.label: lv for lv in by_name.get("vanilla", [])}
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        f"{_loss_axis(trials)} at {shape}", "minus vanilla's (mean over seeds)"))
+    for name, lvs in by_name.items():
+        color = _color(name)
+        fig.add_trace(go.Scatter(
+            x=[lv.tokens_per_param for lv in lvs], y=[lv.loss for lv in lvs], name=name,
+            legendgroup=name, mode="lines+markers", line={"color": color}), row=1, col=1)
+        pairs = [(lv.tokens_per_param, lv.loss - base[lv.label].loss) for lv in lvs
+                 if lv.label in base and name != "vanilla"]
+        if pairs:
+            fig.add_trace(go.Scatter(
+                x=[p[0] for p in pairs], y=[p[1] for p in pairs], name=name, legendgroup=name,
+                showlegend=False, mode="lines+markers", line={"color": color}), row=1, col=2)
+    fig.add_hline(y=0, line={"color": "#404040", "dash": "dot"}, row=1, col=2)
+    fig.update_xaxes(type="log", title_text="tokens per non-embedding parameter")
+    fig.update_layout(title=title, height=HEIGHT, legend={"orientation": "h", "y": -0.25})
+    return fig
+
+
+def analysis_figure(study: optuna.Study) -> go.Figure:
+    title = "Per-layer attention entropy and value similarity to layer 0"
+    trials = completed(study)
+    entropy = layer_profile(trials, "attention_entropy")
+    cosine = layer_profile(trials, "mixed_value_cosine")
+    if not entropy:
+        return message_figure(title, "no completed trial carries an analysis")
+    shape = list(entropy)[-1]  # the largest model: the shapes sort by layers, then width
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "attention entropy (nats)", "cosine(V'_n, V_1) of the values attention uses"))
+    for col, profile in ((1, entropy), (2, cosine)):
+        for name, values in profile.get(shape, {}).items():
+            fig.add_trace(go.Scatter(
+                x=list(range(len(values))), y=values, mode="lines+markers", name=name,
+                legendgroup=name, showlegend=col == 1, line={"color": _color(name)},
+                hovertemplate=f"{name}<br>layer %{{x}}: %{{y:.3f}}<extra></extra>"),
+                row=1, col=col)
+    fig.update_xaxes(title_text="layer", dtick=1)
+    fig.update_layout(title=f"{title}: {shape}, mean over seeds", height=HEIGHT)
+    return fig
+
+
+# -- curves, importances, hypervolume ----------------------------------------------------------
+
+
+def curves_figure(study: optuna.Study) -> go.Figure:
+    title = "Validation curves"
+    trials = [t for t in study.get_trials(deepcopy=False,
+                                          states=(TrialState.COMPLETE, TrialState.PRUNED))
+              if t.user_attrs.get("curve")]
+    if not trials:
+        return message_figure(title, "no trial has reported a validation loss yet")
+    fig = go.Figure()
+    shown: set[str] = set()
+    for t in trials:
+        name = variant(t.user_attrs)
+        pruned = t.state == TrialState.PRUNED
+        curve = t.user_attrs["curve"]
+        fig.add_trace(go.Scatter(
+            x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines+markers", name=name,
+            legendgroup=name, showlegend=name not in shown, opacity=0.5 if pruned else 0.9,
+            line={"color": _color(name), "dash": "dot" if pruned else "solid"},
+            marker={"size": 5}, text=[_label(t) + (" (pruned)" if pruned else "")] * len(curve),
+            hovertemplate="%{text}<br>step %{x}<br>val_loss %{y:.4f}<extra></extra>"))
+        shown.add(name)
+    fig.update_layout(title=title + " (dotted: pruned)", height=HEIGHT, xaxis_title="step",
+                      yaxis_title="validation loss", legend_title="mode")
+    return fig
+
+
+def importances_figure(study: optuna.Study) -> go.Figure:
+    title = "Parameter importances for val_loss"
+    n_done = len(completed(study))
+    try:
+        if n_done < 3:
+            raise ValueError(f"needs at least 3 completed trials, the study has {n_done}")
+        with warnings.catch_warnings():  # PED-ANOVA's reminder that low values are the goal
+            warnings.simplefilter("ignore", UserWarning)
+            importances = optuna.importance.get_param_importances(
+                study, target=lambda t: t.values[0])
+        if not importances:
+            raise ValueError("no parameter varies across the completed trials")
+    except (ValueError, RuntimeError) as exc:
+        return message_figure(title, f"no importances: {exc}")
+    names = list(importances)[::-1]
+    fig = go.Figure(go.Bar(x=[importances[k] for k in names], y=names, orientation="h",
+                           marker_color="#636efa",
+                           hovertemplate="%{y}: %{x:.3f}<extra></extra>"))
+    fig.update_layout(title=title + f" ({n_done} completed trials)",
+                      height=max(300, 120 + 30 * len(names)), xaxis_title="importance",
+                      margin={"l": 220})
+    return fig
+
+
+def reference_point(study: optuna.Study) -> list[float]:
+    """10% beyond the worst observed value of each objective."""
+    values = np.array([t.values for t in study.get_trials(deepcopy=False,
+                                                          states=(TrialState.COMPLETE,))])
+    ref = []
+    for i, direction in enumerate(study.directions):
+        if direction == optuna.study.StudyDirection.MINIMIZE:
+            worst = float(values[:, i].max())
+            ref.append(worst + 0.1 * abs(worst))
+        else:
+            worst = float(values[:, i].min())
+            ref.append(worst - 0.1 * abs(worst))
+    return ref
+
+
+def hypervolume_figure(study: optuna.Study) -> go.Figure:
+    if not completed(study):
+        return message_figure("Hypervolume history", "no completed trials yet")
+    if len(study.directions) == 1:
+        fig = optuna.visualization.plot_optimization_history(study, target_name="val_loss")
+        fig.update_layout(title="Best validation loss history (single objective: "
+                                "no hypervolume)", height=HEIGHT)
+        return fig
+    ref = reference_point(study)
+    fig = optuna.visualization.plot_hypervolume_history(study, reference_point=ref)
+    names = study.metric_names or [f"objective {i}" for i in range(len(ref))]
+    where = ", ".join(f"{n} {v:,.4g}" for n, v in zip(names, ref, strict=True))
+    fig.update_layout(title=f"Hypervolume history (reference point: {where})", height=HEIGHT)
+    return fig
+
+
+# -- the registry ------------------------------------------------------------------------------
+
+class Figure(NamedTuple):
+    title: str
+    build: Callable[[optuna.Study], go.Figure]
+    explain: str
+
+
+# Every figure of the report and the dashboard, in page order: one entry per figure.
+FIGURES: dict[str, Figure] = {
+    "pareto": Figure("Pareto front", pareto_figure, (
+        "Every completed trial: validation loss against parameter count, coloured by the "
+        "residual mode, marker by source (circle: first layer's values, diamond: value "
+        "embedding). The dotted staircase joins the trials that no other trial beats on both "
+        "axes.")),
+    "coefficients": Figure("Coefficients per layer", coefficients_figure, (
+        "The mixing coefficients at the end of training: lambda1 weighs the source values V1, "
+        "lambda2 the layer's own values; dense adds fromI weights, gated reports its gate "
+        "weight norm. One row per trial, one column per coefficient and receiving layer; "
+        "blank where a layer does not receive.")),
+    "scaling": Figure("Scaling and equivalent parameter saving", scaling_figure, (
+        "Each variant's loss at each model size (its best plan at its chosen learning rate, "
+        "mean over seeds; the test loss where the study has a test split), with a fitted "
+        "scaling curve over non-embedding parameters (a power law with an offset from three "
+        "sizes, log-linear from two). The equivalent parameter saving is the paper's metric: "
+        "1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L.")),
+    "savings": Figure("Equivalent parameter saving", savings_figure, (
+        "The equivalent parameter saving per variant: the bar averages the readings made "
+        "inside the variant's measured sizes, with its 95% interval from refitting on seeds "
+        "resampled within each size; dots are the per-size readings, crosses the extrapolated "
+        "ones (outside the bar). The tables below the scaling figure give every number, seed "
+        "by seed.")),
+    "lr": Figure("Learning-rate sensitivity", lr_figure, (
+        "Each variant's mean validation loss at every learning rate of the grid, per size, "
+        "over the seeds run at every rate; the large marker is the chosen rate. A flat curve "
+        "means the arm is insensitive to the rate; a choice at an end of the grid is flagged "
+        "in the tables.")),
+    "tokens": Figure("Loss against training tokens", tokens_figure, (
+        "Where the study trains one size at several budgets (each with its own warmup and "
+        "cosine schedule): the final loss against tokens per parameter per variant, and its "
+        "difference from vanilla's, which shows whether a gain grows, shrinks or changes sign "
+        "as training gets longer.")),
+    "analysis": Figure("Attention entropy and value similarity", analysis_figure, (
+        "The paper's analyses at the largest model size, per layer and averaged over seeds: "
+        "the entropy of each query's attention (low: concentrated; uniform causal attention "
+        "has the most), and the cosine similarity of the values attention uses, V'_n, to the "
+        "first layer's V_1, on the first validation windows. `nas analyze` prints the same "
+        "for one run.")),
+    "curves": Figure("Validation curves", curves_figure, (
+        "Validation loss against training step for every trial that reported one; pruned "
+        "trials are dotted and stop where they were pruned.")),
+    "importances": Figure("Parameter importances", importances_figure, (
+        "How much each searched parameter explains the validation loss (optuna.importance, "
+        "PED-ANOVA).")),
+    "hypervolume": Figure("Hypervolume history", hypervolume_figure, (
+        "The hypervolume dominated by the Pareto front after each trial, against a reference "
+        "point 10% beyond the worst observed value of each objective; it rises whenever a "
+        "trial improves the front.")),
+}
+
+
+def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
+    """Every report figure, keyed as in FIGURES."""
+    return {key: figure.build(study) for key, figure in FIGURES.items()}
