@@ -92,6 +92,7 @@ class Arm:
     trials: list[FrozenTrial]  # the runs at the chosen rate, one per seed
     lr: float
     grid: list[float] = field(default_factory=list)  # the rates this arm ran
+    missing: list[float] = field(default_factory=list)  # rates others ran, this arm not yet
     val_by_lr: dict[float, float] = field(default_factory=dict)  # mean over the common seeds
     choice_seeds: list[int] = field(default_factory=list)  # the seeds the choice averaged
 
@@ -151,6 +152,7 @@ def choose_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
         if seed not in by_seed or t.user_attrs["val_loss"] < by_seed[seed].user_attrs[
                 "val_loss"]:
             by_seed[seed] = t
+    every_rate = sorted({lr for by_lr in plans.values() for lr in by_lr})
     arms = []
     for (name, _), by_lr in plans.items():
         grid = sorted(by_lr)
@@ -159,7 +161,9 @@ def choose_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
                      for lr in grid} if common else {}
         lr = min(val_by_lr, key=val_by_lr.get) if val_by_lr else grid[0]
         runs = by_lr[lr]
-        arms.append(Arm(name, [runs[s] for s in sorted(runs)], lr, grid, val_by_lr, common))
+        missing = [r for r in every_rate if r not in by_lr] if len(grid) > 1 else []
+        arms.append(Arm(name, [runs[s] for s in sorted(runs)], lr, grid, missing, val_by_lr,
+                        common))
     return arms
 
 

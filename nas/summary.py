@@ -91,7 +91,9 @@ def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
             "val_loss by lr (seeds " + ",".join(map(str, a.choice_seeds)) + ")": "  ".join(
                 f"{lr:g}: {a.val_by_lr[lr]:.4f}" for lr in a.grid if lr in a.val_by_lr),
             "chosen lr": f"{a.lr:g}",
-            "note": "at the edge of the grid: widen it" if a.at_edge else ""})
+            "note": (f"sweep incomplete: {len(a.grid)} of {len(a.grid) + len(a.missing)} rates"
+                     if a.missing else "at the edge of the grid: widen it" if a.at_edge
+                     else "")})
     return rows
 
 
@@ -124,7 +126,8 @@ def difference_rows(trials: list[FrozenTrial], several_budgets: bool
         row: dict[str, Any] = {"variant": name}
         for d in diffs:
             iv = d.interval
-            row[_level(d.arm, several_budgets)] = iv.format() + f" (n={iv.n})"
+            row[_level(d.arm, several_budgets)] = iv.format() + (f" (n={iv.n})" if iv.n > 1
+                                                                   else "")
             if iv.n > 1 and iv.excludes_zero():
                 significant.append(abs(iv.mean))
         n = sum(len(d.by_seed) for d in diffs)

@@ -51,8 +51,8 @@ def study() -> optuna.Study:
     return s
 
 
-RULES = [ParetoPruner(),  # the default: rule step, margin 0, from 40% of the steps
-         ParetoPruner(rule="step", margin=0.005, min_progress=0.1, patience=2),
+RULES = [ParetoPruner(),  # the default: step rule with a trend, from 30% of the steps
+         ParetoPruner(rule="step", margin=0.005, min_progress=0.1, patience=2, trend=0),
          ParetoPruner(rule="rungs"),  # rungs at 40, 60 and 80% of the steps, keep 25%
          ParetoPruner(rule="rungs", rungs=(0.3, 0.6, 0.9), keep=0.5)]
 
@@ -78,27 +78,44 @@ def test_smaller_models_are_never_pruned(study, pruner):
 
 
 def test_the_default_waits_for_curves_to_stop_crossing(study):
-    # 2% behind the reference until 30% of the steps, then ahead: the shape of a trial that
-    # ended on the front in the benchmark's tuning sequences. Pruning from 10% cuts it.
+    # 2% behind the reference until 20% of the steps, then ahead: the shape of a trial that
+    # ended on the front in the benchmark's sequences. Pruning from 10% cuts it.
     reference = study.trials[0].user_attrs["curve"]
-    crossing = [[s, v * (1.02 if s <= 30 else 0.99)] for s, v in reference]
-    assert first_stop(ParetoPruner(min_progress=0.1), study, 1_000, crossing)[0] == 10
+    crossing = [[s, v * (1.02 if s <= 20 else 0.99)] for s, v in reference]
+    assert first_stop(ParetoPruner(min_progress=0.1, trend=0), study, 1_000, crossing)[0] == 10
     assert first_stop(ParetoPruner(), study, 1_000, crossing) == (None, None)
-    # A trial behind at 40% is stopped there, and the reason names the reference.
-    stop, reason = first_stop(ParetoPruner(), study, 1_000, curve_of(2.001))
-    assert stop == 40 and reason.startswith("pareto: val_loss 2.3011 at step 40 is over "
-                                            "trial 0's 2.3000 with no more parameters")
+    # A trial 0.5% behind from the start is stopped at 30%, and the reason names the reference.
+    stop, reason = first_stop(ParetoPruner(), study, 1_000, curve_of(2.01))
+    assert stop == 30 and reason.startswith("pareto: val_loss 2.4790 at step 30 is over "
+                                            "1.0025x trial 0's 2.4667 with no more parameters")
+
+
+def test_trend_spares_a_trial_that_is_catching_up(study):
+    # 6% behind the reference at step 10, 1% ahead at the end, closing the gap steadily.
+    reference = study.trials[0].user_attrs["curve"]
+    catching_up = [[s, v * (1.06 - 0.07 * (s - 10) / 90)] for s, v in reference]
+    without = ParetoPruner(margin=0.005, min_progress=0.2, trend=0)
+    assert first_stop(without, study, 1_000, catching_up)[0] == 20
+    for trend in (1, 2, 3):
+        with_trend = ParetoPruner(margin=0.005, min_progress=0.2, trend=trend)
+        assert first_stop(with_trend, study, 1_000, catching_up) == (None, None)
+    # Falling, but too slowly to end within the margin: stopped all the same.
+    slow = [[s, v * (1.06 - 0.01 * (s - 10) / 90)] for s, v in reference]
+    assert first_stop(ParetoPruner(min_progress=0.2), study, 1_000, slow)[0] == 20
 
 
 def test_patience_and_margin(study):
     reference = study.trials[0].user_attrs["curve"]
     # 0.4% behind at every validation from step 50 on, except one noisy tie at step 60.
     noisy = [[s, v * (1.0 if s in (40, 60) else 1.004)] for s, v in reference]
-    assert first_stop(ParetoPruner(), study, 1_000, noisy)[0] == 50
-    assert first_stop(ParetoPruner(patience=2), study, 1_000, noisy)[0] == 80
-    assert first_stop(ParetoPruner(margin=0.005), study, 1_000, noisy) == (None, None)
-    _, reason = first_stop(ParetoPruner(margin=0.002, patience=2), study, 1_000, noisy)
+    plain = {"min_progress": 0.4, "trend": 0}
+    assert first_stop(ParetoPruner(margin=0.0, **plain), study, 1_000, noisy)[0] == 50
+    assert first_stop(ParetoPruner(margin=0.0, patience=2, **plain), study, 1_000, noisy)[0] == 80
+    assert first_stop(ParetoPruner(margin=0.005, **plain), study, 1_000, noisy) == (None, None)
+    _, reason = first_stop(ParetoPruner(margin=0.002, patience=2, **plain), study, 1_000, noisy)
     assert "over 1.002x trial 0's" in reason and reason.endswith("(2 validations in a row)")
+    _, reason = first_stop(ParetoPruner(margin=0.0, **plain), study, 1_000, noisy)
+    assert "is over trial 0's" in reason
 
 
 def test_rungs_rank_by_non_dominated_sorting(study):
@@ -113,8 +130,8 @@ def test_rungs_rank_by_non_dominated_sorting(study):
 
 
 def test_bad_options_are_type_errors():
-    for bad in ({"rule": "median"}, {"patience": 0}, {"keep": 0}, {"rungs": (0.5, 1.5)},
-                {"colour": "red"}):
+    for bad in ({"rule": "median"}, {"patience": 0}, {"trend": -1}, {"trend": 0.5}, {"keep": 0},
+                {"rungs": (0.5, 1.5)}, {"colour": "red"}):
         with pytest.raises(TypeError):
             ParetoPruner(**bad)
 
@@ -144,7 +161,8 @@ def test_replay_counts_steps_and_keeps_what_the_pruner_lets_complete(study):
     completed(unpruned, 2_000, curve_of(2.3), tag="b")  # dominated: stops at step 20
     completed(unpruned, 2_000, curve_of(1.8), tag="c")
     base = unpruned.get_trials()
-    spent, kept = bench.replay(base, ParetoPruner(min_progress=0.1, patience=2), STEPS)
+    pruner = ParetoPruner(margin=0.005, min_progress=0.1, patience=2, trend=0)
+    spent, kept = bench.replay(base, pruner, STEPS)
     assert spent == 100 + 20 + 100
     assert sorted(t.user_attrs["val_loss"] for t in kept) == [1.8, 2.0]
     ref = bench.reference_point(base)

@@ -112,10 +112,15 @@ def test_learning_rate_choice_uses_common_seeds_and_flags_the_edge():
         # vanilla's best is the highest rate: at the edge
         _run("vanilla", 16, 0.001, 0, 2.5, 2.5), _run("vanilla", 16, 0.003, 0, 2.4, 2.4),
         _run("vanilla", 16, 0.01, 0, 2.3, 2.3),
+        # a sweep still running: two of the three rates so far
+        _run("identity", 32, 0.001, 0, 2.0, 2.0), _run("identity", 32, 0.003, 0, 1.9, 1.9),
     ]
-    arms = {a.variant: a for a in choose_arms(trials)}
+    partial = [a for a in choose_arms(trials) if a.shape == "4L d32"]
+    assert [a.missing for a in partial] == [[0.01]]
+    arms = {a.variant: a for a in choose_arms(trials) if a.shape == "4L d16"}
     identity, vanilla = arms["identity"], arms["vanilla"]
     assert identity.lr == 0.003 and identity.choice_seeds == [0, 1] and not identity.at_edge
+    assert identity.missing == [] and vanilla.missing == []
     assert identity.val_by_lr == pytest.approx({0.001: 2.31, 0.003: 2.12, 0.01: 2.21})
     assert identity.loss == 9.0  # reported: the chosen rate's test loss, not the best test
     assert vanilla.lr == 0.01 and vanilla.at_edge
