@@ -69,8 +69,8 @@ class ParetoPruner:
     rule: str = "step"
     margin: float = 0.0025
     # No pruning before this fraction of the trial's steps: until then, curves of one size
-    # still cross (benchmarks/pruning.py: a trial 1.8% behind at 20% of its steps ended on the
-    # front).
+    # still cross (benchmarks/pruning.py, seed 0: a trial 1.8% behind at 20% of its steps ended
+    # on the front).
     min_progress: float = 0.3
     # Validations in a row over the margin before a trial is stopped.
     patience: int = 1
@@ -141,7 +141,8 @@ class ParetoPruner:
         factor = f"{1 + self.margin:g}x " if self.margin else ""
         return (f"pareto: val_loss {loss:.4f} at step {step} is over {factor}trial {number}'s "
                 f"{best:.4f} with no more parameters"
-                + (f" ({self.patience} validations in a row)" if self.patience > 1 else ""))
+                + (f" ({self.patience} validations in a row)" if self.patience > 1 else "")
+                + (", and not catching up" if self.trend else ""))
 
     def _rung_reason(self, finished: Sequence[FrozenTrial], n_params: int,
                      curve: Sequence[Sequence[float]], total_steps: int) -> str | None:
@@ -168,7 +169,6 @@ def _best_reference(trials: Sequence[FrozenTrial], step: int) -> tuple[float, in
     found = [(ref, t.number) for t in trials
              if (ref := loss_at(t.user_attrs.get("curve", []), step)) is not None]
     return min(found) if found else None
-
 
 
 def _catching_up(cheaper: Sequence[FrozenTrial], window: Sequence[Sequence[float]],

@@ -135,12 +135,3 @@ def open_existing(spec: StudySpec, override: str | None = None) -> optuna.Study:
         raise ConfigError(f"{spec.path}: storage: {url} does not exist; run `nas search "
                           f"{spec.path}` first or pass --storage")
     return open_study(spec, url, create=False)
-
-
-def __getattr__(name: str):
-    # Until benchmarks/pruning.py (being edited) imports run_search from nas.search.
-    if name == "run_search":
-        from .search import run_search
-
-        return run_search
-    raise AttributeError(name)

@@ -88,6 +88,7 @@ def test_the_default_waits_for_curves_to_stop_crossing(study):
     stop, reason = first_stop(ParetoPruner(), study, 1_000, curve_of(2.01))
     assert stop == 30 and reason.startswith("pareto: val_loss 2.4790 at step 30 is over "
                                             "1.0025x trial 0's 2.4667 with no more parameters")
+    assert reason.endswith(", and not catching up")
 
 
 def test_trend_spares_a_trial_that_is_catching_up(study):
