@@ -71,8 +71,8 @@ def sign_flip_p(differences: Sequence[float]) -> float:
     d = np.asarray(differences, dtype=float)
     if d.size == 0:
         return math.nan
-    if not np.any(d):
-        return 1.0
+    if d.size < 2 or not np.any(d):
+        return 1.0  # one difference: its two sign flips are equally extreme
     exact = d.size <= EXACT_MAX
     res = stats.permutation_test(
         (d,), np.mean, permutation_type="samples", alternative="two-sided",

@@ -120,20 +120,24 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
 
 def difference_rows(trials: list[FrozenTrial], several_budgets: bool
                     ) -> tuple[list[dict[str, Any]], list[float]]:
-    """Rows of paired differences, and the means of those whose interval excludes zero."""
+    """Rows of paired differences (one column per size, or size and budget), and the means of
+    those whose interval excludes zero."""
+    by_variant = paired_differences(trials)
+    levels = sorted({(d.arm.n_params, d.arm.tokens, _level(d.arm, several_budgets))
+                     for diffs in by_variant.values() for d in diffs})
     rows, significant = [], []
-    for name, diffs in paired_differences(trials).items():
+    for name, diffs in by_variant.items():
+        at = {_level(d.arm, several_budgets): d.interval for d in diffs}
         row: dict[str, Any] = {"variant": name}
-        for d in diffs:
-            iv = d.interval
-            row[_level(d.arm, several_budgets)] = iv.format() + (f" (n={iv.n})" if iv.n > 1
-                                                                   else "")
-            if iv.n > 1 and iv.excludes_zero():
+        for *_, label in levels:
+            iv = at.get(label)
+            row[label] = "-" if iv is None else iv.format() + (
+                f" (n={iv.n})" if iv.n > 1 else "")
+            if iv is not None and iv.n > 1 and iv.excludes_zero():
                 significant.append(abs(iv.mean))
-        n = sum(len(d.by_seed) for d in diffs)
-        row[f"all {n} pairs: exact p"] = f"{pooled_p(diffs):.3g}"
-        row["pairs below vanilla"] = (
-            f"{sum(v < 0 for d in diffs for v in d.by_seed.values())}/{n}")
+        values = [v for d in diffs for v in d.by_seed.values()]
+        row["exact p, all pairs"] = f"{pooled_p(diffs):.3g}"
+        row["pairs below vanilla"] = f"{sum(v < 0 for v in values)}/{len(values)}"
         rows.append(row)
     return rows, significant
 

@@ -178,6 +178,7 @@ def test_paired_difference_interval_covers_its_true_value_at_the_stated_rate(n, 
 def test_sign_flip_p_is_exact():
     assert sign_flip_p([-0.1, -0.2, -0.3, -0.1, -0.2]) == pytest.approx(2 / 32)
     assert sign_flip_p([-0.1, 0.1]) == pytest.approx(1.0)
+    assert sign_flip_p([-0.1]) == 1.0
     assert math.isnan(sign_flip_p([]))
 
 
@@ -249,7 +250,7 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "Test loss minus vanilla's on the same seed" in text and "95% t-interval" in text
-    assert "exact p" in text and "(n=3)" in text
+    assert "exact p, all pairs" in text and "(n=3)" in text
     assert "Learning rate per variant and size" in text and "at the edge of the grid" in text
     assert "below 20 tokens per parameter" in text
     assert "Paired over the same test windows" in text
