@@ -212,3 +212,16 @@ def test_sequence_longer_than_model_is_refused():
     model = build_model(tiny("vanilla"))
     with pytest.raises(ValueError, match="seq_len"):
         model(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_the_readme_mode_table_lists_every_registered_mode():
+    from tests.helpers import ROOT
+
+    lines = (ROOT / "README.md").read_text().splitlines()
+    start = next(i for i, line in enumerate(lines) if line.startswith("| `mode` |"))
+    rows = []
+    for line in lines[start + 2:]:
+        if not line.startswith("|"):
+            break
+        rows.append(line.split("`")[1])
+    assert rows == list(MODES)
