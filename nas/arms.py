@@ -123,6 +123,16 @@ class Arm:
         return shape_label(self.first)
 
     @property
+    def budget(self) -> str:
+        """The budget as configured (the same for every plan of a shape): `20 tok/param`."""
+        train = _config(self.first).get("train", {})
+        if train.get("tokens_per_param") is not None:
+            return f"{train['tokens_per_param']:g} tok/param"
+        if train.get("tokens") is not None:
+            return f"{train['tokens']:,} tokens"
+        return f"{train.get('steps', '?')} steps"
+
+    @property
     def by_seed(self) -> dict[int, float]:
         return {seed_of(t): reported_loss(t) for t in self.trials}
 

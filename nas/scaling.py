@@ -153,7 +153,7 @@ def token_levels(arms: Iterable[Arm]) -> dict[str, dict[str, list[Level]]]:
     out: dict[str, dict[str, list[Level]]] = {}
     for arm in arms:
         out.setdefault(arm.shape, {}).setdefault(arm.variant, []).append(
-            _level(arm, arm.tokens, f"{arm.tokens_per_param:.3g} tok/param"))
+            _level(arm, arm.tokens, arm.budget))
     return {shape: {k: sorted(v, key=lambda lv: lv.x) for k, v in sorted(by_name.items())}
             for shape, by_name in out.items()
             if max(len(v) for v in by_name.values()) >= 2}

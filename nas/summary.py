@@ -62,7 +62,7 @@ def _pct(v: float | None) -> str:
 
 
 def _level(arm: Arm, several_budgets: bool) -> str:
-    return f"{arm.shape}, {arm.tokens_per_param:.3g} tok/param" if several_budgets else arm.shape
+    return f"{arm.shape}, {arm.budget}" if several_budgets else arm.shape
 
 
 def budget_notes(arms: list[Arm]) -> list[str]:
