@@ -18,7 +18,15 @@ from typing import Any
 import numpy as np
 from optuna.trial import FrozenTrial
 
-from .arms import Arm, best_arms, paired_differences, paired_window_se, pooled_p, reports_test
+from .arms import (
+    Arm,
+    best_arms,
+    paired_differences,
+    paired_window_se,
+    pooled_p,
+    reports_test,
+    seed_of,
+)
 from .modes import LEARNED
 from .scaling import (
     Saving,
@@ -165,11 +173,10 @@ def noise_notes(trials: list[FrozenTrial], significant: list[float], split: str)
     paired = []
     for diffs in paired_differences(trials).values():
         for d in diffs:
-            mine = {t.user_attrs.get("config", {}).get("train", {}).get("seed"): t
-                    for t in d.arm.trials}
+            mine = {seed_of(t): t for t in d.arm.trials}
             for t in d.vanilla.trials:
-                seed = t.user_attrs.get("config", {}).get("train", {}).get("seed")
-                if seed in mine and (se := paired_window_se(mine[seed], t, split)) is not None:
+                if seed_of(t) in mine and (
+                        se := paired_window_se(mine[seed_of(t)], t, split)) is not None:
                     paired.append(se)
     if paired:
         notes.append(f"Paired over the same {split} windows, the standard error of one "
