@@ -6,6 +6,8 @@ BIN := $(VENV)/bin
 # Where no torch is installed, take the CPU build first so pip does not pull a multi-GB CUDA
 # build on a CPU-only machine. Set TORCH_SPEC="torch" (or a CUDA wheel) on a GPU machine.
 TORCH_SPEC ?= torch==2.13.0
+# Test processes (pytest-xdist): CI's two cores.
+TEST_WORKERS ?= 2
 
 .PHONY: quickstart test lint bench setup clean
 
@@ -25,7 +27,7 @@ quickstart: setup
 test: setup
 	$(BIN)/ruff check nas tests benchmarks
 	bash scripts/ensure-system-deps.sh
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n $(TEST_WORKERS)
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -38,6 +38,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 from nas.pruning import ParetoPruner
 from nas.search import run_search
 from nas.spec import StudySpec
+from nas.trials import TrialRecord, records
 
 SPACE = {
     "model": {"preset": ["pico", "nano", "micro"], "seq_len": 64},
@@ -75,12 +76,11 @@ def spec(name: str, storage: str, trials: int, steps: int, pruner: dict,
 
 
 def front_points(trials: Iterable[FrozenTrial]) -> list[tuple[float, float]]:
-    return [(t.user_attrs["val_loss"], t.user_attrs["n_params"]) for t in trials
-            if t.state == TrialState.COMPLETE]
+    return [(r.val_loss, r.n_params) for r in records(trials) if r.state == TrialState.COMPLETE]
 
 
 def steps_spent(trials: Iterable[FrozenTrial]) -> int:
-    return sum(t.user_attrs.get("steps_trained", 0) for t in trials)
+    return sum(r.steps_trained or 0 for r in records(trials))
 
 
 def replay(trials: Sequence[FrozenTrial], pruner: ParetoPruner,
@@ -93,14 +93,14 @@ def replay(trials: Sequence[FrozenTrial], pruner: ParetoPruner,
     for t in sorted(trials, key=lambda t: t.number):
         if t.state != TrialState.COMPLETE:
             continue
-        a = t.user_attrs
-        if pruner.duplicate_of(shadow, a["config"]):
+        r, a = TrialRecord.from_trial(t), t.user_attrs  # a: copied as stored
+        if pruner.duplicate_of(shadow, r.config):
             continue  # pruned before training: no steps
-        curve = a["curve"]
+        curve = r.curve
         stop = next((i for i in range(len(curve)) if pruner.reason_to_prune(
-            shadow, a["n_params"], curve[:i + 1], steps)), None)
+            shadow, {"n_params": r.n_params}, curve[:i + 1], steps)), None)
         if stop is None:
-            spent += a["steps_trained"]
+            spent += r.steps_trained
             shadow.add_trial(create_trial(values=t.values, user_attrs=a, params=t.params,
                                           distributions=t.distributions))
         else:

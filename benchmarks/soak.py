@@ -1,15 +1,18 @@
-"""Soak: N `nas search` workers on one PostgreSQL study, with random SIGKILLs.
+"""Soak: N `nas search` workers on one study, with random SIGKILLs (or SIGTERMs).
 
-Starts a private PostgreSQL server (`tests/pg.py`, Debian's binaries), writes a tiny study
-spec with fast heartbeats, and keeps `--workers` worker processes running on it. Every
-`--kill-every` seconds (jittered) it SIGKILLs a random worker in the middle of a trial and
-starts a replacement with the same worker id. Once the workers have all exited, a worker is
-started again while the study is short of its count (the "restart finishes the study" path).
+On `--storage postgresql` (the default) it starts a private PostgreSQL server (`tests/pg.py`,
+Debian's binaries); `sqlite` and `journal` use a file in a temporary folder. It writes a tiny
+study spec with fast leases and keeps `--workers` worker processes running on it. Every
+`--kill-every` seconds (jittered) it sends `--signal` (KILL or TERM) to a random worker in the
+middle of a trial and starts a replacement with the same worker id. Once the workers have all
+exited, a worker is started again while the study is short of its count (the "restart finishes
+the study" path).
 
 It samples each worker's resident memory from /proc every 0.5 s and every finished trial it
 sees in the storage, then prints:
 
-- trials requested, finished (COMPLETE or PRUNED), failed by a kill and retried, surplus;
+- trials requested, finished (COMPLETE or PRUNED), failed as lost with a killed worker and
+  retried, failed as interrupted by a SIGTERM, surplus;
 - lost: trials seen finished that are no longer, plus the count the study is short of (must
   be 0), and extra finished trials beyond the count (must be 0);
 - per worker id: processes started, trials it finished, peak RSS, and the RSS of its
@@ -17,15 +20,18 @@ sees in the storage, then prints:
 
     python benchmarks/soak.py                                   # 3 x 120, ~4 min on 2 cores
     python benchmarks/soak.py --workers 4 --trials 60 --kill-every 5 --steps 80
+    python benchmarks/soak.py --storage journal --signal TERM
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import random
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +45,7 @@ from optuna.trial import TrialState
 
 from nas.storage import make_storage
 from nas.study import FINISHED
+from nas.trials import TrialRecord, records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' PostgreSQL fixture
 from tests.pg import PgCluster  # noqa: E402
@@ -83,7 +90,7 @@ def write_spec(folder: Path, url: str, args: argparse.Namespace) -> Path:
                  "train": {"steps": args.steps, "batch_size": 4, "eval_every": args.steps // 4,
                            "eval_batches": 1}},
         "sampler": {"type": "tpe", "n_startup_trials": 4},
-        "heartbeat": {"interval": 1, "grace_period": 3},
+        "heartbeat": {"interval": 1, "grace_period": 3},  # the lease
     }
     path = folder / "soak.yaml"
     path.write_text(yaml.safe_dump(spec))
@@ -114,22 +121,30 @@ def main() -> int:
                         help="mean seconds between SIGKILLs (0: none)")
     parser.add_argument("--steps", type=int, default=200, help="training steps per trial")
     parser.add_argument("--seed", type=int, default=0, help="seed of the kill schedule")
+    parser.add_argument("--storage", choices=("postgresql", "sqlite", "journal"),
+                        default="postgresql", help="where the study lives")
+    parser.add_argument("--signal", choices=("KILL", "TERM"), default="KILL",
+                        help="what the workers are stopped with")
     parser.add_argument("--timeout", type=float, default=1200, help="give up after S seconds")
     args = parser.parse_args()
     rng = random.Random(args.seed)
     print("$ python benchmarks/soak.py " + shlex.join(sys.argv[1:]), flush=True)
 
-    with PgCluster() as pg, tempfile.TemporaryDirectory(prefix="nas-soak-") as tmp:
-        folder = Path(tmp)
-        spec = write_spec(folder, pg.url, args)
+    signum = signal.Signals[f"SIG{args.signal}"]
+    with contextlib.ExitStack() as stack:
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nas-soak-")))
+        url = {"postgresql": lambda: stack.enter_context(PgCluster()).url,
+               "sqlite": lambda: f"sqlite:///{folder}/soak.db",
+               "journal": lambda: f"journal:{folder}/soak.log"}[args.storage]()
+        spec = write_spec(folder, url, args)
         slots = [Slot(i) for i in range(args.workers)]
         for slot in slots:
             start(slot, spec, folder)
-        storage = make_storage(pg.url)
+        storage = make_storage(url)
         seen_finished: set[int] = set()
         t0 = time.monotonic()
         next_kill = t0 + rng.expovariate(1 / args.kill_every) if args.kill_every else None
-        restarts = 0
+        restarts = failed_exits = 0
 
         def trials() -> list[optuna.trial.FrozenTrial]:
             try:
@@ -154,12 +169,12 @@ def main() -> int:
             if next_kill is not None and time.monotonic() >= next_kill and live \
                     and n_finished < args.trials - 1:
                 # kill only a worker that is in a trial: its trial must be failed and retried
-                busy = {t.user_attrs.get("worker", ":").rsplit(":", 1)[1] for t in current
-                        if t.state == TrialState.RUNNING}
+                busy = {(r.worker or ":").rsplit(":", 1)[1] for r in records(current)
+                        if r.state == TrialState.RUNNING}
                 in_trial = [s for s in live if str(s.proc.pid) in busy]
                 if in_trial:
                     victim = rng.choice(in_trial)
-                    victim.proc.kill()
+                    victim.proc.send_signal(signum)
                     victim.proc.wait()
                     victim.killed += 1
                     victim.trials += count_trials(victim)
@@ -169,6 +184,7 @@ def main() -> int:
                 for slot in slots:
                     if slot.proc is not None:
                         slot.trials += count_trials(slot)
+                        failed_exits += slot.proc.returncode != 0  # stopped short, or crashed
                         slot.proc = None
                 if n_finished >= args.trials:
                     break
@@ -185,31 +201,37 @@ def main() -> int:
         final = trials()
         finished = {t.number for t in final if t.state in FINISHED}
         failed = [t for t in final if t.state == TrialState.FAIL]
-        # A trial lost with its worker is failed by the heartbeat check, with no reason of its
-        # own; the retry callback queues a copy of it (system attribute failed_trial).
-        stale = [t for t in failed if "failure" not in t.user_attrs]
+        # A trial lost with its worker (SIGKILL) is failed by another worker's lease check,
+        # which queues a copy of it (system attribute failed_trial); one stopped by a SIGTERM
+        # is failed by its own worker as interrupted.
+        reasons = {t.number: TrialRecord.from_trial(t).failure or "" for t in failed}
+        stale = [t for t in failed if reasons[t.number].startswith("lost")]
+        interrupted = [t for t in failed if reasons[t.number].startswith("interrupted")]
         retries = [t for t in final if "failed_trial" in t.system_attrs]
-        surplus = [t for t in failed if t.user_attrs.get("failure", "").startswith("surplus")]
-        other_failed = [t for t in failed if t not in surplus and t not in stale]
+        surplus = [t for t in failed if reasons[t.number].startswith("surplus")]
+        other_failed = [t for t in failed
+                        if t not in surplus and t not in stale and t not in interrupted]
         lost = len(seen_finished - finished) + max(0, args.trials - len(finished))
         extra = max(0, len(finished) - args.trials)
         left = [t.number for t in final if t.state in (TrialState.RUNNING, TrialState.WAITING)]
 
     mib = 1024
-    print(f"\nsoak: {args.workers} workers x {args.trials} trials on PostgreSQL, "
-          f"{args.steps} steps per trial, a SIGKILL every ~{args.kill_every:g} s; "
+    print(f"\nsoak: {args.workers} workers x {args.trials} trials on {args.storage}, "
+          f"{args.steps} steps per trial, a SIG{args.signal} every ~{args.kill_every:g} s; "
           f"{elapsed:.0f} s")
     print("\n| metric | value |\n|---|---|")
     for name, value in [
         ("trials requested", args.trials),
         ("trials finished (COMPLETE or PRUNED)", len(finished)),
-        ("workers killed (SIGKILL mid-trial)", sum(s.killed for s in slots)),
-        ("trials failed by the heartbeat check (killed)", len(stale)),
+        (f"workers stopped (SIG{args.signal} mid-trial)", sum(s.killed for s in slots)),
+        ("trials failed as lost with their worker (lease)", len(stale)),
+        ("trials failed as interrupted (SIGTERM)", len(interrupted)),
         ("retries queued / finished", f"{len(retries)} / "
                                       f"{sum(t.state in FINISHED for t in retries)}"),
         ("surplus trials (a race for the last slot)", len(surplus)),
         ("other failed trials (diverged, raised)", len(other_failed)),
         ("restarts after every worker exited", restarts),
+        ("**workers that exited non-zero on their own (must be 0)**", failed_exits),
         ("trials left RUNNING or WAITING", len(left)),
         ("**lost (must be 0)**", lost),
         ("**extra beyond the count (must be 0)**", extra),
@@ -221,9 +243,9 @@ def main() -> int:
         first, last, n = max(s.memory, key=lambda m: m[2])
         flat = f"{first / mib:.0f} -> {last / mib:.0f} ({n})" if first else "-"
         print(f"| {s.worker_id} | {s.started} | {s.trials} | {s.peak_kib / mib:.0f} | {flat} |")
-    ok = lost == 0 and extra == 0 and not left
+    ok = lost == 0 and extra == 0 and not left and not failed_exits
     print(f"\nverdict: {'PASS' if ok else 'FAIL'} (lost {lost}, extra {extra}, "
-          f"left {len(left)})")
+          f"left {len(left)}, non-zero exits {failed_exits})")
     return 0 if ok else 1
 
 

@@ -104,8 +104,8 @@ def training_batches(cfg: RunConfig) -> list[Batch]:
     """The batches nas.train.train draws for cfg: RandomWindows 0..steps-1 on the train split."""
     m, t = cfg.model, cfg.train
     data = TokenDataModule(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
-                           eval_batches=t.eval_batches, eval_interval=t.eval_interval)
-    windows = RandomWindows(data.train_arrays, m.seq_len, t.batch_size, first=0, count=t.steps,
+                           eval_batches=t.eval_batches)
+    windows = RandomWindows(data.train_arrays, m.seq_len, t.batch_size, count=t.steps,
                             seed=t.seed)
     return [windows[i] for i in range(len(windows))]
 

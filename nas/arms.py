@@ -11,7 +11,7 @@ reports validation loss and says so.
 Paired differences compare an arm with vanilla's arm of the same shape and budget on the same
 seed (the same initialisation seed and data order): per shape a 95% interval over seeds
 (`nas.stats.mean_interval`), and per variant an exact sign-flip p-value over every pair.
-Reads FrozenTrials' user attributes only; no torch.
+Reads TrialRecords only; no torch.
 """
 
 from __future__ import annotations
@@ -20,55 +20,23 @@ import json
 import math
 from collections.abc import Iterable
 from dataclasses import dataclass, field
-from typing import Any
 
 import numpy as np
-from optuna.trial import FrozenTrial
 
 from .stats import Interval, mean_interval, sign_flip_p
+from .trials import TrialRecord
 
 BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")
 
 
-def variant(attrs: dict[str, Any]) -> str:
-    """The trial's named variant, else its mode plus `+ve` for a value-embedding source."""
-    if attrs.get("variant"):
-        return str(attrs["variant"])
-    mode = attrs.get("mode", "?")
-    return f"{mode}+ve" if attrs.get("source") == "value_embedding" else mode
-
-
-def _config(t: FrozenTrial) -> dict[str, Any]:
-    return t.user_attrs.get("config", {})
-
-
-def seed_of(t: FrozenTrial) -> int:
-    return int(_config(t).get("train", {}).get("seed", 0))
-
-
-def lr_of(t: FrozenTrial) -> float:
-    return float(_config(t).get("train", {}).get("lr", math.nan))
-
-
-def shape_key(t: FrozenTrial) -> str:
-    return json.dumps(_config(t).get("model", {}), sort_keys=True)
-
-
-def budget_key(t: FrozenTrial) -> str:
-    train = _config(t).get("train", {})
-    return json.dumps({k: train[k] for k in BUDGET_KEYS if train.get(k) is not None},
+def budget_key(r: TrialRecord) -> str:
+    return json.dumps({k: r.train[k] for k in BUDGET_KEYS if r.train.get(k) is not None},
                       sort_keys=True)
 
 
-def shape_label(t: FrozenTrial) -> str:
-    """`8L d128`: the model's depth and width."""
-    model = _config(t).get("model", {})
-    return f"{model.get('n_layer', '?')}L d{model.get('d_model', '?')}"
-
-
-def _plan_key(t: FrozenTrial) -> str:
+def _plan_key(r: TrialRecord) -> str:
     """The run config but its seed, learning rate and data paths: one arm's trials."""
-    cfg = json.loads(json.dumps(_config(t)))
+    cfg = json.loads(json.dumps(r.config))
     cfg.get("train", {}).pop("seed", None)
     cfg.get("train", {}).pop("lr", None)
     for key in ("source", "test_source"):  # the same data at another path
@@ -76,20 +44,14 @@ def _plan_key(t: FrozenTrial) -> str:
     return json.dumps(cfg, sort_keys=True)
 
 
-def reported_loss(t: FrozenTrial) -> float:
-    """The loss a comparison reports: test loss, or validation loss without a test split."""
-    test = t.user_attrs.get("test_loss")
-    return float(test if test is not None else t.user_attrs["val_loss"])
-
-
-def reports_test(trials: Iterable[FrozenTrial]) -> bool:
-    return all(t.user_attrs.get("test_loss") is not None for t in trials)
+def reports_test(trials: Iterable[TrialRecord]) -> bool:
+    return all(r.test_loss is not None for r in trials)
 
 
 @dataclass
 class Arm:
     variant: str
-    trials: list[FrozenTrial]  # the runs at the chosen rate, one per seed
+    trials: list[TrialRecord]  # the runs at the chosen rate, one per seed
     lr: float
     grid: list[float] = field(default_factory=list)  # the rates this arm ran
     missing: list[float] = field(default_factory=list)  # rates others ran, this arm not yet
@@ -102,17 +64,17 @@ class Arm:
         return len(self.grid) > 1 and self.lr in (self.grid[0], self.grid[-1])
 
     @property
-    def first(self) -> FrozenTrial:
+    def first(self) -> TrialRecord:
         return self.trials[0]
 
     @property
     def n_params(self) -> float:
         """Non-embedding parameters (the axis of every fit here)."""
-        return float(self.first.user_attrs["n_params_non_embedding"])
+        return float(self.first.n_params_non_embedding)
 
     @property
     def tokens(self) -> float:
-        return float(self.first.user_attrs["tokens"])
+        return float(self.first.tokens)
 
     @property
     def tokens_per_param(self) -> float:
@@ -120,12 +82,12 @@ class Arm:
 
     @property
     def shape(self) -> str:
-        return shape_label(self.first)
+        return self.first.shape
 
     @property
     def budget(self) -> str:
         """The budget as configured (the same for every plan of a shape): `20 tok/param`."""
-        train = _config(self.first).get("train", {})
+        train = self.first.train
         if train.get("tokens_per_param") is not None:
             return f"{train['tokens_per_param']:g} tok/param"
         if train.get("tokens") is not None:
@@ -134,7 +96,7 @@ class Arm:
 
     @property
     def by_seed(self) -> dict[int, float]:
-        return {seed_of(t): reported_loss(t) for t in self.trials}
+        return {r.seed: r.reported_loss for r in self.trials}
 
     @property
     def loss(self) -> float:
@@ -142,7 +104,7 @@ class Arm:
 
     @property
     def val(self) -> float:
-        return float(np.mean([t.user_attrs["val_loss"] for t in self.trials]))
+        return float(np.mean([r.val_loss for r in self.trials]))
 
     @property
     def spread(self) -> tuple[float, float]:
@@ -150,24 +112,21 @@ class Arm:
         return min(values), max(values)
 
 
-def choose_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
+def choose_arms(trials: Iterable[TrialRecord]) -> list[Arm]:
     """Every plan of completed `trials` as an Arm at its chosen learning rate."""
-    plans: dict[tuple[str, str], dict[float, dict[int, FrozenTrial]]] = {}
-    for t in trials:
-        if "val_loss" not in t.user_attrs:
+    plans: dict[tuple[str, str], dict[float, dict[int, TrialRecord]]] = {}
+    for r in trials:
+        if r.val_loss is None:
             continue
-        by_seed = plans.setdefault((variant(t.user_attrs), _plan_key(t)), {}).setdefault(
-            lr_of(t), {})
-        seed = seed_of(t)
-        if seed not in by_seed or t.user_attrs["val_loss"] < by_seed[seed].user_attrs[
-                "val_loss"]:
-            by_seed[seed] = t
+        by_seed = plans.setdefault((r.arm_name, _plan_key(r)), {}).setdefault(r.lr, {})
+        if r.seed not in by_seed or r.val_loss < by_seed[r.seed].val_loss:
+            by_seed[r.seed] = r
     every_rate = sorted({lr for by_lr in plans.values() for lr in by_lr})
     arms = []
     for (name, _), by_lr in plans.items():
         grid = sorted(by_lr)
         common = sorted(set.intersection(*(set(runs) for runs in by_lr.values())))
-        val_by_lr = {lr: float(np.mean([by_lr[lr][s].user_attrs["val_loss"] for s in common]))
+        val_by_lr = {lr: float(np.mean([by_lr[lr][s].val_loss for s in common]))
                      for lr in grid} if common else {}
         lr = min(val_by_lr, key=val_by_lr.get) if val_by_lr else grid[0]
         runs = by_lr[lr]
@@ -177,19 +136,29 @@ def choose_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
     return arms
 
 
-def best_arms(trials: Iterable[FrozenTrial]) -> list[Arm]:
+def best_arms(trials: Iterable[TrialRecord]) -> list[Arm]:
     """Per (variant, shape, budget) the arm with the lowest validation loss (a search study
     holds many plans per shape), sorted by variant, then parameters, then tokens."""
     best: dict[tuple[str, str, str], Arm] = {}
     for arm in choose_arms(trials):
-        key = (arm.variant, shape_key(arm.first), budget_key(arm.first))
+        key = (arm.variant, arm.first.shape_key, budget_key(arm.first))
         if key not in best or arm.val < best[key].val:
             best[key] = arm
     return sorted(best.values(), key=lambda a: (a.variant, a.n_params, a.tokens))
 
 
+def profiled_trials(arms: Iterable[Arm]) -> list[TrialRecord]:
+    """The runs that per-layer readings (coefficients, entropy) average: every variant and
+    size at its chosen rate and longest budget, so seeds pool but budgets and rates do not."""
+    longest: dict[tuple[str, str], Arm] = {}
+    for a in arms:
+        if (a.variant, a.shape) not in longest or a.tokens > longest[a.variant, a.shape].tokens:
+            longest[a.variant, a.shape] = a
+    return [t for a in longest.values() for t in a.trials]
+
+
 def level_key(arm: Arm) -> tuple[str, str]:
-    return shape_key(arm.first), budget_key(arm.first)
+    return arm.first.shape_key, budget_key(arm.first)
 
 
 # -- paired differences from vanilla -----------------------------------------------------------
@@ -213,7 +182,7 @@ class Difference:
         return self.arm.shape
 
 
-def paired_differences(trials: Iterable[FrozenTrial]) -> dict[str, list[Difference]]:
+def paired_differences(trials: Iterable[TrialRecord]) -> dict[str, list[Difference]]:
     """Per variant (vanilla aside), one Difference per shape and budget that vanilla ran too,
     over the seeds both ran, smallest model first."""
     arms = best_arms(trials)
@@ -236,11 +205,10 @@ def pooled_p(differences: list[Difference]) -> float:
     return sign_flip_p([v for d in differences for v in d.by_seed.values()])
 
 
-def paired_window_se(a: FrozenTrial, b: FrozenTrial, split: str = "test") -> float | None:
+def paired_window_se(a: TrialRecord, b: TrialRecord, split: str = "test") -> float | None:
     """The standard error of a's loss minus b's over the batches both were scored on (the
     same windows), or None when either lacks per-batch losses."""
-    xa = a.user_attrs.get(f"{split}_batch_losses")
-    xb = b.user_attrs.get(f"{split}_batch_losses")
+    xa, xb = getattr(a, f"{split}_batch_losses"), getattr(b, f"{split}_batch_losses")
     if not xa or not xb or len(xa) != len(xb) or len(xa) < 2:
         return None
     d = np.asarray(xa) - np.asarray(xb)

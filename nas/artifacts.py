@@ -4,7 +4,8 @@ artifact store, so optuna-dashboard shows and serves them next to the trial.
 The store is a folder next to the study's storage: `sqlite:///runs/X.db` and `journal:runs/X.log`
 (or the plain path `runs/X.log`) use `runs/X-artifacts/`; other storages (PostgreSQL) use
 `runs/<study name>-artifacts/` unless the study spec names a folder (`artifacts: PATH`, shared
-by every worker). Knows nothing of torch.
+by every worker). The checkpoints of running trials live in its `checkpoints/` folder
+(`checkpoint_folder`). Knows nothing of torch.
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ logger = logging.getLogger(__name__)
 
 CONFIG_FILE = "config.yaml"
 CURVE_FILE = "curve.csv"
+CHECKPOINTS = "checkpoints"
 
 
 def artifact_dir(storage_url: str, study_name: str, override: str | Path | None = None) -> Path:
@@ -36,6 +38,14 @@ def artifact_dir(storage_url: str, study_name: str, override: str | Path | None 
     if path is not None:
         return path.with_name(f"{path.stem}-artifacts")
     return Path("runs") / f"{study_name}-artifacts"
+
+
+def checkpoint_folder(artifacts: str | Path, study_name: str, first_attempt: int) -> Path:
+    """Where the attempts at one trial keep their checkpoints (`train.checkpoint_every`):
+    `<artifacts>/checkpoints/<study>/trial-NNNN/`, named after the first attempt's number (a
+    retry of a trial whose worker died is a new trial that records it). Beside the uploaded
+    artifacts, so a worker on another machine that shares the artifact folder resumes them."""
+    return Path(artifacts) / CHECKPOINTS / study_name / f"trial-{first_attempt:04d}"
 
 
 def artifact_store(folder: str | Path) -> FileSystemArtifactStore:

@@ -1,27 +1,37 @@
-"""The `nas` command line: train, search, export, report, analyze, dashboard."""
+"""The `nas` command line: train, search, export, report, analyze, generate, dashboard,
+prepare. Each command is a small function that parses, calls the module that owns the work and
+prints; the parser is one piece (about 430 lines with it) so `nas --help` and every option's
+help text live in one place.
+"""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .config import ConfigError, load_config
+from .config import ConfigError, RunConfig, load_config
+from .errors import first_line
+from .interrupt import CTRL_C, Interrupted
+
+if TYPE_CHECKING:
+    from .model import Decoder
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from .lit import DivergenceError
-    from .train import train
+    from .overrides import load_config as load_with_overrides
+    from .train import TimeLimitError, check_memory, train
 
-    cfg = load_config(args.config)
-    if args.data:
-        cfg = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source=args.data))
+    cfg = load_with_overrides(args.config, args.set, args.data or None)
+    if not args.force:
+        check_memory(cfg, args.config)
     out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
     try:
-        m = train(cfg, out)
-    except DivergenceError as exc:
+        m = train(cfg, out, overwrite=args.overwrite, resume=args.resume)
+    except (DivergenceError, TimeLimitError) as exc:
         print(f"nas train: {exc}", file=sys.stderr)
         return 1
     print(f"val_loss {m['val_loss']:.4f}  n_params {m['n_params']:,}  "
@@ -40,11 +50,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         if value is not None and (value < 0 if zero_ok else value <= 0):
             raise ConfigError(f"--{flag.replace('_', '-')}: must be "
                               f"{'>= 0' if zero_ok else '> 0'}, got {value}")
-    spec = load_spec(args.study, data=args.data)
+    spec = load_spec(args.study, data=args.data, sets=args.set, warm_start=args.warm_start)
     try:
         study = run_search(spec, args.storage, n_trials=args.n_trials, timeout=args.timeout,
                            worker_id=args.worker_id, progress=not args.no_progress,
-                           threads=args.threads)
+                           threads=args.threads, force=args.force)
     except SearchError as exc:
         print(f"nas search: {exc}", file=sys.stderr)
         return 1
@@ -53,18 +63,40 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_choice, choose_trials, export_trials
+    from .export import check_choice, choose_trials, export_trials, summary_files
     from .spec import load_spec
     from .study import open_existing
 
+    if args.hf:
+        return _export_hf(args)
+    if Path(args.study).is_dir():
+        raise ConfigError(f"{args.study}: a folder; to export a `nas train` run as a Hugging "
+                          "Face model pass --hf")
     check_choice(args.pareto, args.best)
     study = open_existing(load_spec(args.study), args.storage)
     rows = export_trials(study, choose_trials(study, args.pareto, args.best), args.out)
     for r in rows:
         print(f"{args.out}/{r['file']}  trial {r['trial']:>3}  {r['plan']:<30} "
               f"{r['n_params']:>10,} params  val_loss {r['val_loss']:.4f}")
-    print(f"exported {len(rows)} run config(s) to {args.out} (summary.csv, summary.json); "
+    print(f"exported {len(rows)} run config(s) to {args.out} "
+          f"({', '.join(summary_files(study.study_name))}); "
           f"train one again with: nas train {args.out}/{rows[0]['file']}")
+    return 0
+
+
+def _export_hf(args: argparse.Namespace) -> int:
+    """`nas export RUN_DIR --hf`: the run as a Hugging Face model folder."""
+    from .hf_export import export_hf
+
+    chosen = [flag for flag, value in (("--pareto", args.pareto), ("--best", args.best),
+                                       ("--storage", args.storage)) if value]
+    if chosen:
+        raise ConfigError(f"--hf exports one `nas train` run folder; {', '.join(chosen)} "
+                          "choose(s) trials of a study")
+    cfg, model = _load_run(Path(args.study))
+    out = export_hf(cfg, model, Path(args.out))
+    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
+          "trust_remote_code=True)")
     return 0
 
 
@@ -89,7 +121,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
     from .analysis import analysis_table
-    from .config import read_yaml
+    from .parsing import read_yaml
 
     target = Path(args.target)
     if not target.exists():
@@ -103,7 +135,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
         cfg = load_config(target)
         out = Path(args.out) if args.out else Path("runs") / "train" / target.stem
-        metrics = train(cfg, out)
+        metrics = train(cfg, out, overwrite=args.overwrite)
         print(f"trained {target} -> {out} (val_loss {metrics['val_loss']:.4f})")
         result = {k: metrics[k] for k in ("analysis", "coefficients", "receiving_layers")}
     if args.json:
@@ -114,13 +146,14 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _analyze_run_folder(folder: Path) -> dict:
+def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
+    """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
     import torch
 
-    from .data import TokenDataModule
     from .model import build_model
-    from .train import analyze_windows
 
+    if not folder.is_dir():
+        raise ConfigError(f"{folder}: no such folder; expected a `nas train --out` folder")
     for name in ("config.yaml", "model.pt"):
         if not (folder / name).is_file():
             raise ConfigError(f"{folder}: no {name}; expected a `nas train --out` folder")
@@ -130,8 +163,16 @@ def _analyze_run_folder(folder: Path) -> dict:
         model.load_state_dict(torch.load(folder / "model.pt", weights_only=True,
                                          map_location="cpu"))
     except (RuntimeError, OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: {first}") from None
+        raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: "
+                          f"{first_line(exc)}") from None
+    return cfg, model
+
+
+def _analyze_run_folder(folder: Path) -> dict:
+    from .data import TokenDataModule
+    from .train import analyze_windows
+
+    cfg, model = _load_run(folder)
     return {"analysis": analyze_windows(model, TokenDataModule.for_run(cfg)),
             "coefficients": model.residual.coefficients(),
             "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer)}
@@ -140,6 +181,7 @@ def _analyze_run_folder(folder: Path) -> dict:
 def _analyze_trial(study_path: Path, number: int | None, storage: str | None) -> dict:
     from .spec import load_spec
     from .study import open_existing
+    from .trials import TrialRecord
 
     if number is None:
         raise ConfigError(f"{study_path}: a study spec; pass --trial N to analyze its trial N")
@@ -148,12 +190,68 @@ def _analyze_trial(study_path: Path, number: int | None, storage: str | None) ->
     if number not in trials:
         raise ConfigError(f"--trial: no trial {number} in study {study.study_name!r} "
                           f"(trials 0..{len(trials) - 1})")
-    attrs = trials[number].user_attrs
-    if "analysis" not in attrs:
+    record = TrialRecord.from_trial(trials[number])
+    if not record.analysis:
         raise ConfigError(f"--trial: trial {number} has no analysis ({trials[number].state.name}"
                           "; only trials that completed carry one)")
-    return {k: attrs.get(k, {} if k == "coefficients" else []) for k in
-            ("analysis", "coefficients", "receiving_layers")}
+    return {"analysis": record.analysis, "coefficients": record.coefficients,
+            "receiving_layers": record.receiving_layers}
+
+
+def cmd_generate(args: argparse.Namespace) -> int:
+    """Continue --prompt with text sampled from a trained run, through the model's KV cache."""
+    import math
+
+    import torch
+
+    if not args.prompt:
+        raise ConfigError("--prompt: must be non-empty")
+    if args.max_new_tokens < 1:
+        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
+    if not (args.temperature > 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature: must be > 0 and finite, got {args.temperature}")
+    if args.top_k is not None and args.top_k < 1:
+        raise ConfigError(f"--top-k: must be >= 1, got {args.top_k}")
+    folder = Path(args.run_dir)
+    cfg, model = _load_run(folder)
+    encode, decode = _codec(folder, cfg.model.vocab_size)
+    ids = encode(args.prompt)
+    if not ids:
+        raise ConfigError(f"--prompt: {args.prompt!r} encodes to no tokens")
+    if args.seed is None:
+        torch.seed()  # a fresh seed: torch's default one is the same in every process
+    else:
+        torch.manual_seed(args.seed)
+    out = model.eval().generate(torch.tensor([ids]), args.max_new_tokens, args.temperature,
+                                args.top_k)
+    print(decode(out[0].tolist()))
+    return 0
+
+
+def _codec(folder: Path, vocab_size: int
+           ) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
+    """Encode and decode for a run's model: with the folder's tokenizer.json (the `tokenizers`
+    library), else as UTF-8 bytes for a byte-level model (vocab_size 256)."""
+    path = folder / "tokenizer.json"
+    if path.is_file():
+        try:
+            from tokenizers import Tokenizer
+        except ImportError:
+            raise ConfigError(f"{path}: reading it needs the tokenizers package "
+                              "(pip install tokenizers)") from None
+        try:
+            tokenizer = Tokenizer.from_file(str(path))
+        except Exception as exc:  # the library raises a bare Exception for a bad file
+            raise ConfigError(f"{path}: not a tokenizer file: {first_line(exc)}") from None
+        if tokenizer.get_vocab_size() > vocab_size:
+            raise ConfigError(f"{path}: {tokenizer.get_vocab_size()} tokens, more than the "
+                              f"model's vocab_size {vocab_size}")
+        return (lambda text: tokenizer.encode(text).ids), tokenizer.decode
+    if vocab_size != 256:
+        raise ConfigError(f"{folder}: no tokenizer.json, and the model is not byte-level "
+                          f"(vocab_size {vocab_size}, not 256)")
+    return (lambda text: list(text.encode("utf-8")),
+            lambda ids: bytes(ids).decode("utf-8", errors="replace"))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
@@ -163,8 +261,28 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: must be in 0..65535, got {args.port}")
     serve(load_spec(args.study), args.storage, host=args.host, port=args.port,
-          artifacts=args.artifacts, refresh=args.refresh)
+          artifacts=args.artifacts, refresh=args.refresh, allow_remote=args.allow_remote)
     return 0
+
+
+def cmd_prepare(args: argparse.Namespace) -> int:
+    """Tokenize text files into the shards and tokenizer.json a run config trains on."""
+    from .prepare import prepare
+
+    done = prepare(args.files, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
+                   val_fraction=args.val_fraction, test_fraction=args.test_fraction,
+                   shard_tokens=args.shard_tokens, progress=not args.no_progress)
+    counts = ", ".join(f"{name} {n:,} tokens ({done.shards[name]} shard(s))"
+                       for name, n in done.tokens.items() if n)
+    print(f"wrote {done.out}: vocab {done.vocab_size:,}; {counts}; train on it with "
+          f"data.source: {done.out} (model.vocab_size comes from its tokenizer.json)")
+    return 0
+
+
+SET_HELP = ("override one key, validated as the file is (repeat it; dotted keys; the value "
+            "read as YAML)")
+FORCE_HELP = ("train even where the estimated training memory exceeds the free memory (the "
+              "estimate is rough)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -174,8 +292,17 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("train", help="train one run config and write metrics.json")
     p.add_argument("config", help="run config YAML")
-    p.add_argument("--out", help="output folder (default: runs/train/<config name>)")
-    p.add_argument("--data", help="override data.source: builtin, a text file or a .bin glob")
+    p.add_argument("--out", help="output folder, written at once when the run ends (default: "
+                   "runs/train/<config name>; an exported config's name holds its study and "
+                   "trial)")
+    p.add_argument("--overwrite", action="store_true", help="replace an --out that is not empty")
+    p.add_argument("--resume", action="store_true", help="continue a run that did not finish "
+                   "from its last checkpoint in <out>.checkpoints (train.checkpoint_every)")
+    p.add_argument("--data", help="override data.source: builtin, a text file, a .bin glob or "
+                   "a `nas prepare` folder")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=SET_HELP + " of the run config, e.g. --set train.lr=1e-3")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="create or resume a study and run its trials")
@@ -188,20 +315,33 @@ def build_parser() -> argparse.ArgumentParser:
                    "finished trials, with every other worker on it)")
     p.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
     p.add_argument("--data", help="override data.source for every trial")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help=SET_HELP + " of the space (fixing a key it searched), e.g. --set "
+                   "train.steps=2000; a resumed study must be given the same")
+    p.add_argument("--warm-start", metavar="STUDY[@STORAGE]", help="seed a new study with the "
+                   "finished trials of an earlier one whose space shares its keys (storage: "
+                   "default this study's); overrides the spec's warm_start")
     p.add_argument("--worker-id", type=int, help="0, 1, 2, ... distinct per worker sharing the "
                    "study: the sampler seed is the spec's seed plus this")
-    p.add_argument("--threads", type=int, help="CPU threads for training (torch); set it to "
-                   "cores / workers when several workers share one machine")
+    p.add_argument("--threads", type=int, help="CPU threads for training (torch) (default: "
+                   "OMP_NUM_THREADS if set, else this machine's cores / its nas search "
+                   "workers, recounted before each trial)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_search)
 
     storage_help = "the study's storage (default: the spec's, else sqlite:///runs/<name>.db)"
-    p = sub.add_parser("export", help="write the chosen trials as run configs for nas train")
-    p.add_argument("study", help="study spec YAML")
+    p = sub.add_parser("export", help="write the chosen trials as run configs for nas train, "
+                       "or (--hf) a trained run as a Hugging Face model")
+    p.add_argument("study", metavar="STUDY.yaml|RUN_DIR", help="study spec YAML; with --hf, a "
+                   "`nas train --out` folder (config.yaml, model.pt)")
+    p.add_argument("--hf", action="store_true", help="write RUN_DIR as a Hugging Face model "
+                   "folder that AutoModelForCausalLM loads (trust_remote_code=True); needs "
+                   "resformer-nas[hf]")
     p.add_argument("--storage", help=storage_help)
     p.add_argument("--pareto", action="store_true", help="export the Pareto front")
     p.add_argument("--best", type=int, metavar="K", help="export the K lowest-loss trials")
-    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--out", required=True, help="output folder (with --hf: new or empty)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write the interactive HTML report of a study")
@@ -219,19 +359,58 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--storage", help=storage_help)
     p.add_argument("--out", help="with a run config: the training output folder (default: "
                    "runs/train/<config name>)")
+    p.add_argument("--overwrite", action="store_true", help="with a run config: replace an "
+                   "--out that is not empty")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
     p.set_defaults(func=cmd_analyze)
+
+    p = sub.add_parser("generate", help="continue a prompt with text sampled from a trained "
+                       "model (through its KV cache)")
+    p.add_argument("run_dir", help="a `nas train --out` folder (config.yaml, model.pt; a "
+                   "tokenizer.json where the vocabulary is not bytes)")
+    p.add_argument("--prompt", required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample "
+                   "(default: 200)")
+    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before "
+                   "the softmax: below 1 sharper, above 1 flatter (default: 1)")
+    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only "
+                   "(default: all)")
+    p.add_argument("--seed", type=int, help="seed the sampling: the same seed gives the same "
+                   "text (default: a fresh seed)")
+    p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study")
     p.add_argument("study", help="study spec YAML")
     p.add_argument("--storage", help=storage_help)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1)")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
+                   "any other than a loopback address needs --allow-remote)")
+    p.add_argument("--allow-remote", action="store_true", help="serve on a --host other machines "
+                   "reach: optuna-dashboard has no authentication and can delete studies; "
+                   "prefer an SSH tunnel to 127.0.0.1")
     p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free)")
     p.add_argument("--artifacts", help="artifact folder (default: the spec's, else next to the "
                    "storage: runs/<name>-artifacts)")
     p.add_argument("--refresh", type=float, default=60.0, help="seconds between checks for "
                    "new trials to refresh the note and figures (0: never)")
     p.set_defaults(func=cmd_dashboard)
+
+    p = sub.add_parser("prepare", help="train a byte-level BPE tokenizer on text files and "
+                       "write train/val/test .bin shards for data.source")
+    p.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text files, read as "
+                   "one stream in this order (the held-out splits are its end)")
+    p.add_argument("--out", required=True, help="the folder to write (new or empty): "
+                   "tokenizer.json, train_*.bin, val_*.bin, test_*.bin")
+    p.add_argument("--vocab-size", type=int, help="train a tokenizer of this many tokens "
+                   "(256..65535, the bytes and <|endoftext|> included)")
+    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
+    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text that "
+                   "validates (default: 0.1)")
+    p.add_argument("--test-fraction", type=float, default=0.05, help="share of the text that "
+                   "tests, at its end (default: 0.05; 0: no test set)")
+    p.add_argument("--shard-tokens", type=int, help="tokens per shard (default: 100M, as "
+                   "modded-nanogpt's)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.set_defaults(func=cmd_prepare)
     return parser
 
 
@@ -239,10 +418,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        return args.func(args)
+        with CTRL_C:  # Ctrl+C, SIGTERM and a preemption notice, whatever the command is doing
+            return args.func(args)
     except ConfigError as exc:
         print(f"nas {args.command}: error: {exc}", file=sys.stderr)
         return 2
-    except KeyboardInterrupt:
-        print(f"nas {args.command}: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        print(f"nas {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)
+        return exc.exit_status if isinstance(exc, Interrupted) else 130

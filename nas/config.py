@@ -1,28 +1,48 @@
-"""Run configs: dataclasses, named model presets, loading and validation.
+"""Run configs: pydantic dataclasses, named model presets, loading and validation.
 
-A run config has four sections (`model`, `value_residual`, `train`, `data`). Every key is
-checked against the dataclass that owns it, so a typo is an error naming the file, the key and
-what is allowed, never a silently ignored setting. This module knows nothing of torch.
+A run config has four sections (`model`, `value_residual`, `train`, `data`). Each section is a
+pydantic dataclass that declares its keys, their types and ranges (`Field(gt=0)`, `Literal`) and,
+in validators, the rules that span several keys. A typo or a bad value is a ValidationError that
+`nas.parsing.config_error` turns into one line naming the file, the key and what is allowed,
+never a silently ignored setting. This module knows nothing of torch. One piece (about 470
+lines): it is the single source of truth for every run-config key, its default and the rules
+between keys (the budget, the tokenizer's vocabulary), which the model, the space and the
+trainer all read.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
 import math
-from dataclasses import dataclass, field
+from dataclasses import field
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any, ClassVar, Literal, get_args
 
 import yaml
+from pydantic import (
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+from pydantic.dataclasses import dataclass
 
+from .errors import ConfigError  # also imported from here by the rest of nas
 from .modes import MODES
+from .parsing import (
+    STRICT,
+    Refusal,
+    parse,
+    read_yaml,
+    refuse,
+    unknown,
+)
 
-
-class ConfigError(ValueError):
-    """Bad user input; the CLI prints the message as one line and exits with status 2."""
-
-
-SOURCES = ("first_layer", "value_embedding")
+Source = Literal["first_layer", "value_embedding"]
+SOURCES: tuple[str, ...] = get_args(Source)
 
 # Named model sizes (litgpt-style presets). The paper's sizes use FFN = 3.5 * d_model.
 MODEL_PRESETS: dict[str, dict[str, int]] = {
@@ -41,17 +61,35 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 }
 
 
-@dataclass
+@dataclass(config=STRICT)
 class ModelConfig:
-    vocab_size: int = 256
-    n_layer: int = 8
-    d_model: int = 128
-    n_head: int = 4
-    seq_len: int = 128
+    EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)  # a named size, resolved by from_preset
+    vocab_size: int = Field(256, gt=0)
+    n_layer: int = Field(8, gt=0)
+    d_model: int = Field(128, gt=0)
+    n_head: int = Field(4, gt=0)
+    seq_len: int = Field(128, gt=0)
     # SwiGLU hidden width; None means 3.5 * d_model rounded up to a multiple of 16, as the paper.
-    ffn_hidden: int | None = None
-    rope_theta: float = 10000.0
-    norm_eps: float = 1e-5
+    ffn_hidden: int | None = Field(None, gt=0)
+    rope_theta: float = Field(10000.0, gt=0)
+    norm_eps: float = Field(1e-5, gt=0, lt=1)  # added to the mean square: small and positive
+
+    @model_validator(mode="after")
+    def _heads_fit(self) -> ModelConfig:
+        if self.d_model % self.n_head:
+            raise refuse(f"{self.n_head} does not divide d_model={self.d_model}", key="n_head")
+        if self.head_dim % 2:
+            raise refuse(f"head_dim={self.head_dim} must be even for rotary embeddings",
+                         key="n_head")
+        return self
+
+    @classmethod
+    def from_preset(cls, name: str, /, **overrides: Any) -> ModelConfig:
+        """The named size with `overrides` on top (litgpt's `Config.from_name`): the one place
+        a preset is resolved."""
+        if not isinstance(name, str) or name not in MODEL_PRESETS:
+            raise refuse(unknown("preset", name, MODEL_PRESETS), key="preset")
+        return cls(**{**MODEL_PRESETS[name], **overrides})
 
     @property
     def head_dim(self) -> int:
@@ -64,19 +102,80 @@ class ModelConfig:
         return 16 * math.ceil(3.5 * self.d_model / 16)
 
 
-@dataclass
+@dataclass(config=STRICT)
 class ValueResidualConfig:
     mode: str = "vanilla"
     # "all" (every layer after the first) or a list of 0-based receiving layers.
     layers: str | list[int] = "all"
+    # Any finite coefficient (STRICT): a negative or large one is an odd mix, not an impossible
+    # one, and the search spaces choose the ranges.
     lambda1: float = 0.5
     lambda2: float = 0.5
-    source: str = "first_layer"
+    # NeuTRENO's lambda has a key of its own, not lambda1: it weighs (V_src - V_n) added to the
+    # attention output, where ResFormer's lambda1 weighs V_src before attention, so one key
+    # would tie two different coefficients together in a search and in the tables.
+    neutreno_lambda: float = 0.5
+    source: Source = "first_layer"
+    # The value-embedding family (ve_unet, ve_unet_gated; nas.modes): its number of tables, at
+    # most half of model.n_layer (table i serves layer i and its mirror, layer n_layer-1-i),
+    # and the initial weights on a layer's own values and on its table's row (modded-nanogpt's
+    # 0.5 and 0.5). Both weights train.
+    value_embeddings: int = Field(1, gt=0)
+    v_lambda: float = 0.5
+    ve_lambda: float = 0.5
+
+    @field_validator("mode")
+    @classmethod
+    def _known_mode(cls, mode: str) -> str:
+        # MODES, not a Literal: a mode registered at run time (as a test does) is a mode
+        if mode not in MODES:
+            raise refuse(unknown("mode", mode, MODES))
+        return mode
+
+    @field_validator("layers")
+    @classmethod
+    def _all_or_indices(cls, layers: str | list[int]) -> str | list[int]:
+        if isinstance(layers, str) and layers != "all":
+            raise refuse(f"must be 'all' or a list of layer indices, got {layers!r}")
+        return layers
+
+    @field_validator("lambda1")
+    @classmethod
+    def _not_for_neutreno(cls, lambda1: float, info: ValidationInfo) -> float:
+        # runs only where lambda1 is given: a neutreno config from before the rename
+        if info.data.get("mode") == "neutreno":
+            raise refuse("mode neutreno does not read lambda1; its coefficient is "
+                         "value_residual.neutreno_lambda (renamed from lambda1)")
+        return lambda1
+
+    def reads(self, key: str) -> bool:
+        """Whether the plan's mode reads this value_residual key (`nas.modes.Mode.keys`)."""
+        return key in MODES[self.mode].keys
+
+    def table_layout(self, n_layer: int) -> dict[int, int]:
+        """The value-embedding family's U-net layout, layer -> the table it reads: table i
+        serves layer i and its mirror from the end, layer n_layer-1-i (leloykun's U-net in
+        modded-nanogpt; later records read 012...012 instead)."""
+        k = self.value_embeddings
+        return {layer: min(layer, n_layer - 1 - layer)
+                for layer in (*range(k), *range(n_layer - k, n_layer))}
+
+    def tables(self, n_layer: int) -> int:
+        """The value-embedding tables the plan allocates (each vocab_size x d_model): the
+        family's `value_embeddings`, one where the residual source is a value embedding and
+        some layer receives it, else none. They are the sources before layer 0."""
+        if self.reads("value_embeddings"):
+            return self.value_embeddings
+        return int(self.reads("source") and self.source == "value_embedding"
+                   and bool(self.receiving(n_layer)))
 
     def receiving(self, n_layer: int) -> list[int]:
-        """The 0-based layers that receive the residual (none for vanilla)."""
+        """The 0-based layers that receive the residual (none for vanilla); for the
+        value-embedding family, the layers that read a table (layer 0 among them)."""
         if self.mode == "vanilla":
             return []
+        if self.reads("value_embeddings"):
+            return sorted(self.table_layout(n_layer))
         if self.layers == "all":
             return list(range(1, n_layer))
         return sorted(set(self.layers))
@@ -86,30 +185,59 @@ DEFAULT_STEPS = 600
 BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")  # a run's length: exactly one of them
 
 
-@dataclass
+@dataclass(config=STRICT)
 class TrainConfig:
     # The run's length: `steps`, or `tokens` (rounded up to whole steps), or `tokens_per_param`
     # (tokens = R x the non-embedding parameters of the vanilla model of this shape, so that
     # every value-residual plan of a shape trains on the same tokens). At most one is given;
     # `RunConfig` resolves the other two into `steps` (600 when none is given).
-    steps: int | None = None
-    tokens: int | None = None
-    tokens_per_param: float | None = None
-    batch_size: int = 32
-    lr: float = 3.0e-3
-    seed: int = 0
-    warmup_steps: int | None = None  # None: 10% of steps
-    min_lr_ratio: float = 0.1
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    eval_every: int | None = None  # None: 10 evaluations per run
-    eval_batches: int = 8
+    steps: int | None = Field(None, gt=0, allow_inf_nan=False)
+    tokens: int | None = Field(None, gt=0, allow_inf_nan=False)
+    # validated when absent too: its validator checks the three keys together
+    tokens_per_param: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)
+    batch_size: int = Field(32, gt=0)
+    lr: float = Field(3.0e-3, gt=0)
+    seed: int = Field(0, ge=0, lt=2**32)  # what numpy's and Lightning's seeding accept
+    warmup_steps: int | None = Field(None, ge=0)  # None: 10% of steps
+    min_lr_ratio: float = Field(0.1, ge=0, le=1)
+    weight_decay: float = Field(0.1, ge=0)
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # the gradient norm's limit; 0 turns clipping off
+    eval_every: int | None = Field(None, gt=0)  # None: 10 evaluations per run
+    eval_batches: int = Field(8, gt=0)
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
     precision: str = "32-true"
+    # Wall-clock seconds one run may train (Lightning's `max_time`; None: no limit). A run that
+    # reaches it fails (nas.train.TimeLimitError): a hung or far too slow trial ends FAIL with
+    # its reason, instead of holding its worker.
+    max_time: float | None = Field(None, gt=0, allow_inf_nan=False)
+    # Save a checkpoint every N training steps (None: never), from which `nas train --resume`
+    # and a retried trial continue (nas.checkpoint); they are deleted when the run finishes
+    # unless keep_checkpoints.
+    checkpoint_every: int | None = Field(None, gt=0)
+    keep_checkpoints: Annotated[bool, Refusal("must be true or false, got {value!r}")] = False
+    # torch.compile of the model's training forward: `auto` where the run is long enough to
+    # repay the compilation (nas.compiling).
+    compile: Annotated[bool | Literal["auto"],
+                       Refusal("must be auto, true or false, got {value!r}")] = "auto"
+    # Where `nas train` logs losses, learning rate, throughput and every coefficient
+    # (nas.loggers): metrics.csv in the run folder, or the tensorboard or mlflow extra.
+    logger: Literal["csv", "tensorboard", "mlflow"] = "csv"
+
+    @field_validator("tokens_per_param")
+    @classmethod
+    def _one_budget(cls, tokens_per_param: float | None, info: ValidationInfo) -> float | None:
+        # A field validator, not a model one: those run again on an instance passed through
+        # (dataclasses.replace of a RunConfig), whose steps are resolved beside its tokens.
+        values = {**info.data, "tokens_per_param": tokens_per_param}
+        given = [k for k in BUDGET_KEYS if values.get(k) is not None]
+        if len(given) > 1:
+            raise refuse(f"give one of {', '.join(BUDGET_KEYS)}, not {' and '.join(given)}",
+                         key=given[1])
+        return tokens_per_param
 
     def budget_key(self) -> str:
         """The budget key the config was given (`steps` when none was)."""
@@ -124,18 +252,45 @@ class TrainConfig:
         return self.eval_every if self.eval_every is not None else max(1, self.steps // 10)
 
 
+# Train and value_residual keys added after studies had stored run configs, with their defaults:
+# `RunConfig.to_dict` leaves each out at its default, so the record of a run stays what it was
+# before they existed (the duplicate check compares records).
+LATE_VALUE_RESIDUAL_KEYS: dict[str, Any] = {"value_embeddings": 1, "v_lambda": 0.5,
+                                            "ve_lambda": 0.5}
+LATE_TRAIN_KEYS: dict[str, Any] = {"checkpoint_every": None, "keep_checkpoints": False,
+                                   "compile": "auto", "logger": "csv"}
+
+
 DEFAULT_TEST_FRACTION = 0.05
 
 
-@dataclass
+@dataclass(config=STRICT)
 class DataConfig:
     # "builtin", "builtin-prose", a UTF-8 text file, or a glob of nanoGPT .bin token shards.
     source: str = "builtin"
-    val_fraction: float = 0.1
+    val_fraction: float = Field(0.1, gt=0, lt=1)
     # The test split: the tail of every file (None: 0.05, or 0 with a test_source), or all of
     # `test_source` (a file or shard glob). No training, pruning or selection ever reads it.
-    test_fraction: float | None = None
+    test_fraction: float | None = Field(None, ge=0, lt=1)
     test_source: str | None = None
+
+    @field_validator("source")
+    @classmethod
+    def _named(cls, source: str) -> str:
+        if not source:
+            raise refuse("must be 'builtin', a text file or a .bin glob")
+        return source
+
+    @model_validator(mode="after")
+    def _leaves_training_data(self) -> DataConfig:
+        if self.test_source and self.test_fraction:
+            raise refuse("must be 0 (or unset) with a data.test_source: the test set is then "
+                         "all of test_source", key="test_fraction")
+        if self.val_fraction + self.test_share >= 1:
+            raise refuse(f"val_fraction {self.val_fraction} + test_fraction {self.test_share} "
+                         "leaves no training data; their sum must be below 1",
+                         key="test_fraction")
+        return self
 
     @property
     def test_share(self) -> float:
@@ -144,12 +299,56 @@ class DataConfig:
         return 0.0 if self.test_source else DEFAULT_TEST_FRACTION
 
 
-@dataclass
+SECTIONS: dict[str, type] = {
+    "model": ModelConfig,
+    "value_residual": ValueResidualConfig,
+    "train": TrainConfig,
+    "data": DataConfig,
+}
+
+
+@dataclass(config=ConfigDict(extra="forbid"))
 class RunConfig:
+    KEY_NOUN: ClassVar[str] = "section"  # its keys are sections: "unknown section"
     model: ModelConfig = field(default_factory=ModelConfig)
     value_residual: ValueResidualConfig = field(default_factory=ValueResidualConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
+
+    @field_validator(*SECTIONS, mode="before")
+    @classmethod
+    def _section(cls, raw: Any, info: ValidationInfo) -> Any:
+        """A section from its mapping (left blank: all defaults); `model` may name a preset."""
+        section = SECTIONS[info.field_name]
+        if isinstance(raw, section):
+            return raw
+        raw = {} if raw is None else raw
+        if not isinstance(raw, dict):
+            raise refuse(f"must be a mapping, got {type(raw).__name__}")
+        # built here rather than by pydantic: a strict section accepts only its own instances
+        values = {str(k): v for k, v in raw.items()}
+        if section is ModelConfig and "preset" in values:
+            return ModelConfig.from_preset(values.pop("preset"), **values)
+        return section(**values)
+
+    @model_validator(mode="after")
+    def _layers_exist(self) -> RunConfig:
+        layers, n_layer = self.value_residual.layers, self.model.n_layer
+        bad = [i for i in layers if not 1 <= i < n_layer] if isinstance(layers, list) else []
+        if bad:
+            raise refuse(f"indices {bad} out of range; allowed 1..{n_layer - 1} "
+                         "(layer 0 is the source and never receives)", key="value_residual.layers")
+        return self
+
+    @model_validator(mode="after")
+    def _tables_fit(self) -> RunConfig:
+        vr, n_layer = self.value_residual, self.model.n_layer
+        if vr.reads("value_embeddings") and 2 * vr.value_embeddings > n_layer:
+            raise refuse(f"must be at most half of model.n_layer ({n_layer} // 2 = "
+                         f"{n_layer // 2}): table i serves layer i and its mirror, layer "
+                         f"n_layer-1-i; got {vr.value_embeddings}",
+                         key="value_residual.value_embeddings")
+        return self
 
     def __post_init__(self) -> None:
         self.train.steps = resolve_steps(self)
@@ -162,6 +361,16 @@ class RunConfig:
         for other in BUDGET_KEYS:
             if other != key:
                 out["train"].pop(other)
+        # Only neutreno records neutreno_lambda, and neutreno no lambda1: every other mode's
+        # record stays as it was before the key existed (duplicate checks compare records).
+        out["value_residual"].pop(
+            "lambda1" if self.value_residual.mode == "neutreno" else "neutreno_lambda")
+        # Likewise keys added later are recorded only where they differ from their default.
+        for section, late in (("train", LATE_TRAIN_KEYS),
+                              ("value_residual", LATE_VALUE_RESIDUAL_KEYS)):
+            for key, default in late.items():
+                if out[section][key] == default:
+                    out[section].pop(key)
         return out
 
     @property
@@ -188,164 +397,69 @@ def resolve_steps(cfg: RunConfig) -> int:
     return max(1, math.ceil(tokens / max(1, cfg.tokens_per_step)))
 
 
-SECTIONS: dict[str, type] = {
-    "model": ModelConfig,
-    "value_residual": ValueResidualConfig,
-    "train": TrainConfig,
-    "data": DataConfig,
-}
-
-
-def _fail(where: str, key: str, problem: str) -> ConfigError:
-    return ConfigError(f"{where}: {key}: {problem}")
-
-
-def _check_type(where: str, key: str, value: Any, annotation: str) -> Any:
-    """Coerce a YAML value to the annotated field type, or raise a ConfigError."""
-    kinds = [k.strip() for k in annotation.split("|")]
-    if value is None:
-        if "None" in kinds:
-            return None
-        raise _fail(where, key, f"must be set (expected {annotation})")
-    for kind in kinds:
-        if kind == "int" and isinstance(value, int) and not isinstance(value, bool):
-            return value
-        if kind == "float" and isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-        if kind == "str" and isinstance(value, str):
-            return value
-        if kind == "list[int]" and isinstance(value, list) and all(
-            isinstance(v, int) and not isinstance(v, bool) for v in value
-        ):
-            return list(value)
-    raise _fail(where, key, f"expected {annotation}, got {value!r}")
-
-
-def _build_section(where: str, name: str, cls: type, raw: Any) -> Any:
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise _fail(where, name, f"must be a mapping, got {type(raw).__name__}")
-    raw = dict(raw)
-    if cls is ModelConfig and "preset" in raw:
-        preset = raw.pop("preset")
-        if preset not in MODEL_PRESETS:
-            raise _fail(where, "model.preset", f"unknown preset {preset!r}; allowed: "
-                        + ", ".join(MODEL_PRESETS))
-        raw = {**MODEL_PRESETS[preset], **raw}
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    values = {}
-    for key, value in raw.items():
-        if key not in fields:
-            allowed = ", ".join(fields) + (", preset" if cls is ModelConfig else "")
-            raise _fail(where, f"{name}.{key}", f"unknown key; allowed: {allowed}")
-        values[key] = _check_type(where, f"{name}.{key}", value, str(fields[key].type))
-    return cls(**values)
-
-
-def _positive(where: str, key: str, value: float) -> None:
-    if value <= 0:
-        raise _fail(where, key, f"must be > 0, got {value}")
-
-
-def validate(cfg: RunConfig, where: str = "config") -> RunConfig:
-    """Check the values that types alone cannot: shapes, ranges and names."""
-    m, vr, t, d = cfg.model, cfg.value_residual, cfg.train, cfg.data
-    for key in ("vocab_size", "n_layer", "d_model", "n_head", "seq_len"):
-        _positive(where, f"model.{key}", getattr(m, key))
-    if m.d_model % m.n_head:
-        raise _fail(where, "model.n_head", f"{m.n_head} does not divide d_model={m.d_model}")
-    if m.head_dim % 2:
-        raise _fail(where, "model.n_head",
-                    f"head_dim={m.head_dim} must be even for rotary embeddings")
-    if m.ffn_hidden is not None:
-        _positive(where, "model.ffn_hidden", m.ffn_hidden)
-    _positive(where, "model.rope_theta", m.rope_theta)
-    if vr.mode not in MODES:
-        raise _fail(where, "value_residual.mode",
-                    f"unknown mode {vr.mode!r}; allowed: {', '.join(MODES)}")
-    if vr.source not in SOURCES:
-        raise _fail(where, "value_residual.source",
-                    f"unknown source {vr.source!r}; allowed: {', '.join(SOURCES)}")
-    if isinstance(vr.layers, str) and vr.layers != "all":
-        raise _fail(where, "value_residual.layers",
-                    f"must be 'all' or a list of layer indices, got {vr.layers!r}")
-    if isinstance(vr.layers, list):
-        bad = [i for i in vr.layers if not 1 <= i < m.n_layer]
-        if bad:
-            raise _fail(where, "value_residual.layers",
-                        f"indices {bad} out of range; allowed 1..{m.n_layer - 1} "
-                        "(layer 0 is the source and never receives)")
-    for key in ("batch_size", "eval_batches"):
-        _positive(where, f"train.{key}", getattr(t, key))
-    _positive(where, "train.lr", t.lr)
-    if t.warmup_steps is not None and t.warmup_steps < 0:
-        raise _fail(where, "train.warmup_steps", f"must be >= 0, got {t.warmup_steps}")
-    if t.eval_every is not None:
-        _positive(where, "train.eval_every", t.eval_every)
-    if not 0 <= t.min_lr_ratio <= 1:
-        raise _fail(where, "train.min_lr_ratio", f"must be in [0, 1], got {t.min_lr_ratio}")
-    if t.weight_decay < 0:
-        raise _fail(where, "train.weight_decay", f"must be >= 0, got {t.weight_decay}")
-    for key in ("beta1", "beta2"):
-        if not 0 <= getattr(t, key) < 1:
-            raise _fail(where, f"train.{key}", f"must be in [0, 1), got {getattr(t, key)}")
-    if not 0 < d.val_fraction < 1:
-        raise _fail(where, "data.val_fraction", f"must be in (0, 1), got {d.val_fraction}")
-    if d.test_fraction is not None:
-        if not 0 <= d.test_fraction < 1:
-            raise _fail(where, "data.test_fraction", f"must be in [0, 1), got {d.test_fraction}")
-        if d.test_source and d.test_fraction > 0:
-            raise _fail(where, "data.test_fraction", "must be 0 (or unset) with a "
-                        "data.test_source: the test set is then all of test_source")
-    if d.val_fraction + d.test_share >= 1:
-        raise _fail(where, "data.test_fraction",
-                    f"val_fraction {d.val_fraction} + test_fraction {d.test_share} leaves no "
-                    "training data; their sum must be below 1")
-    if not d.source:
-        raise _fail(where, "data.source", "must be 'builtin', a text file or a .bin glob")
-    return cfg
-
-
-def _check_budget(where: str, t: TrainConfig) -> None:
-    """Exactly one budget key, each a finite positive number (before steps are resolved)."""
-    given = [k for k in BUDGET_KEYS if getattr(t, k) is not None]
-    if len(given) > 1:
-        raise _fail(where, f"train.{given[1]}", f"give one of {', '.join(BUDGET_KEYS)}, "
-                    f"not {' and '.join(given)}")
-    for key in given:
-        value = getattr(t, key)
-        if not math.isfinite(value) or value <= 0:
-            raise _fail(where, f"train.{key}", f"must be > 0 and finite, got {value}")
-
-
 def from_dict(raw: Any, where: str = "config") -> RunConfig:
-    """Build and validate a RunConfig from a parsed mapping."""
+    """Build and validate a RunConfig from a parsed mapping. On shards with a tokenizer.json
+    beside them (`nas prepare` writes both), model.vocab_size defaults to the tokenizer's."""
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
-    unknown = [k for k in raw if k not in SECTIONS]
-    if unknown:
-        raise _fail(where, str(unknown[0]), f"unknown section; allowed: {', '.join(SECTIONS)}")
-    sections = {name: _build_section(where, name, cls, raw.get(name))
-                for name, cls in SECTIONS.items()}
-    _check_budget(where, sections["train"])
-    return validate(RunConfig(**sections), where)
+    return parse(RunConfig, _with_tokenizer_vocab(raw, where), where)
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file with safe_load; every failure is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+TOKENIZER_FILE = "tokenizer.json"  # beside a corpus's .bin shards: the ids' vocabulary
+
+
+def is_shard_glob(source: str) -> bool:
+    """Whether a data source names nanoGPT .bin shards by a glob or a .bin path (a folder of
+    them is the other way to name shards, `nas prepare`'s)."""
+    return any(ch in source for ch in "*?[") or source.endswith(".bin")
+
+
+def shard_tokenizer(source: str) -> Path | None:
+    """The tokenizer.json of a shard source: in its folder, or in the folder its glob names
+    (None for builtin text or a text file, which are bytes)."""
+    if Path(source).is_dir():
+        path = Path(source) / TOKENIZER_FILE
+    elif is_shard_glob(source):
+        path = Path(source).parent / TOKENIZER_FILE
+    else:
+        return None
+    return path if path.is_file() else None
+
+
+def tokenizer_vocab(path: Path) -> int:
+    """The vocabulary a model needs for a tokenizer.json's ids: the largest id + 1, its added
+    tokens included. Read as JSON, so training on shards needs no tokenizers package."""
+    stat = path.stat()
+    return _tokenizer_vocab(str(path), stat.st_mtime_ns, stat.st_size)
+
+
+@functools.lru_cache(maxsize=16)
+def _tokenizer_vocab(path: str, mtime_ns: int, size: int) -> int:
+    # keyed by the file's stat too: a study draws many configs from one tokenizer, and a
+    # rewritten file is read again
     try:
-        return yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a UTF-8 text file") from None
+        tokenizer = json.loads(Path(path).read_text(encoding="utf-8"))
+        vocab, added = tokenizer["model"]["vocab"], tokenizer.get("added_tokens") or []
+        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
+        return max(ids + [t["id"] for t in added]) + 1
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise ConfigError(f"{path}: not a tokenizer file ({type(exc).__name__}: {exc})") from None
+
+
+def _with_tokenizer_vocab(raw: dict, where: str) -> dict:
+    """`raw` with model.vocab_size from the tokenizer beside its shards, where it has none."""
+    data, model = raw.get("data"), raw.get("model")
+    source = data.get("source") if isinstance(data, dict) else None
+    tokenizer = shard_tokenizer(source) if isinstance(source, str) and source else None
+    if tokenizer is None or not (model is None or isinstance(model, dict)):
+        return raw  # no tokenizer, or a malformed section that the validation names
+    vocab, given = tokenizer_vocab(tokenizer), (model or {}).get("vocab_size")
+    if given is None:
+        return {**raw, "model": {**(model or {}), "vocab_size": vocab}}
+    if isinstance(given, int) and given < vocab:
+        raise ConfigError(f"{where}: model.vocab_size: {given} is smaller than the {vocab} "
+                          f"tokens of {tokenizer}; leave it out to take the tokenizer's")
+    return raw
 
 
 def load_config(path: str | Path) -> RunConfig:

@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 
 from .spec import StudySpec
 from .study import finished_count
-from .trials import describe, front
+from .trials import TrialRecord, front_rows
 
 
 class TrialPrinter:
@@ -34,21 +34,24 @@ class TrialPrinter:
             self.bar.close()
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
-        a = trial.user_attrs
-        if a.get("failure", "").startswith("surplus"):
+        a = TrialRecord.from_trial(trial)
+        if (a.failure or "").startswith("surplus"):
             return
         if self.bar is not None:
             self.bar.n = finished_count(study) if self.study_wide else self.bar.n + 1
             self.bar.refresh()
-        label = describe(a) + (" (baseline)" if a.get("baseline") else "")
-        params = f"{a['n_params']:>10,}" if "n_params" in a else " " * 10
+        label = a.label + (" (baseline)" if a.baseline else "")
+        params = f"{a.n_params:>10,}" if a.n_params is not None else " " * 10
         if trial.state == TrialState.COMPLETE:
-            status = f"val_loss {a['val_loss']:.4f}  {a['tokens_per_s']:>8,.0f} tok/s"
+            status = f"val_loss {a.val_loss:.4f}  {a.tokens_per_s:>8,.0f} tok/s"
         elif trial.state == TrialState.PRUNED:
-            status = f"pruned ({a.get('pruned_reason', 'pruned')})"
+            status = f"pruned ({a.pruned_reason or 'pruned'})"
         else:
-            status = f"failed ({a.get('failure', 'see the log')})"
-        line = f"trial {trial.number:>3}  {label:<34} {params} params  {status}"
+            status = f"failed ({a.failure or 'see the log'})"
+        self.note(f"trial {trial.number:>3}  {label:<34} {params} params  {status}")
+
+    def note(self, line: str) -> None:
+        """A line of this worker's, written above the progress bar."""
         if self.progress:
             from tqdm import tqdm
 
@@ -58,14 +61,18 @@ class TrialPrinter:
 
 
 def front_table(study: optuna.Study) -> str:
-    rows = front(study)
+    """The front (nas.trials.front_rows: every objective of the study) as aligned columns."""
+    rows = front_rows(study)
     title = "Pareto front" if len(study.directions) > 1 else "Best trials"
     if not rows:
         return f"{title}: no completed trials yet"
-    head = f"{'trial':>5}  {'plan':<34} {'n_params':>10}  {'val_loss':>8}  {'tok/s':>8}"
-    lines = [f"{title} ({len(rows)} trial(s)):", head, "-" * len(head)]
-    for t in rows:
-        a = t.user_attrs
-        lines.append(f"{t.number:>5}  {describe(a):<34} {a['n_params']:>10,}  "
-                     f"{a['val_loss']:>8.4f}  {a.get('tokens_per_s', 0):>8,.0f}")
-    return "\n".join(lines)
+    widths = {key: max(len(key), *(len(str(r[key])) for r in rows)) for key in rows[0]}
+    widths["plan"] = max(widths["plan"], 34)
+
+    def line(cells: dict[str, object]) -> str:
+        return "  ".join(str(v).ljust(widths[k]) if k == "plan" else str(v).rjust(widths[k])
+                         for k, v in cells.items())
+
+    head = line({key: key for key in rows[0]})
+    return "\n".join([f"{title} ({len(rows)} trial(s)):", head, "-" * len(head),
+                      *map(line, rows)])

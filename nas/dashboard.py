@@ -10,8 +10,11 @@ curve.csv) show on each trial's page. Knows nothing of torch.
 from __future__ import annotations
 
 import datetime
+import ipaddress
 import json
 import logging
+import socket
+import sys
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -26,12 +29,11 @@ from optuna.trial import TrialState
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .figures import build_figures
-from .report import front_rows
 from .spec import StudySpec
-from .storage import make_storage
+from .storage import make_storage, redact
 from .study import FINISHED, open_existing, resolve_storage
 from .summary import markdown_table, sections
-from .trials import OBJECTIVES, completed
+from .trials import OBJECTIVES, completed, front_rows
 
 logger = logging.getLogger(__name__)
 
@@ -144,25 +146,52 @@ class _Refresher(threading.Thread):
                 logger.warning("could not refresh the study note: %s", exc)
 
 
+def is_loopback(host: str) -> bool:
+    """True for an address only this machine reaches: 127.0.0.0/8, ::1 or `localhost`."""
+    try:
+        return host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name: it may resolve to any address
+        return False
+
+
+def tunnel(port: int) -> str:
+    """The SSH command that reaches a loopback-bound dashboard on this machine from another."""
+    shown = port or "PORT"
+    return f"ssh -L {shown}:127.0.0.1:{shown} {socket.gethostname()}"
+
+
 def serve(spec: StudySpec, storage: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, artifacts: str | Path | None = None, refresh: float = 60.0,
-          echo: Callable[[str], None] | None = None) -> None:
-    """Publish the note and figures, then serve optuna-dashboard until Ctrl+C."""
+          echo: Callable[[str], None] | None = None, allow_remote: bool = False) -> None:
+    """Publish the note and figures, then serve optuna-dashboard until Ctrl+C.
+
+    optuna-dashboard has no authentication and lets whoever reaches it delete studies, so a
+    `host` other than a loopback address is refused unless `allow_remote`, which warns."""
+    if not is_loopback(host) and not allow_remote:
+        raise ConfigError(f"--host: {host} is not a loopback address, and optuna-dashboard has "
+                          "no authentication (anyone who reaches it can delete studies); keep "
+                          f"the default 127.0.0.1 and tunnel to it ({tunnel(port)}), or pass "
+                          "--allow-remote")
     echo = echo or (lambda text: print(text, flush=True))
     study = open_existing(spec, storage)
     url = resolve_storage(spec, storage)
     folder = artifact_dir(url, spec.name, artifacts or spec.artifacts)
     publish(study, spec)
-    backend = make_storage(url, heartbeat=None)
+    backend = make_storage(url)
     app = optuna_dashboard.wsgi(backend, artifact_store=artifact_store(folder))
     try:
         server = make_server(host, port, app, server_class=_Server, handler_class=_QuietHandler)
     except OSError as exc:
         raise ConfigError(f"--port: cannot listen on {host}:{port}: {exc.strerror or exc}"
                           ) from None
+    if not is_loopback(host):
+        print(f"warning: optuna-dashboard has no authentication: anyone who reaches "
+              f"{host}:{server.server_port} can read and delete every study in this storage. "
+              f"Safer: the default --host 127.0.0.1 and, from your machine, "
+              f"{tunnel(server.server_port)}", file=sys.stderr, flush=True)
     shown = f"[{host}]" if ":" in host else host
     study_id = backend.get_study_id_from_name(spec.name)
-    echo(f"optuna-dashboard for study {spec.name!r} ({url}, artifacts in {folder}):\n"
+    echo(f"optuna-dashboard for study {spec.name!r} ({redact(url)}, artifacts in {folder}):\n"
          f"  http://{shown}:{server.server_port}/dashboard/studies/{study_id}\n"
          "Ctrl+C stops it.")
     refresher = _Refresher(study, spec, refresh) if refresh > 0 else None

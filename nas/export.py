@@ -1,8 +1,10 @@
 """`nas export`: the chosen trials of a study as run configs that `nas train` reads unchanged.
 
 Each trial stores its full run config (user attr `config`, data source and seed included), so
-`nas train DIR/trial-0007.yaml` trains the trial again and, on the same device, reproduces its
-validation loss. A summary table (summary.csv and summary.json) lists what was exported.
+`nas train DIR/STUDY-trial-0007.yaml` trains the trial again and, on the same device, reproduces
+its validation loss. A summary table (STUDY-summary.csv and STUDY-summary.json) lists what was
+exported. Every file name holds the study's name, so two studies exported into one folder never
+write the same file.
 Knows nothing of torch.
 """
 
@@ -14,14 +16,25 @@ from pathlib import Path
 from typing import Any
 
 import optuna
-from optuna.trial import FrozenTrial
 
 from .config import ConfigError, dump_config, from_dict
-from .trials import completed, describe, front, nondominated
+from .trials import TrialRecord, completed, front, nondominated
 
 SUMMARY_FIELDS = ("file", "trial", "plan", "mode", "source", "receiving_layers", "baseline",
-                  "n_params", "n_params_non_embedding", "val_loss", "val_ppl", "tokens",
-                  "tokens_per_s", "steps", "seed", "data_source")
+                  "n_params", "n_params_non_embedding", "kv_bytes_per_token", "val_loss",
+                  "val_ppl", "decode_tokens_per_s", "tokens", "tokens_per_s", "steps", "seed",
+                  "data_source")
+
+
+def trial_file(study_name: str, number: int) -> str:
+    """The file name of a trial's exported run config; `nas train` names its default output
+    folder after it, so that folder holds the study and the trial too."""
+    return f"{study_name}-trial-{number:04d}.yaml"
+
+
+def summary_files(study_name: str) -> tuple[str, str]:
+    """The file names of the export's summary table: CSV and JSON."""
+    return f"{study_name}-summary.csv", f"{study_name}-summary.json"
 
 
 def check_choice(pareto: bool, best: int | None) -> None:
@@ -33,56 +46,55 @@ def check_choice(pareto: bool, best: int | None) -> None:
 
 
 def choose_trials(study: optuna.Study, pareto: bool = False,
-                  best: int | None = None) -> list[FrozenTrial]:
+                  best: int | None = None) -> list[TrialRecord]:
     """The Pareto front (`pareto`) or the `best` K completed trials by validation loss."""
     check_choice(pareto, best)
-    done = [t for t in completed(study) if "config" in t.user_attrs]
+    done = [t for t in completed(study) if t.config]
     if not done:
         raise ConfigError(f"study {study.study_name!r} has no completed trials yet; "
                           "nothing to export")
     if best is not None:
-        return sorted(done, key=lambda t: (t.user_attrs["val_loss"],
-                                           t.user_attrs["n_params"], t.number))[:best]
+        return sorted(done, key=lambda t: (t.val_loss, t.n_params, t.number))[:best]
     if len(study.directions) > 1:
-        return [t for t in front(study) if "config" in t.user_attrs]
+        return [t for t in front(study) if t.config]
     # One objective (val_loss with a budget): the loss-vs-parameters front of what completed.
     return nondominated(done, ["val_loss", "n_params"])
 
 
-def summary_row(trial: FrozenTrial, file: str) -> dict[str, Any]:
-    a = trial.user_attrs
-    cfg = a["config"]
+def summary_row(trial: TrialRecord, file: str) -> dict[str, Any]:
+    t = trial
     return {
-        "file": file, "trial": trial.number, "plan": describe(a), "mode": a.get("mode"),
-        "source": a.get("source"), "receiving_layers": a.get("receiving_layers", []),
-        "baseline": bool(a.get("baseline", False)), "n_params": a["n_params"],
-        "n_params_non_embedding": a.get("n_params_non_embedding"), "val_loss": a["val_loss"],
-        "val_ppl": a.get("val_ppl"), "tokens": a.get("tokens"),
-        "tokens_per_s": a.get("tokens_per_s"), "steps": a.get("steps_trained"),
-        "seed": cfg["train"]["seed"], "data_source": cfg["data"]["source"],
+        "file": file, "trial": t.number, "plan": t.label, "mode": t.mode, "source": t.source,
+        "receiving_layers": t.receiving_layers, "baseline": t.baseline, "n_params": t.n_params,
+        "n_params_non_embedding": t.n_params_non_embedding,
+        "kv_bytes_per_token": t.kv_bytes_per_token, "val_loss": t.val_loss,
+        "val_ppl": t.val_ppl, "decode_tokens_per_s": t.decode_tokens_per_s, "tokens": t.tokens,
+        "tokens_per_s": t.tokens_per_s,
+        "steps": t.steps_trained, "seed": t.seed, "data_source": t.config["data"]["source"],
     }
 
 
-def export_trials(study: optuna.Study, trials: list[FrozenTrial],
+def export_trials(study: optuna.Study, trials: list[TrialRecord],
                   out: str | Path) -> list[dict[str, Any]]:
-    """Write one run config per trial (trial-NNNN.yaml) and summary.csv / summary.json."""
+    """Write one run config per trial (`trial_file`) and the summary (`summary_files`)."""
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out: {out} exists and is not a folder")
     out.mkdir(parents=True, exist_ok=True)
     rows = []
     for t in trials:
-        cfg = from_dict(t.user_attrs["config"], where=f"study {study.study_name!r} trial "
+        cfg = from_dict(t.config, where=f"study {study.study_name!r} trial "
                         f"{t.number}")
-        name = f"trial-{t.number:04d}.yaml"
+        name = trial_file(study.study_name, t.number)
         dump_config(cfg, out / name)
         rows.append(summary_row(t, name))
-    with (out / "summary.csv").open("w", newline="", encoding="utf-8") as f:
+    csv_name, json_name = summary_files(study.study_name)
+    with (out / csv_name).open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=SUMMARY_FIELDS)
         writer.writeheader()
         for row in rows:
             writer.writerow({**row, "receiving_layers": " ".join(
                 map(str, row["receiving_layers"]))})
     summary = {"study": study.study_name, "trials": rows}
-    (out / "summary.json").write_text(json.dumps(summary, indent=2), encoding="utf-8")
+    (out / json_name).write_text(json.dumps(summary, indent=2), encoding="utf-8")
     return rows

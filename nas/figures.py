@@ -1,7 +1,7 @@
 """The report's figures: one plotly builder per figure, and one registry (`FIGURES`: title,
 builder, explanation) that the HTML report and the dashboard both read. Adding a figure is one
 builder and one entry. Reads trials (through nas.arms and nas.scaling for the scaling figures);
-knows nothing of torch. One piece (about 440 lines) because the ten builders share the palette
+knows nothing of torch. One piece (about 500 lines) because the eleven builders share the palette
 and axis helpers and the registry must see them all.
 """
 
@@ -17,15 +17,15 @@ from typing import Any, NamedTuple
 import numpy as np
 import optuna
 import plotly.graph_objects as go
-from optuna.trial import FrozenTrial, TrialState
+from optuna.trial import TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from .arms import best_arms, choose_arms, reports_test, variant
+from .arms import best_arms, choose_arms, profiled_trials, reports_test
 from .modes import MODES
 from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
 from .summary import budget_notes
-from .trials import completed, describe, nondominated
+from .trials import TrialRecord, completed, front, nondominated, records
 
 # vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
 MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
@@ -36,9 +36,8 @@ HEIGHT = 480
 # -- trials ------------------------------------------------------------------------------------
 
 
-def _label(t: FrozenTrial) -> str:
-    return f"#{t.number} {describe(t.user_attrs)}" + (
-        " (baseline)" if t.user_attrs.get("baseline") else "")
+def _label(t: TrialRecord) -> str:
+    return f"#{t.number} {t.label}" + (" (baseline)" if t.baseline else "")
 
 
 # The paper's named variants that share the mode resformer (studies/resformer_scaling.yaml).
@@ -72,32 +71,75 @@ def _params_axis(values: list[float]) -> dict[str, Any]:
 # -- Pareto front ------------------------------------------------------------------------------
 
 
+def study_front(study: optuna.Study) -> set[int]:
+    """The numbers of the trials on the study's Pareto front, all its objectives (none for a
+    single objective): ringed in black in the scatter figures, since with three objectives a
+    trial on it may look dominated in any one plane."""
+    return {t.number for t in front(study)} if len(study.directions) > 1 else set()
+
+
+def _mode_scatters(trials: list[TrialRecord], x: str, ringed: set[int],
+                   legend: bool = True) -> list[go.Scatter]:
+    """val_loss against the stored measurement `x`: one marker trace per mode and source
+    (colour: mode, marker: source), the trials in `ringed` ringed in black."""
+    groups: dict[tuple[str, str], list[TrialRecord]] = {}
+    for t in trials:
+        if t.objective(x) is not None:
+            groups.setdefault((t.mode, t.source), []).append(t)
+    return [go.Scatter(
+        x=[t.objective(x) for t in ts], y=[t.val_loss for t in ts], mode="markers",
+        name=mode if source == "first_layer" else f"{mode} ({source})", legendgroup=mode,
+        showlegend=legend, text=[_label(t) + (" (on the front)" if t.number in ringed else "")
+                                 for t in ts],
+        marker={"color": _color(mode), "size": 11,
+                "symbol": SOURCE_SYMBOLS.get(source, "square"),
+                "line": {"width": [2.5 if t.number in ringed else 1 for t in ts],
+                         "color": ["black" if t.number in ringed else "white" for t in ts]}},
+        hovertemplate=f"%{{text}}<br>{x} %{{x:,}}<br>val_loss %{{y:.4f}}<extra></extra>")
+        for (mode, source), ts in sorted(groups.items())]
+
+
 def pareto_figure(study: optuna.Study) -> go.Figure:
     title = "Pareto front: val_loss against parameters"
     trials = completed(study)
     if not trials:
         return message_figure(title, "no completed trials yet")
-    fig = go.Figure()
-    groups: dict[tuple[str, str], list[FrozenTrial]] = {}
-    for t in trials:
-        key = (t.user_attrs.get("mode", "?"), t.user_attrs.get("source", "first_layer"))
-        groups.setdefault(key, []).append(t)
-    for (mode, source), ts in sorted(groups.items()):
-        fig.add_trace(go.Scatter(
-            x=[t.user_attrs["n_params"] for t in ts], y=[t.user_attrs["val_loss"] for t in ts],
-            mode="markers", name=mode if source == "first_layer" else f"{mode} ({source})",
-            legendgroup=mode, text=[_label(t) for t in ts],
-            marker={"color": _color(mode), "size": 11, "line": {"width": 1, "color": "white"},
-                    "symbol": SOURCE_SYMBOLS.get(source, "square")},
-            hovertemplate="%{text}<br>n_params %{x:,}<br>val_loss %{y:.4f}<extra></extra>"))
+    fig = go.Figure(_mode_scatters(trials, "n_params", study_front(study)))
     best = nondominated(trials, ["val_loss", "n_params"])  # the front this plot shows
     fig.add_trace(go.Scatter(
-        x=[t.user_attrs["n_params"] for t in best], y=[t.user_attrs["val_loss"] for t in best],
+        x=[t.n_params for t in best], y=[t.val_loss for t in best],
         mode="lines", line={"shape": "hv", "color": "black", "dash": "dot", "width": 1.5},
         name="Pareto front", hoverinfo="skip"))
     fig.update_layout(title=title, height=HEIGHT, yaxis_title="validation loss",
-                      xaxis=_params_axis([t.user_attrs["n_params"] for t in trials]),
+                      xaxis=_params_axis([t.n_params for t in trials]),
                       legend_title="mode (marker: source)")
+    return fig
+
+
+# The inference costs a trial stores, and their axes.
+INFERENCE_COSTS = {"kv_bytes_per_token": "KV cache (bytes per token, from the plan)",
+                   "decode_tokens_per_s": "cached decoding (tokens/s, measured)"}
+
+
+def inference_figure(study: optuna.Study) -> go.Figure:
+    """val_loss against each inference cost, side by side with a shared loss axis: with the
+    parameter figure, the paired planes of a three-objective front."""
+    title = "Validation loss against inference cost"
+    trials = completed(study)
+    costs = [c for c in INFERENCE_COSTS if any(t.objective(c) is not None for t in trials)]
+    if not costs:
+        return message_figure(title, "no completed trial stores an inference cost (trials "
+                              "from before they were measured)")
+    ringed = study_front(study)
+    fig = make_subplots(rows=1, cols=len(costs), shared_yaxes=True,
+                        subplot_titles=[INFERENCE_COSTS[c] for c in costs])
+    for col, cost in enumerate(costs, start=1):
+        for trace in _mode_scatters(trials, cost, ringed, legend=col == 1):
+            fig.add_trace(trace, row=1, col=col)
+        fig.update_xaxes(title_text=cost, row=1, col=col)
+    fig.update_yaxes(title_text="validation loss", row=1, col=1)
+    ring = " (ringed: on the study's Pareto front)" if ringed else ""
+    fig.update_layout(title=title + ring, height=HEIGHT, legend_title="mode (marker: source)")
     return fig
 
 
@@ -115,15 +157,15 @@ def _coefficient_key(key: str) -> tuple[str, int]:
 
 def coefficients_figure(study: optuna.Study) -> go.Figure:
     title = "Mixing coefficients per layer"
-    trials = [t for t in completed(study) if t.user_attrs.get("coefficients")]
+    trials = [t for t in completed(study) if t.coefficients]
     if not trials:
         return message_figure(title, "no completed trial has residual coefficients "
                               "(vanilla and svformer have none)")
-    keys = sorted({k for t in trials for k in t.user_attrs["coefficients"]},
+    keys = sorted({k for t in trials for k in t.coefficients},
                   key=_coefficient_key)
     columns = [f"{name} L{layer}" for name, layer in map(_coefficient_key, keys)]
-    trials.sort(key=lambda t: (t.user_attrs.get("mode", ""), t.number))
-    z = [[t.user_attrs["coefficients"].get(k, math.nan) for k in keys] for t in trials]
+    trials.sort(key=lambda t: (t.mode, t.number))
+    z = [[t.coefficients.get(k, math.nan) for k in keys] for t in trials]
     fig = go.Figure(go.Heatmap(
         z=z, x=columns, y=[_label(t) for t in trials], colorscale="Viridis",
         texttemplate="%{z:.2f}", colorbar={"title": "value"}, hoverongaps=False,
@@ -138,7 +180,7 @@ def coefficients_figure(study: optuna.Study) -> go.Figure:
 # -- scaling fits and the equivalent parameter saving ------------------------------------------
 
 
-def _loss_axis(trials: list[FrozenTrial]) -> str:
+def _loss_axis(trials: list[TrialRecord]) -> str:
     return "test loss" if reports_test(trials) else "validation loss (no test split)"
 
 
@@ -277,7 +319,7 @@ def tokens_figure(study: optuna.Study) -> go.Figure:
 
 def analysis_figure(study: optuna.Study) -> go.Figure:
     title = "Per-layer attention entropy and value similarity to layer 0"
-    trials = completed(study)
+    trials = profiled_trials(best_arms(completed(study)))
     entropy = layer_profile(trials, "attention_entropy")
     cosine = layer_profile(trials, "mixed_value_cosine")
     if not entropy:
@@ -302,17 +344,16 @@ def analysis_figure(study: optuna.Study) -> go.Figure:
 
 def curves_figure(study: optuna.Study) -> go.Figure:
     title = "Validation curves"
-    trials = [t for t in study.get_trials(deepcopy=False,
-                                          states=(TrialState.COMPLETE, TrialState.PRUNED))
-              if t.user_attrs.get("curve")]
+    trials = [t for t in records(study.get_trials(
+        deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) if t.curve]
     if not trials:
         return message_figure(title, "no trial has reported a validation loss yet")
     fig = go.Figure()
     shown: set[str] = set()
     for t in trials:
-        name = variant(t.user_attrs)
+        name = t.arm_name
         pruned = t.state == TrialState.PRUNED
-        curve = t.user_attrs["curve"]
+        curve = t.curve
         fig.add_trace(go.Scatter(
             x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines+markers", name=name,
             legendgroup=name, showlegend=name not in shown, opacity=0.5 if pruned else 0.9,
@@ -394,7 +435,15 @@ FIGURES: dict[str, Figure] = {
         "Every completed trial: validation loss against parameter count, coloured by the "
         "residual mode, marker by source (circle: first layer's values, diamond: value "
         "embedding). The dotted staircase joins the trials that no other trial beats on both "
-        "axes.")),
+        "axes; trials ringed in black are on the study's front of all its objectives, which "
+        "with a third (the KV cache, say) includes trials this plane shows as dominated.")),
+    "inference": Figure("Loss against inference cost", inference_figure, (
+        "Every completed trial's validation loss against what it costs to generate with: the "
+        "KV cache per token (exact, at the training dtype; svformer's receiving layers cache "
+        "no values) and cached decoding speed (tokens/s for one sequence on the machine that "
+        "trained it, best of a few repeats: it varies with the machine and its load). With the "
+        "Pareto figure these are the paired views of a three-objective front; trials ringed in "
+        "black are on it.")),
     "coefficients": Figure("Coefficients per layer", coefficients_figure, (
         "The mixing coefficients at the end of training: lambda1 weighs the source values V1, "
         "lambda2 the layer's own values; dense adds fromI weights, gated reports its gate "
@@ -423,7 +472,8 @@ FIGURES: dict[str, Figure] = {
         "difference from vanilla's, which shows whether a gain grows, shrinks or changes sign "
         "as training gets longer.")),
     "analysis": Figure("Attention entropy and value similarity", analysis_figure, (
-        "The paper's analyses at the largest model size, per layer and averaged over seeds: "
+        "The paper's analyses at the largest model size, per layer and averaged over seeds "
+        "(each variant at its chosen learning rate and longest budget): "
         "the entropy of each query's attention (low: concentrated; uniform causal attention "
         "has the most), and the cosine similarity of the values attention uses, V'_n, to the "
         "first layer's V_1, on the first validation windows. `nas analyze` prints the same "

@@ -10,6 +10,7 @@ Schedule: linear warmup, then cosine decay to `min_lr_ratio * lr`.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any
 
 import lightning.pytorch as pl
@@ -17,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torchmetrics import MeanMetric
 
+from .checkpoint import STATE_KEY, rng_state, set_rng_state
 from .config import RunConfig
 from .model import build_model
 
@@ -43,16 +45,35 @@ class LitDecoder(pl.LightningModule):
         self.curve: list[tuple[int, float]] = []
         self.last_val: dict[str, Any] = {}
         self.test: dict[str, Any] = {}
+        # The training steps call this in place of the model where set (compile_model).
+        self.compiled_forward: Callable[[torch.Tensor], torch.Tensor] | None = None
 
     def forward(self, idx: torch.Tensor) -> torch.Tensor:
         return self.model(idx)
+
+    def compile_model(self) -> None:
+        """Train through torch.compile of the decoder's forward. Not of this module: Dynamo
+        breaks on `self.log`. Nor `self.model.compile()`: the analysis and generation call the
+        model with a trace or a cache, which would compile graphs of their own; here they, and
+        validation, stay eager. Static shapes: a run's training batches never change shape."""
+        self.compiled_forward = torch.compile(self.model.forward, dynamic=False)
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """What a resumed run needs beyond Lightning's own state (see nas.checkpoint)."""
+        checkpoint[STATE_KEY] = {"config": self.cfg.to_dict(), "rng": rng_state(),
+                                 "curve": [list(point) for point in self.curve]}
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        state = checkpoint[STATE_KEY]
+        self.curve = [(int(step), float(loss)) for step, loss in state["curve"]]
+        set_rng_state(state["rng"])
 
     def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         return F.cross_entropy(logits.flatten(0, 1), targets.flatten())
 
     def training_step(self, batch, batch_idx):
         idx, targets = batch
-        loss = self._loss(self(idx), targets)
+        loss = self._loss((self.compiled_forward or self.model)(idx), targets)
         if not torch.isfinite(loss):
             raise DivergenceError(
                 f"training diverged at step {self.global_step}: loss is {loss.item()}; "

@@ -22,6 +22,8 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
+from .trials import TrialRecord
+
 PROTOCOLS = ("all_seeds", "first_seed")
 
 
@@ -62,8 +64,8 @@ def pending(study: optuna.Study, space: dict, seed: int) -> list[dict[str, Any]]
     swept: dict[tuple, dict[float, float]] = {}
     for t in trials:
         if t.state == TrialState.COMPLETE and t.params.get("train.seed") == seeds[0]:
-            swept.setdefault(_group(t.params), {})[t.params["train.lr"]] = t.user_attrs[
-                "val_loss"]
+            swept.setdefault(_group(t.params), {})[t.params["train.lr"]] = (
+                TrialRecord.from_trial(t).val_loss)
     wanted = sweep(space, seed)
     for group, losses in swept.items():
         if set(losses) == set(rates):

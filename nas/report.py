@@ -8,7 +8,6 @@ from __future__ import annotations
 import datetime
 import html
 from pathlib import Path
-from typing import Any
 
 import optuna
 import plotly.graph_objects as go
@@ -18,17 +17,7 @@ from plotly.offline import get_plotlyjs
 from .config import ConfigError
 from .figures import FIGURES, build_figures
 from .summary import html_table, sections
-from .trials import OBJECTIVES, completed, describe, front
-
-
-def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
-    """The study's front (nas.trials.front) as table rows."""
-    return [{"trial": t.number, "plan": describe(t.user_attrs),
-             "n_params": f"{t.user_attrs['n_params']:,}",
-             "val_loss": f"{t.user_attrs['val_loss']:.4f}",
-             "tokens/s": f"{t.user_attrs.get('tokens_per_s', 0):,.0f}"}
-            for t in front(study) if "val_loss" in t.user_attrs]
-
+from .trials import OBJECTIVES, completed, front_rows
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; color: #222; }

@@ -4,12 +4,14 @@ Every form is one small class behind one interface (`ValueMix`), named by its en
 `nas.modes.MODES` and built by its `build(site)`. The attention block calls
 `before(v, sources, x, shared)` right after the value projection (heads not yet split) and
 `after(u, v, sources)` on the attention output before the output projection. `sources` holds
-the values a layer may draw on, oldest first: `sources[0]` is the residual source (the first
-layer's values, or the value-embedding row of each token), then the own values of the layers
-between. Only `dense` reads more than `sources[0]`.
+the values a layer may draw on, oldest first: each token's row of every value-embedding table
+the plan has (`ValueResidualConfig.tables`), then the own values of the layers before. So
+`sources[0]` is the residual source (the first layer's values, or the value-embedding row of
+each token); only `dense` reads more than it, and the value-embedding family reads its layer's
+table among the first K.
 
 `ValueResidual` owns one mix per receiving layer plus what they share (the value-embedding
-table, learnable_plus's coefficients, which each layer's mix reads through its index), so the
+tables, learnable_plus's coefficients, which each layer's mix reads through its index), so the
 model only asks it for a layer's mix, and `coefficient_parameters()` lists what the optimizer
 must not decay and the initialiser must not touch.
 """
@@ -61,9 +63,21 @@ class ValueMix(nn.Module):
 
 
 def mix_class(name: str) -> type[ValueMix]:
-    """The ValueMix class a mode names: any subclass defined, so a new mode needs its class and
-    its `nas.modes` entry, nothing else."""
-    return {c.__name__: c for c in ValueMix.__subclasses__()}[name]
+    """The ValueMix class a mode names: any subclass defined (a subclass's too), so a new mode
+    needs its class and its `nas.modes` entry, nothing else."""
+    found, todo = {}, [ValueMix]
+    while todo:
+        for sub in todo.pop().__subclasses__():
+            found[sub.__name__] = sub
+            todo.append(sub)
+    return found[name]
+
+
+def per_head(gates: Tensor, t: Tensor) -> Tensor:
+    """t (B, T, C) with head h's slice of C scaled by gates[..., h] (B, T, H)."""
+    B, T, C = t.shape
+    H = gates.shape[-1]
+    return (gates.unsqueeze(-1) * t.view(B, T, H, C // H)).view(B, T, C)
 
 
 class LinearMix(ValueMix):
@@ -71,23 +85,28 @@ class LinearMix(ValueMix):
 
     def __init__(self, lambda1: float, lambda2: float, trainable: bool):
         super().__init__()
-        # Fixed coefficients stay Python floats: no parameters, no tensor reads per step.
-        self.fixed = None if trainable else (float(lambda1), float(lambda2))
+        self.trainable = trainable
+        values = torch.tensor([float(lambda1), float(lambda2)])
         if trainable:
-            self.lambdas = nn.Parameter(torch.tensor([lambda1, lambda2]))
+            self.lambdas = nn.Parameter(values)
+        else:
+            # Fixed coefficients are a tensor too: torch.compile bakes a Python float attribute
+            # into the graph as a constant, so each lambda a search tries would compile the
+            # model again (benchmarks/compile.py); a tensor is an input of the one graph. Not
+            # in the state dict: the config sets it. The record keeps the configured values,
+            # not their float32 roundings.
+            self.register_buffer("lambdas", values, persistent=False)
+            self.configured = (float(lambda1), float(lambda2))
 
     @classmethod
     def build(cls, site: Site) -> ValueMix:
         return cls(site.plan.lambda1, site.plan.lambda2, trainable=site.mode.learned)
 
     def before(self, v, sources, x, shared=None):
-        if self.fixed is None:
-            return self.lambdas[0] * sources[0] + self.lambdas[1] * v
-        l1, l2 = self.fixed
-        return torch.add(v * l2, sources[0], alpha=l1)
+        return torch.addcmul(v * self.lambdas[1], sources[0], self.lambdas[0])
 
     def coefficients(self, shared=None):
-        l1, l2 = self.fixed if self.fixed is not None else self.lambdas.tolist()
+        l1, l2 = self.lambdas.tolist() if self.trainable else self.configured
         return {"lambda1": l1, "lambda2": l2}
 
 
@@ -166,21 +185,23 @@ class SVFormerMix(ValueMix):
 
 
 class NeuTRENOMix(ValueMix):
-    """U_n = A_n V_n + lambda * (V_src - V_n), added after attention (arXiv 2312.00751)."""
+    """U_n = A_n V_n + neutreno_lambda * (V_src - V_n), added after attention (arXiv
+    2312.00751)."""
 
     def __init__(self, lam: float):
         super().__init__()
-        self.lam = float(lam)
+        self.lam = float(lam)  # for the record; the graph reads the tensor (see LinearMix)
+        self.register_buffer("lam_tensor", torch.tensor(self.lam), persistent=False)
 
     @classmethod
     def build(cls, site: Site) -> ValueMix:
-        return cls(site.plan.lambda1)
+        return cls(site.plan.neutreno_lambda)
 
     def after(self, u, v, sources):
-        return torch.add(u, sources[0] - v, alpha=self.lam)
+        return torch.addcmul(u, sources[0] - v, self.lam_tensor)
 
     def coefficients(self, shared=None):
-        return {"lambda1": self.lam}
+        return {"neutreno_lambda": self.lam}
 
 
 class GatedMix(ValueMix):
@@ -191,7 +212,6 @@ class GatedMix(ValueMix):
 
     def __init__(self, d_model: int, n_head: int):
         super().__init__()
-        self.n_head = n_head
         self.gate = nn.Linear(d_model, n_head, bias=False)
         nn.init.zeros_(self.gate.weight)
 
@@ -200,14 +220,72 @@ class GatedMix(ValueMix):
         return cls(site.model.d_model, site.model.n_head)
 
     def before(self, v, sources, x, shared=None):
-        B, T, C = v.shape
-        g = torch.sigmoid(self.gate(x)).unsqueeze(-1)  # (B, T, H, 1)
-        delta = (sources[0] - v).view(B, T, self.n_head, C // self.n_head)
-        return v + (g * delta).view(B, T, C)
+        return v + per_head(torch.sigmoid(self.gate(x)), sources[0] - v)
 
     def coefficients(self, shared=None):
         # The gate depends on the token; log its norm as a summary of how far it moved.
         return {"gate_norm": self.gate.weight.norm().item()}
+
+
+class ValueEmbeddingMix(ValueMix):
+    """V' = v_lambda * V_n + ve_lambda * VE_t: `ve_unet`, modded-nanogpt's value embeddings.
+
+    VE_t is the token's row of table t, the layer's in the U-net layout
+    (`ValueResidualConfig.table_layout`: table i serves layer i and layer n_layer-1-i); the
+    tables are the first sources, so it is sources[t]. Both weights train, per layer, from
+    the config's v_lambda and ve_lambda (modded-nanogpt's attention lambdas, 0.5 and 0.5).
+    """
+
+    def __init__(self, table: int, v_lambda: float, ve_lambda: float):
+        super().__init__()
+        self.table = table
+        self.lambdas = nn.Parameter(torch.tensor([v_lambda, ve_lambda]))
+
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(*cls.table_and_weights(site))
+
+    @staticmethod
+    def table_and_weights(site: Site) -> tuple[int, float, float]:
+        """The layer's table and the initial weights."""
+        table = site.plan.table_layout(site.model.n_layer)[site.layer]
+        return table, site.plan.v_lambda, site.plan.ve_lambda
+
+    def embedding(self, sources: list[Tensor], x: Tensor) -> Tensor:
+        """The embedding term before its weight: the table's rows."""
+        return sources[self.table]
+
+    def before(self, v, sources, x, shared=None):
+        return self.lambdas[0] * v + self.lambdas[1] * self.embedding(sources, x)
+
+    def coefficients(self, shared=None):
+        v_lambda, ve_lambda = self.lambdas.tolist()
+        return {"v_lambda": v_lambda, "ve_lambda": ve_lambda}
+
+
+class GatedValueEmbeddingMix(ValueEmbeddingMix):
+    """`ve_unet_gated`: the rows also pass a per-head gate of the token's normed hidden state,
+    V' = v_lambda * V_n + ve_lambda * g(x) * VE_t with g = 2 sigmoid(x W_g) (nanochat's
+    ve_gate, over all of x rather than its first channels). W_g starts at zero, so g starts at
+    1 and the mode starts as `ve_unet`.
+    """
+
+    def __init__(self, table: int, v_lambda: float, ve_lambda: float, d_model: int,
+                 n_head: int):
+        super().__init__(table, v_lambda, ve_lambda)
+        self.gate = nn.Linear(d_model, n_head, bias=False)
+        nn.init.zeros_(self.gate.weight)
+
+    @classmethod
+    def build(cls, site: Site) -> ValueMix:
+        return cls(*cls.table_and_weights(site), site.model.d_model, site.model.n_head)
+
+    def embedding(self, sources, x):
+        return per_head(2 * torch.sigmoid(self.gate(x)), super().embedding(sources, x))
+
+    def coefficients(self, shared=None):
+        # as `gated`: the gate depends on the token, its weight norm summarises it
+        return {**super().coefficients(), "gate_norm": self.gate.weight.norm().item()}
 
 
 class ValueResidual(nn.Module):
@@ -217,19 +295,22 @@ class ValueResidual(nn.Module):
         super().__init__()
         self.cfg = cfg
         self.receiving = cfg.receiving(model.n_layer)
+        n_tables = cfg.tables(model.n_layer)
+        family = cfg.reads("value_embeddings")
+        # The residual source's table, and the value-embedding family's (empty otherwise):
+        # kept apart, so that a source table keeps its name in saved weights.
         self.value_embedding = (
-            nn.Embedding(model.vocab_size, model.d_model)
-            if cfg.source == "value_embedding" and self.receiving else None
-        )
+            nn.Embedding(model.vocab_size, model.d_model) if n_tables and not family else None)
+        self.value_embeddings = nn.ModuleList(
+            nn.Embedding(model.vocab_size, model.d_model) for _ in range(n_tables if family else 0))
         self.shared = (
             LearnablePlusShared(len(self.receiving), cfg.lambda2)
             if cfg.mode == "learnable_plus" and self.receiving else None
         )
-        offset = 1 if self.value_embedding is not None else 0
         mode = MODES[cfg.mode]
         self.mixes = nn.ModuleDict({
             str(layer): mix_class(mode.mix).build(
-                Site(model, cfg, mode, layer, slot, n_sources=layer + offset))
+                Site(model, cfg, mode, layer, slot, n_sources=layer + n_tables))
             for slot, layer in enumerate(self.receiving)
         })
 
@@ -247,21 +328,25 @@ class ValueResidual(nn.Module):
         return u if mix is None else mix.after(u, v, sources)
 
     def has_value_proj(self, layer: int) -> bool:
-        """svformer's receiving layers have no W_V: that is its parameter saving."""
+        """svformer's receiving layers have no W_V: that is its parameter saving. Such a layer
+        attends over V_src itself, so a KV cache stores no values for it (`nas.model.KVCache`
+        relies on this)."""
         return MODES[self.cfg.mode].own_values or layer not in self.receiving
 
     def coefficient_parameters(self) -> list[nn.Parameter]:
         """Every mixing coefficient (lambdas, dense weights, gates, learnable_plus's shared
         ones): not weight-decayed, and initialised by their form, not by the model."""
-        table = set() if self.value_embedding is None else set(
-            self.value_embedding.parameters())
-        return [p for p in self.parameters() if p not in table]
+        tables = {p for table in self.tables() for p in table.parameters()}
+        return [p for p in self.parameters() if p not in tables]
+
+    def tables(self) -> list[nn.Embedding]:
+        """Every value-embedding table, in source order."""
+        source = [] if self.value_embedding is None else [self.value_embedding]
+        return [*source, *self.value_embeddings]
 
     def initial_sources(self, idx: Tensor) -> list[Tensor]:
-        """Sources available before layer 0: the value-embedding rows, if that is the source."""
-        if self.value_embedding is None:
-            return []
-        return [self.value_embedding(idx)]
+        """Sources available before layer 0: each table's rows for the tokens idx."""
+        return [table(idx) for table in self.tables()]
 
     def coefficients(self) -> dict[str, float]:
         """Every coefficient by name, e.g. `L3.lambda1`; empty for vanilla."""

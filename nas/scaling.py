@@ -9,12 +9,13 @@ paper's two savings against `vanilla`, with intervals.
   the others are listed apart as extrapolated. Its 95% interval refits on seeds resampled
   within each size (scipy.stats.bootstrap), and every seed is read alone too.
 - Data saving, primary: the same reading along a tokens axis, from the final losses of runs
-  that each had their own full schedule (a study with several budgets at one shape).
+  that each had their own full schedule (a study with several budgets at one shape), through
+  an interpolation between adjacent budgets (`Interpolation`) rather than a fitted law.
 - Data saving, secondary: on one shape and seed, the share of vanilla's training tokens the
   variant needs to reach vanilla's final loss, read off its validation curve (the middle of
   a cosine schedule, so it favours the variant less cleanly; labelled as such).
 
-Reads FrozenTrials' user attributes only: numpy, scipy and optuna, no torch, no plotly.
+Reads TrialRecords only: numpy and scipy, no torch, no plotly.
 """
 
 from __future__ import annotations
@@ -24,95 +25,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import numpy as np
-from optuna.trial import FrozenTrial
 
-from .arms import Arm, seed_of, shape_label, variant
+from .arms import Arm
+from .fits import FITTERS, Curve, Interpolation, ScalingFit
 from .stats import bootstrap_interval
-
-# -- fits --------------------------------------------------------------------------------------
-
-
-@dataclass
-class ScalingFit:
-    """loss = a + b * (N / n_ref)^-alpha ("power"), or loss = a + b * log(N / n_ref) ("log")."""
-
-    kind: str
-    a: float
-    b: float
-    alpha: float
-    n_ref: float
-    n_min: float
-    n_max: float
-    residuals: list[float] = field(default_factory=list)  # measured minus fitted, by size
-
-    @property
-    def n_free(self) -> int:
-        return 3 if self.kind == "power" else 2
-
-    def loss(self, n: np.ndarray | float) -> np.ndarray | float:
-        x = np.asarray(n, dtype=float) / self.n_ref
-        if self.kind == "power":
-            return self.a + self.b * x ** -self.alpha
-        return self.a + self.b * np.log(x)
-
-    def size(self, loss: float) -> float | None:
-        """The parameter count at which the fit reaches `loss`, or None if it never does."""
-        if self.kind == "power":
-            if loss <= self.a:
-                return None
-            return float(self.n_ref * ((loss - self.a) / self.b) ** (-1.0 / self.alpha))
-        return float(self.n_ref * math.exp((loss - self.a) / self.b))
-
-    def describe(self) -> str:
-        if self.kind == "power":
-            return f"L = {self.a:.3f} + {self.b:.3f}·(N/{self.n_ref:,.0f})^-{self.alpha:.2f}"
-        return f"L = {self.a:.3f} {self.b:+.3f}·ln(N/{self.n_ref:,.0f})"
-
-
-def fit_scaling(n_params: list[float], losses: list[float]) -> ScalingFit | None:
-    """Fit loss against parameters: a power law with an offset from three sizes on, a
-    log-linear law from two; None when there are fewer sizes or the loss does not fall."""
-    n, y = np.asarray(n_params, dtype=float), np.asarray(losses, dtype=float)
-    if len(np.unique(n)) < 2:
-        return None
-    n_ref = float(np.exp(np.log(n).mean()))
-    x = n / n_ref
-    if len(np.unique(n)) >= 3:
-        power = _fit_power(x, y)
-        if power is not None:
-            fit = ScalingFit("power", *power[:2], power[2], n_ref, float(n.min()),
-                             float(n.max()))
-            fit.residuals = [float(r) for r in y - fit.loss(n)]
-            return fit
-    slope, intercept = np.polyfit(np.log(x), y, 1)
-    if slope >= 0:
-        return None
-    fit = ScalingFit("log", float(intercept), float(slope), 0.0, n_ref, float(n.min()),
-                     float(n.max()))
-    fit.residuals = [float(r) for r in y - fit.loss(n)]
-    return fit
-
-
-def _fit_power(x: np.ndarray, y: np.ndarray) -> tuple[float, float, float] | None:
-    """Least squares over alpha (a grid, then a finer one around the best); a and b are
-    linear given alpha, solved in closed form for every alpha of a grid at once."""
-    best: tuple[float, float, float, float] | None = None
-    grid = np.linspace(0.02, 2.0, 199)
-    for _ in range(2):
-        basis = x[None, :] ** -grid[:, None]  # (alphas, points)
-        centred = basis - basis.mean(axis=1, keepdims=True)
-        b = (centred @ (y - y.mean())) / (centred ** 2).sum(axis=1)
-        a = y.mean() - b * basis.mean(axis=1)
-        sse = ((a[:, None] + b[:, None] * basis - y[None, :]) ** 2).sum(axis=1)
-        sse = np.where(b > 0, sse, np.inf)
-        i = int(np.argmin(sse))
-        if not np.isfinite(sse[i]):
-            return None
-        best = (float(sse[i]), float(a[i]), float(b[i]), float(grid[i]))
-        grid = np.linspace(max(0.005, best[3] - 0.01), best[3] + 0.01, 81)
-    assert best is not None
-    return best[1], best[2], best[3]
-
+from .trials import TrialRecord
 
 # -- levels: one variant's loss at each size (or budget), per seed --------------------------------
 
@@ -177,7 +94,7 @@ class Saving:
 
     variant: str
     axis: str
-    fit: ScalingFit | None
+    fit: ScalingFit | Interpolation | None
     levels: list[LevelSaving] = field(default_factory=list)
     headline: float | None = None
     interval: tuple[float, float] | None = None  # 95%, refitting on resampled seeds per level
@@ -190,18 +107,26 @@ class Saving:
         return [lv for lv in self.levels if not lv.interpolated]
 
 
-def _fit(levels: list[Level], seeds: dict[str, list[int]] | None = None) -> ScalingFit | None:
-    """Fit a variant's levels (on the seed means, or on the given seeds per level label)."""
-    if seeds is None:
-        return fit_scaling([lv.x for lv in levels], [lv.loss for lv in levels])
-    return fit_scaling([lv.x for lv in levels],
-                       [float(np.mean([lv.by_seed[s] for s in seeds[lv.label]]))
-                        for lv in levels])
+def _fit(levels: list[Level], seeds: dict[str, list[int]] | None = None,
+         axis: str = "parameters") -> Curve | None:
+    """The axis's curve through a variant's levels (on the seed means, or on the given seeds
+    per level label): a power law across sizes, an interpolation across budgets."""
+    losses = [lv.loss if seeds is None else float(np.mean([lv.by_seed[s] for s in
+                                                           seeds[lv.label]]))
+              for lv in levels]
+    return FITTERS[axis]([lv.x for lv in levels], losses)
 
 
-def _read(base: ScalingFit, fit: ScalingFit, x: float) -> tuple[float, bool] | None:
-    """The saving at vanilla's x, and whether it was read within the variant's range."""
-    n = fit.size(float(base.loss(x)))
+def _read(base: Curve, fit: Curve, x: float) -> tuple[float, bool] | None:
+    """The saving at vanilla's x, and whether it was read within the measured range:
+    1 - x_variant(L) / x at vanilla's loss L there. An interpolation cannot extrapolate, so
+    where the variant is worse at x it reads the other way, x_vanilla(L_variant) / x - 1, on
+    vanilla's curve (dropping those readings would keep only the levels the variant wins)."""
+    target = float(base.loss(x))
+    if isinstance(fit, Interpolation) and float(fit.loss(x)) > target:
+        n = base.size(float(fit.loss(x)))
+        return None if n is None else (n / x - 1.0, True)
+    n = fit.size(target)
     if n is None:
         return None
     return 1.0 - n / x, fit.n_min <= n <= fit.n_max
@@ -210,8 +135,8 @@ def _read(base: ScalingFit, fit: ScalingFit, x: float) -> tuple[float, bool] | N
 def equivalent_saving(name: str, axis: str, base_levels: list[Level],
                       levels: list[Level]) -> Saving:
     """The paper's saving of `levels` (one variant) against `base_levels` (vanilla)."""
-    s = Saving(name, axis, _fit(levels))
-    base = _fit(base_levels)
+    s = Saving(name, axis, _fit(levels, axis=axis))
+    base = _fit(base_levels, axis=axis)
     what = "model sizes" if axis == "parameters" else "budgets"
     if len(levels) < 2 or len(base_levels) < 2:
         s.note = f"too few {what} to fit (needs 2)"
@@ -225,7 +150,8 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
             s.levels.append(LevelSaving(lv.label, lv.x, *read))
     inside = [lv.label for lv in s.levels if lv.interpolated]
     if not s.levels:
-        s.note = "never reaches vanilla's loss"
+        s.note = "never reaches vanilla's loss" + (
+            "" if axis == "parameters" else " within the budgets it ran")
         return s
     if not inside:
         s.note = "every reading is extrapolated: no headline"
@@ -239,7 +165,7 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
     def headline(chosen: dict[str, list[int]]) -> float:
         mine = [lv for lv in levels if lv.label in chosen]
         theirs = [lv for lv in base_levels if lv.label in chosen]
-        fit, ref = _fit(mine, chosen), _fit(theirs, chosen)
+        fit, ref = _fit(mine, chosen, axis), _fit(theirs, chosen, axis)
         if fit is None or ref is None:
             return math.nan
         reads = [_read(ref, fit, lv.x) for lv in theirs if lv.label in inside]
@@ -256,7 +182,7 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
             alone = {lab: [seed] for lab in labels}
             value = headline(alone)
             s.per_seed[seed] = None if math.isnan(value) else value
-            mine, theirs = _fit(levels, alone), _fit(base_levels, alone)
+            mine, theirs = _fit(levels, alone, axis), _fit(base_levels, alone, axis)
             s.per_seed_extrapolated[seed] = mine is None or theirs is None or any(
                 r is None or not r[1] for lv in base_levels if lv.label in inside
                 for r in [_read(theirs, mine, lv.x)])
@@ -286,14 +212,12 @@ def token_savings(arms: list[Arm]) -> dict[str, list[Saving]]:
 # -- the data saving ---------------------------------------------------------------------------
 
 
-def tokens_to_reach(t: FrozenTrial, target: float) -> float | None:
+def tokens_to_reach(t: TrialRecord, target: float) -> float | None:
     """Training tokens after which the trial's validation curve first reaches `target`,
     interpolated linearly between validations; None if it never does."""
-    curve = t.user_attrs.get("curve") or []
-    train = t.user_attrs["config"]["train"]
-    per_step = train["batch_size"] * t.user_attrs["config"]["model"]["seq_len"]
+    per_step = t.tokens_per_step
     prev_step, prev_loss = 0.0, math.inf
-    for step, loss in curve:
+    for step, loss in t.curve:
         if loss <= target:
             if math.isinf(prev_loss):
                 return float(step) * per_step
@@ -304,11 +228,11 @@ def tokens_to_reach(t: FrozenTrial, target: float) -> float | None:
     return None
 
 
-def data_saving(trial: FrozenTrial, vanilla: FrozenTrial) -> float | None:
+def data_saving(trial: TrialRecord, vanilla: TrialRecord) -> float | None:
     """1 - T_variant(L_vanilla) / T when the variant ends at least as low as vanilla, else
     T_vanilla(L_variant) / T - 1 (T: the run's tokens); None if a curve is missing."""
-    tokens = float(vanilla.user_attrs["tokens"])
-    mine, theirs = float(trial.user_attrs["val_loss"]), float(vanilla.user_attrs["val_loss"])
+    tokens = float(vanilla.tokens)
+    mine, theirs = float(trial.val_loss), float(vanilla.val_loss)
     if mine <= theirs:
         needed = tokens_to_reach(trial, theirs)
         return None if needed is None else 1.0 - needed / tokens
@@ -334,10 +258,10 @@ def curve_data_savings(arms: list[Arm]) -> list[DataSaving]:
         base = vanilla.get((arm.shape, arm.tokens))
         if arm.variant == "vanilla" or base is None:
             continue
-        theirs = {seed_of(t): t for t in base.trials}
+        theirs = {t.seed: t for t in base.trials}
         for t in arm.trials:
-            if seed_of(t) in theirs and (s := data_saving(t, theirs[seed_of(t)])) is not None:
-                values.setdefault(arm.variant, []).append((arm.shape, seed_of(t), s))
+            if t.seed in theirs and (s := data_saving(t, theirs[t.seed])) is not None:
+                values.setdefault(arm.variant, []).append((arm.shape, t.seed, s))
     out = []
     for name in sorted({a.variant for a in arms} - {"vanilla"}):
         rows = values.get(name, [])
@@ -354,7 +278,7 @@ def curve_data_savings(arms: list[Arm]) -> list[DataSaving]:
 # -- per-layer profiles ------------------------------------------------------------------------
 
 
-def layer_runs(trials: Iterable[FrozenTrial], read: str, modes: Iterable[str] | None = None
+def layer_runs(trials: Iterable[TrialRecord], read: str, modes: Iterable[str] | None = None
                ) -> dict[str, dict[str, list[list[float]]]]:
     """Per model shape (its label; smallest first) and variant, one per-layer list per trial:
     `read` is an analysis key (`attention_entropy`, `value_cosine`, `mixed_value_cosine`) or
@@ -362,29 +286,26 @@ def layer_runs(trials: Iterable[FrozenTrial], read: str, modes: Iterable[str] | 
     keeps only trials of those modes."""
     groups: dict[tuple[tuple[int, int, str], str], list[list[float]]] = {}
     for t in trials:
-        a = t.user_attrs
-        if modes is not None and a.get("mode") not in modes:
+        if modes is not None and t.mode not in modes:
             continue
-        model = a.get("config", {}).get("model", {})
-        n_layer = int(model.get("n_layer", 0))
+        n_layer = int(t.model.get("n_layer", 0))
         if read in ("lambda1", "lambda2"):
-            coefs = a.get("coefficients") or {}
-            row = [float(coefs.get(f"L{i}.{read}", math.nan)) for i in range(n_layer)]
+            row = [float(t.coefficients.get(f"L{i}.{read}", math.nan)) for i in range(n_layer)]
             if all(math.isnan(v) for v in row):
                 continue
-        elif read in (a.get("analysis") or {}):
-            row = [float(v) for v in a["analysis"][read]]
+        elif read in t.analysis:
+            row = [float(v) for v in t.analysis[read]]
         else:
             continue
-        size = (n_layer, int(model.get("d_model", 0)), shape_label(t))
-        groups.setdefault((size, variant(a)), []).append(row)
+        size = (n_layer, int(t.model.get("d_model", 0)), t.shape)
+        groups.setdefault((size, t.arm_name), []).append(row)
     out: dict[str, dict[str, list[list[float]]]] = {}
     for ((*_, shape), name), rows in sorted(groups.items()):
         out.setdefault(shape, {})[name] = rows
     return out
 
 
-def layer_profile(trials: Iterable[FrozenTrial], read: str,
+def layer_profile(trials: Iterable[TrialRecord], read: str,
                   modes: Iterable[str] | None = None) -> dict[str, dict[str, list[float]]]:
     """`layer_runs` averaged over trials (seeds)."""
     return {shape: {name: [float(np.mean(col)) for col in zip(*rows, strict=True)]

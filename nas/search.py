@@ -3,15 +3,18 @@
 
 Only COMPLETE and PRUNED trials count toward `n_trials`; a failed trial (diverged, raised or
 interrupted, with the reason in its `failure` attribute, or lost with its worker) stays in the
-study as FAIL and another trial takes its slot. On RDB storages (SQLite, PostgreSQL) heartbeats
-fail a dead worker's trial and queue a retry of it; `Objective._claim_slot` and `Gate` keep the
-workers from running more than `n_trials`. Terminal output lives in `nas.console`. Knows
-nothing of torch (it only sets the thread count when asked).
+study as FAIL and another trial takes its slot. On every storage, leases (`nas.lease`) fail a
+dead worker's trial and queue a retry of it; `Objective._claim_slot` and `Gate` keep the workers
+from running more than `n_trials`, and a worker that stops short of it says why (SearchError).
+Ctrl+C, SIGTERM and a preemption notice (`nas.interrupt`) fail the running trial and stop the
+worker, in a trial or in the gate's wait. Terminal output lives in `nas.console`. Knows nothing
+of torch (it only sets the thread count: `CoreShare`).
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import secrets
 import time
 from collections.abc import Callable
@@ -23,11 +26,13 @@ from . import lr_sweep
 from .artifacts import artifact_dir
 from .console import TrialPrinter
 from .interrupt import CTRL_C
+from .lease import HEARTBEAT, HostWorkers, Reclaimer, TrialLost, cores
 from .objective import Objective
-from .samplers import make_sampler
+from .samplers import auto_kind, make_sampler
 from .spec import StudySpec, check_trainable
-from .storage import HEARTBEAT, journal_path, redact
-from .study import FINISHED, finished_count, open_study, resolve_storage
+from .storage import redact
+from .study import FINISHED, finished_count, open_study, own_trials, resolve_storage
+from .trials import TrialRecord
 
 MAX_FAILURES = 5  # a worker stops after this many of its trials failed in a row
 
@@ -42,127 +47,178 @@ def worker_seed_offset(study_storage_has_running: bool, worker_id: int | None) -
 
 
 class SearchError(RuntimeError):
-    """A worker stopped because its trials kept failing (the CLI exits with status 1)."""
+    """A worker stopped short of its target: its trials kept failing, --timeout ran out, or the
+    lr_sweep grid ended first (the CLI exits with status 1 and says which)."""
 
 
 class Gate:
     """Decides, before each trial of one worker, whether to start it, wait or stop; an Optuna
     callback after each trial, and the check before the first.
 
-    With a target, a worker stops once the study holds `target` finished trials. When the
-    other workers' RUNNING trials fill the remaining slots, it waits, failing stale trials:
-    with heartbeats, such a trial may belong to a dead worker and is then failed and retried
-    within grace_period, which a restarted worker picks up. It waits at most grace_period plus
-    two heartbeat intervals (live workers finish their own trials, and start another if one
-    fails); journal storage has no heartbeats, so there it stops at once. Independently, a worker
-    stops after MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
+    Every check first fails the running trials of dead workers (`nas.lease.Reclaimer`), which
+    queues their retries. With a target, a worker stops once the study holds `target` finished
+    trials. While running trials of other workers hold the remaining slots it waits, as long as
+    their leases live: each such trial finishes (the study may be done), fails (this worker
+    takes its slot) or loses its worker (its lease expires, and this worker runs its retry). A
+    worker that stops short of the target sets `short` to why: --timeout ran out, the lr_sweep
+    grid ended, or MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
 
-    def __init__(self, target: int | None, heartbeat: dict[str, int] | None,
-                 timeout: float | None, echo: Callable[[str], None],
+    def __init__(self, target: int | None, lease: dict[str, int], timeout: float | None,
+                 echo: Callable[[str], None],
                  queue: Callable[[optuna.Study], int] | None = None):
-        self.target, self.heartbeat, self.echo = target, heartbeat, echo
+        self.target, self.timeout, self.echo = target, timeout, echo
         self.deadline = time.monotonic() + timeout if timeout else float("inf")
+        self.interval = lease["interval"]
+        self.reclaimer = Reclaimer(lease["grace_period"], lease["max_retry"])
         self.failures: list[str] = []
+        self.short: str | None = None
         # A queue-driven study (lr_sweep first_seed) trains only queued trials: `queue` adds
         # what has become due, and a worker with nothing queued waits for running trials.
         self.queue = queue
 
     def ready(self, study: optuna.Study) -> bool:
         """True when this worker should start a trial now; may wait (see the class)."""
-        if self.target is None:
-            return True
-        hb = self.heartbeat
-        patience = time.monotonic() + (hb["grace_period"] + 2 * hb["interval"] if hb else 0)
         waiting = False
         while True:
-            optuna.storages.fail_stale_trials(study)  # a no-op without heartbeats
+            for line in self.reclaimer.reclaim(study):
+                self.echo(line)
+            timed_out = time.monotonic() >= self.deadline
+            if self.target is None:
+                return not timed_out
             queued = self.queue(study) if self.queue else 0
-            states = [t.state for t in study.get_trials(
-                deepcopy=False, states=(*FINISHED, TrialState.RUNNING, TrialState.WAITING))]
+            states = [t.state for t in own_trials(
+                study, (*FINISHED, TrialState.RUNNING, TrialState.WAITING))]
             finished = sum(s in FINISHED for s in states)
             running = states.count(TrialState.RUNNING)
             queued += states.count(TrialState.WAITING)
             if finished >= self.target:
                 return False
+            if timed_out:
+                return self._stop_short(finished, f"--timeout {self.timeout:g} s ran out; run "
+                                        "the same command again to go on")
             if finished + running < self.target and (queued or not self.queue):
                 return True
-            # Under a queue, running trials may still queue more: wait for them to end.
-            for_queue = self.queue is not None and finished + running < self.target
-            if for_queue and not running:
-                self.echo(f"the lr_sweep grid is done with {finished} finished trial(s), short "
-                          f"of n_trials {self.target}")
-                return False
-            if time.monotonic() >= (self.deadline if for_queue else min(patience,
-                                                                         self.deadline)):
-                self.echo(f"{running} trial(s) of other workers hold the last slot(s); "
-                          "this worker stops (they finish the study)")
-                return False
-            if not waiting and hb:
-                self.echo(f"waiting up to {hb['grace_period'] + 2 * hb['interval']} s for "
-                          f"{running} running trial(s) of other workers (a dead worker's "
-                          "trial is retried here)")
+            if not running:  # under a queue: nothing queued, and no running trial to queue more
+                return self._stop_short(finished, "the lr_sweep grid is done; it holds fewer "
+                                        "trials than n_trials")
+            if not waiting:
+                self.echo(f"waiting for {running} running trial(s) of other workers to end (a "
+                          "dead worker's trial is failed and retried here within grace_period "
+                          f"{self.reclaimer.grace:g} s)")
                 waiting = True
-            time.sleep(hb["interval"] if hb else (1 if self.queue else 0))
+            time.sleep(max(0.0, min(self.interval, self.deadline - time.monotonic())))
+
+    def _stop_short(self, finished: int, why: str) -> bool:
+        self.short = f"stopped with {finished} of n_trials {self.target} finished: {why}"
+        return False
 
     def __call__(self, study: optuna.Study, trial: optuna.trial.FrozenTrial) -> None:
         CTRL_C.check()
-        failure = trial.user_attrs.get("failure", "")
+        failure = TrialRecord.from_trial(trial).failure or ""
         if trial.state == TrialState.FAIL and not failure.startswith("surplus"):
             self.failures.append(failure or "see the log")
         elif trial.state != TrialState.FAIL:
             self.failures = []
-        if len(self.failures) >= MAX_FAILURES or not self.ready(study):
+        if len(self.failures) >= MAX_FAILURES:
+            self.short = (f"{MAX_FAILURES} trials in a row failed, the last with "
+                          f"{self.failures[-1]}; stopping this worker")
             study.stop()
+        elif not self.ready(study):
+            study.stop()
+
+
+class CoreShare:
+    """Sets torch's CPU threads before each trial (an Optuna callback, and a call before the
+    first): `threads` when given; else, unless OMP_NUM_THREADS sets them, this host's cores
+    divided among its live `nas search` workers, recounted each time as workers come and go
+    (oversubscribed threads slow CPU training by an order of magnitude)."""
+
+    def __init__(self, threads: int | None, workers: HostWorkers, echo: Callable[[str], None]):
+        self.threads, self.workers, self.echo = threads, workers, echo
+        self.current: int | None = None
+
+    def __call__(self, *_: object) -> None:
+        if self.threads is None and os.environ.get("OMP_NUM_THREADS"):
+            return  # torch took its thread count from it
+        n, why = self.threads, None
+        if n is None:
+            n_cores, n_workers = cores(), self.workers.count()
+            n = max(1, n_cores // n_workers)
+            why = f"{n_cores} core(s) / {n_workers} nas search worker(s) on this host"
+        if n != self.current:
+            import torch
+
+            torch.set_num_threads(n)
+            self.current = n
+            if why:
+                self.echo(f"threads: {n} ({why})")
 
 
 def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | None = None,
                timeout: float | None = None, worker_id: int | None = None,
                progress: bool = True, echo: Callable[[str], None] = print,
-               threads: int | None = None) -> optuna.Study:
+               threads: int | None = None, force: bool = False) -> optuna.Study:
     """Create or resume the study and run trials; returns the study.
 
     Without `n_trials`, this worker runs trials until the study holds the spec's n_trials
     finished (COMPLETE or PRUNED) trials, however many workers share it; failed trials
     (diverged, raised, interrupted, lost with their worker) do not count, so another trial
-    takes their place. With `n_trials`, it starts that many trials whatever their outcome."""
+    takes their place. With `n_trials`, it starts that many trials whatever their outcome.
+    `force` skips the memory check of the space's draws (`check_trainable`)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    check_trainable(spec)
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-    study = open_study(spec, storage_url)
+    check_trainable(spec, force=force)
+    study = open_study(spec, storage_url, echo=echo)
     running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
     offset = worker_seed_offset(running, worker_id)
     if offset:
         study.sampler = make_sampler(spec, spec.seed + offset)
     where = resolve_storage(spec, storage_url)
-    heartbeat = None if journal_path(where) else {**HEARTBEAT, **spec.heartbeat}
+    lease = {**HEARTBEAT, **spec.heartbeat}
     target = spec.n_trials if n_trials is None else None
     queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space, seed=spec.seed)
              if spec.lr_sweep == "first_seed" else None)
-    gate = Gate(target, heartbeat, timeout, echo, queue)
+    gate = Gate(target, lease, timeout, echo, queue)
     done = finished_count(study)
     echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
          + (f"running {n_trials} more" if target is None else f"target {target}")
          + (f" (worker seed {spec.seed + offset})" if offset else ""))
-    if not gate.ready(study):
-        return study
-    printer = TrialPrinter(spec, echo, progress, total=target or n_trials or 0,
-                           study_done=done if target else None)
-    try:
-        with CTRL_C:
-            study.optimize(
-                Objective(spec, target, artifact_dir(where, spec.name, spec.artifacts)),
-                n_trials=n_trials,
-                timeout=timeout,
-                catch=(Exception,),  # recorded in the trial (state FAIL, attribute `failure`)
-                callbacks=[printer, gate],
-                gc_after_trial=True,
-            )
-    finally:
-        printer.close()
-    if len(gate.failures) >= MAX_FAILURES:
-        raise SearchError(f"{MAX_FAILURES} trials in a row failed, the last with "
-                          f"{gate.failures[-1]}; stopping this worker")
+    if spec.sampler["type"] == "auto":
+        kind, why = auto_kind(spec)
+        echo(f"sampler auto: {kind} ({why})")
+    with HostWorkers() as workers:
+        share = CoreShare(threads, workers, echo)
+        if gate.ready(study):
+            printer = TrialPrinter(spec, echo, progress, total=target or n_trials or 0,
+                                   study_done=done if target else None)
+            objective = Objective(spec, target, artifact_dir(where, spec.name, spec.artifacts),
+                                  lease_interval=lease["interval"], echo=printer.note)
+            try:
+                _run_trials(study, objective, n_trials, gate, share, printer)
+            finally:
+                printer.close()
+    if gate.short:
+        raise SearchError(gate.short)
     return study
+
+
+def _run_trials(study: optuna.Study, objective: Objective, n_trials: int | None, gate: Gate,
+                share: CoreShare, printer: TrialPrinter) -> None:
+    """Optuna's trial loop, entered again after a trial that another worker failed (TrialLost:
+    Optuna records nothing for it, and this worker goes on)."""
+    share()
+    with CTRL_C:
+        while n_trials is None or objective.started < n_trials:
+            try:
+                study.optimize(
+                    objective,
+                    n_trials=None if n_trials is None else n_trials - objective.started,
+                    catch=(Exception,),  # recorded in the trial (state FAIL, attribute `failure`)
+                    callbacks=[printer, gate, share],
+                    gc_after_trial=True,
+                )
+                return
+            except TrialLost as lost:
+                printer.note(str(lost))
+                if not gate.ready(study):
+                    return
+                share()

@@ -25,12 +25,12 @@ Parameter names are dotted paths (`value_residual.lambda1`). Knows nothing of to
 from __future__ import annotations
 
 import copy
-import dataclasses
 import math
 from typing import Any, Protocol
 
 from .config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
 from .modes import MODES
+from .parsing import allowed_keys, first_non_finite
 
 PATTERNS = ("all", "subset", "last_k", "unet")
 RANGE_KEYS = {"low", "high", "log", "step"}
@@ -74,12 +74,14 @@ def check_space(space: Any, where: str) -> dict:
                               + ", ".join([*SECTIONS, "variants"]))
         if not isinstance(body, dict):
             raise ConfigError(f"{where}: {section}: must be a mapping")
-        allowed = [f.name for f in dataclasses.fields(SECTIONS[section])]
-        allowed += ["preset"] if section == "model" else []
+        allowed = allowed_keys(SECTIONS[section])
         for key, value in body.items():
             name = f"{section}.{key}"
             if key not in allowed:
                 raise ConfigError(f"{where}: {name}: unknown key; allowed: {', '.join(allowed)}")
+            # here, not at a draw: a draw may never pick the one bad choice of a list
+            if (bad := first_non_finite(value)) is not None:
+                raise ConfigError(f"{where}: {name}: must be finite, got {bad}")
             if name == "value_residual.layers":
                 _check_layers(value, where)
             elif isinstance(value, list):
@@ -154,8 +156,12 @@ def _suggest(trial: Suggester, name: str, value: Any) -> Any:
 
 
 def _n_layer(model: dict) -> int:
-    preset = MODEL_PRESETS.get(model.get("preset", ""), {})
-    return int(model.get("n_layer", preset.get("n_layer", ModelConfig.n_layer)))
+    """The drawn model's n_layer: its own, else its preset's, else the default."""
+    if "n_layer" in model:
+        return int(model["n_layer"])
+    if model.get("preset") in MODEL_PRESETS:  # an unknown name is the run config's to refuse
+        return ModelConfig.from_preset(model["preset"]).n_layer
+    return ModelConfig().n_layer
 
 
 def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[int]:

@@ -1,13 +1,15 @@
 """Optuna storages from URLs: SQLite (one machine), PostgreSQL or MySQL (many), journal files.
 
 `make_storage` opens one with clear errors (a ConfigError naming the option or spec key), WAL
-mode on SQLite, connection timeouts, and heartbeats on RDB storages so that a dead worker's trial
-is failed and retried. Knows nothing of torch or of studies.
+mode on SQLite and connection timeouts. A dead worker's trial is failed and retried through
+leases (`nas.lease`), the same on every storage. Knows nothing of torch or of studies.
 """
 
 from __future__ import annotations
 
+import os
 import random
+import re
 import time
 from pathlib import Path
 from typing import Any
@@ -16,10 +18,7 @@ import optuna
 import sqlalchemy
 
 from .config import ConfigError
-
-# Heartbeats on RDB storages (seconds; the study spec's `heartbeat` overrides them): a RUNNING
-# trial with no heartbeat for grace_period is failed and retried up to max_retry times.
-HEARTBEAT = {"interval": 10, "grace_period": 30, "max_retry": 2}
+from .errors import first_line
 
 
 def journal_path(url: str) -> Path | None:
@@ -37,22 +36,53 @@ def storage_file(url: str) -> Path | None:
     return journal_path(url)
 
 
-def redact(url: str) -> str:
-    """The URL without its password, for messages."""
-    try:
-        return sqlalchemy.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy can parse: it holds no password either
-        return url
+def check_access(url: str, write: bool, where: str = "--storage") -> None:
+    """Refuse a storage file this process cannot read or, with `write` (a search), cannot write,
+    or whose folder it cannot write into (SQLite keeps its -wal and -shm files beside the
+    database, a journal its lock file): one line before anything starts, not a driver's
+    error in the middle of a search. A file still to be created is make_storage's."""
+    path = storage_file(url)
+    if path is None or not path.exists():
+        return
+    # access(2), never open(): closing any descriptor of a SQLite file drops every lock this
+    # process holds on it, which corrupts a database it has open (SQLite's own warning).
+    effective = os.access in os.supports_effective_ids
+    for flag, doing in ((os.R_OK, "read"), (os.W_OK, "write"))[:2 if write else 1]:
+        if not os.access(path, flag, effective_ids=effective):
+            raise ConfigError(f"{where}: cannot {doing} {str(path)!r} (permission denied or a "
+                              "read-only file system); a search needs to read and write its "
+                              "storage file, the other commands to read it")
+    if write and not os.access(path.parent, os.W_OK | os.X_OK, effective_ids=effective):
+        raise ConfigError(f"{where}: cannot write in the folder of {str(path)!r}; a search keeps "
+                          "files beside its storage file (SQLite's -wal and -shm, a journal's "
+                          "lock)")
 
 
-def make_storage(url: str, heartbeat: dict[str, int] | None = None,
-                 where: str = "--storage") -> optuna.storages.BaseStorage:
+# scheme://user:PASSWORD@rest: the password runs to the last @, as a password with an unquoted @
+# in it would (masking too much is safe; sqlalchemy's parser would show the part after its @).
+_PASSWORD = re.compile(r"^(?P<user>[\w+.-]+://[^:/@]*):(?P<password>.*)@(?P<rest>[^@]*)$", re.S)
+
+
+def redact(url: str, text: str | None = None) -> str:
+    """The storage URL without its password, for every message, log line, page and error that
+    names a storage; with `text` (an error raised while opening `url`), that text with the URL
+    and its password masked. The one place a password is hidden: what prints a URL calls it."""
+    match = _PASSWORD.match(url)
+    masked = f"{match['user']}:***@{match['rest']}" if match else url
+    if text is None:
+        return masked
+    text = text.replace(url, masked)
+    # A driver that split the password at an unquoted @ may quote either piece of it.
+    for piece in match["password"].split("@") if match else ():
+        text = text.replace(piece, "***") if piece else text
+    return text
+
+
+def make_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: `sqlite:///PATH` (one machine), `postgresql://` or
     `postgresql+psycopg://` (many machines), `mysql+DRIVER://`, or a journal file
-    (`journal:PATH` or a plain path). `heartbeat` (`interval`, `grace_period`, `max_retry`,
-    see HEARTBEAT) turns on heartbeats on RDB storages: a trial whose worker stopped beating is
-    failed and retried as a new WAITING copy of itself. Bad input is a ConfigError naming
-    `where` (the option or the spec's key)."""
+    (`journal:PATH` or a plain path). Bad input is a ConfigError naming `where` (the option or
+    the spec's key)."""
     journal = journal_path(url)
     if journal is not None:
         try:
@@ -84,23 +114,18 @@ def make_storage(url: str, heartbeat: dict[str, int] | None = None,
         engine_kwargs["pool_pre_ping"] = True
         if scheme.startswith("postgresql"):
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
-    extra: dict[str, Any] = {}
-    if heartbeat:  # None, False or {}: no heartbeats
-        hb = {**HEARTBEAT, **heartbeat}
-        extra = {"heartbeat_interval": hb["interval"], "grace_period": hb["grace_period"],
-                 "heartbeat_stale_trial_callback":
-                     optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=hb["max_retry"])}
     for attempt in range(2):
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, **extra)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
             break
         except Exception as exc:  # sqlalchemy's errors carry multi-line context
             if attempt == 0:
                 # Workers that start together on a new database race to create its tables.
                 time.sleep(0.5 + random.random())
                 continue
-            first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-            raise ConfigError(f"{where}: cannot open {redact(url)!r}: {first}") from None
+            first = first_line(exc)
+            raise ConfigError(f"{where}: cannot open {redact(url)!r}: "
+                              f"{redact(url, first)}") from None
     if scheme.startswith("sqlite"):
         # Write-ahead logging: readers (the dashboard, waiting workers) never block a writer.
         try:

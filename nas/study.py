@@ -1,41 +1,70 @@
 """Opening a study: create it from a spec or resume it, refuse a spec that no longer matches
-what is stored, queue the vanilla baselines (and the lr_sweep queue), and load a stored study
-for reading (export, report, dashboard). Storages themselves live in `nas.storage`; the worker
-loop in `nas.search`. Knows nothing of torch.
+what is stored, queue the vanilla baselines (and the lr_sweep queue), seed a new study from a
+warm start (`nas.warm_start`), and load a stored study for reading (export, report,
+dashboard). Storages themselves live in `nas.storage`; the worker loop in `nas.search`. Knows
+nothing of torch (the data fingerprint imports the data module).
+
+A study stores one fingerprint (the user attribute `fingerprint`): a digest of each thing that
+changes a trial's numbers, namely the objectives, the budgets (`max_params`; `max_kv_bytes`
+where set), the space merged with the base config (less `data.source`, a path that may differ
+per machine) and the validation and test tokens themselves (`nas.spec.data_fingerprint`). A
+search that resumes the study with any of them changed is refused, naming what changed; so a
+corpus moved elsewhere resumes, another corpus does not. Reading commands compare all but the
+data (they add no measurements and may run where the corpus is not) and never write. A study
+from before fingerprints is checked as far as its attributes tell (objectives, space,
+max_params) and adopts the fingerprint on its first search, with a one-line note.
 """
 
 from __future__ import annotations
 
+import hashlib
 import itertools
+import json
+import time
+from collections.abc import Callable, Container
 from typing import Any
 
 import optuna
-from optuna.trial import TrialState
+from optuna.trial import FrozenTrial, TrialState
 
-from . import lr_sweep
+from . import lr_sweep, warm_start
 from .config import ConfigError
 from .samplers import make_pruner, make_sampler
-from .spec import StudySpec
-from .storage import HEARTBEAT, make_storage, redact, storage_file
-from .trials import OBJECTIVES
+from .spec import CONSTRAINTS, StudySpec, data_fingerprint
+from .storage import check_access, make_storage, redact, storage_file
+from .trials import OBJECTIVES, TrialRecord, record_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
+FINGERPRINT = "fingerprint"  # the study's user attribute: part name -> digest
+# How long a search waits for the fingerprint of a study without one and without trials, which
+# another worker may have created a moment ago; the creator writes it within milliseconds.
+FINGERPRINT_WAIT = 15.0
 
 
 def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool = True,
-               seed_offset: int = 0) -> optuna.Study:
-    """Create or load the spec's study. A new study records its objectives and space and gets
-    its vanilla baselines queued. A stored study whose objectives or space differ from the
-    spec's is refused before anything is written."""
+               seed_offset: int = 0, echo: Callable[[str], None] = print) -> optuna.Study:
+    """Create or load the spec's study. A new study records its objectives, space and
+    fingerprint and gets its vanilla baselines queued. A stored study whose fingerprint differs
+    from the spec's is refused before anything is written. `create` (a search) also reads the
+    data for the fingerprint; without it (reading commands) nothing is created or written."""
     url = resolve_storage(spec, storage_url)
+    where = "--storage" if storage_url else f"{spec.path}: storage"
+    check_access(url, write=create, where=where)
+    # Before the storage is touched: a corpus that does not open is refused with nothing written.
+    data = data_fingerprint(spec) if create else None
     sampler, pruner = make_sampler(spec, spec.seed + seed_offset), make_pruner(spec)
-    storage = make_storage(url, {**HEARTBEAT, **spec.heartbeat},
-                           where="--storage" if storage_url else f"{spec.path}: storage")
+    storage = make_storage(url, where=where)
     names = optuna.get_all_study_names(storage)
     if spec.name not in names and not create:
         listed = ", ".join(names) if names else "none"
         raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {redact(url)} "
                           f"(studies there: {listed})")
+    warm = create and spec.warm_start is not None
+    if warm and spec.name in names:
+        echo(f"warm start: study {spec.name!r} exists already; a warm start seeds only a new "
+             "study")
+    elif warm:  # checked before the study is created: bad input writes nothing
+        source = warm_start.load_source(spec, url)
     if spec.name not in names:
         try:
             study = optuna.create_study(
@@ -47,20 +76,100 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             study.set_metric_names(spec.objectives)
             study.set_user_attr("objectives", spec.objectives)
             study.set_user_attr("space", spec.merged_space)
-            study.set_user_attr("max_params", spec.max_params)
+            for key in CONSTRAINTS:
+                study.set_user_attr(key, getattr(spec, key))
+            # Last of the attributes: a worker that finds it finds the others.
+            study.set_user_attr(FINGERPRINT, fingerprint(spec, data))
             enqueue_baselines(study, spec)
             if spec.lr_sweep == "first_seed":
                 lr_sweep.enqueue_pending(study, spec.merged_space, spec.seed)
+            if warm:
+                warm_start.seed(study, spec, source, warm_start.source_url(spec, url), echo)
             return study
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                               pruner=pruner)
-    _check_stored(study, spec)
+    _check_stored(study, spec, data, echo)
     return study
 
 
-def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
-    """Refuse a spec that no longer matches its stored study: mixing objectives or spaces in
-    one study would fail every new trial or compare unlike trials."""
+def fingerprint(spec: StudySpec, data: str | None) -> dict[str, str]:
+    """A digest of each part of the spec that changes a trial's numbers (see the module
+    docstring); `data` is the data's own digest, None where it is not read."""
+    parts = {"objectives": spec.objectives, "max_params": spec.max_params,
+             # data.source is a path: the data digest stands for what it holds
+             "space": _without_source(spec.merged_space),
+             # the budgets newer than max_params only where set: studies from before them
+             # resume unchanged
+             **{key: getattr(spec, key) for key in CONSTRAINTS
+                if key != "max_params" and getattr(spec, key) is not None}}
+    digests = {part: _digest(value) for part, value in parts.items()}
+    return digests if data is None else {**digests, "data": data}
+
+
+def _digest(value: Any) -> str:
+    # Through JSON first, as the storage keeps attributes: tuples become lists, keys strings.
+    canonical = json.dumps(json.loads(json.dumps(value)), sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+def _check_stored(study: optuna.Study, spec: StudySpec, data: str | None,
+                  echo: Callable[[str], None]) -> None:
+    """Refuse a spec whose fingerprint differs from its stored study's: mixing objectives,
+    spaces, budgets or data in one study would fail every new trial or compare unlike trials."""
+    _check_directions(study, spec)
+    stored = _stored_fingerprint(study, wait=data is not None)
+    if stored is None:  # a study from before fingerprints
+        changed = _changed_attributes(study, spec)
+    else:
+        current = fingerprint(spec, data)
+        # A part only one side holds changed too (a budget set or dropped); the data is
+        # compared only where it was read.
+        unread = {"data"} if data is None else set()
+        parts = [*current, *(p for p in stored if p not in current and p not in unread)]
+        changed = [part for part in parts if stored.get(part) != current.get(part)]
+    if changed:
+        also = f" (also changed: {', '.join(changed[1:])})" if changed[1:] else ""
+        raise ConfigError(f"{spec.path}: {_what_changed(study, spec, changed[0])}{also}; use "
+                          "a new study name to measure anything else")
+    if stored is None and data is not None:
+        study.set_user_attr(FINGERPRINT, fingerprint(spec, data))
+        echo(f"study {spec.name!r} predates fingerprints: it adopts this spec's, data included "
+             "(its earlier trials are taken to be measured on this data)")
+
+
+def _stored_fingerprint(study: optuna.Study, wait: bool) -> dict[str, str] | None:
+    """The study's fingerprint. A study without one and without trials may have been created
+    a moment ago by a worker that has not written it yet: with `wait` (a search) this waits up
+    to FINGERPRINT_WAIT seconds for it rather than skip the check. The creator writes it before
+    any trial, so a study holding trials and no fingerprint predates them."""
+    deadline = time.monotonic() + (FINGERPRINT_WAIT if wait else 0)
+    while True:
+        stored = study.user_attrs.get(FINGERPRINT)
+        if stored is not None or study.get_trials(deepcopy=False) or \
+                time.monotonic() >= deadline:
+            return stored
+        time.sleep(0.2)
+
+
+def _what_changed(study: optuna.Study, spec: StudySpec, part: str) -> str:
+    """`key: what` for a changed fingerprint part, from the attributes stored beside it."""
+    attrs = study.user_attrs
+    if part == "objectives":
+        return (f"objectives: the stored study {spec.name!r} has {attrs.get('objectives')}, "
+                f"the spec {spec.objectives}")
+    if part in CONSTRAINTS:
+        return (f"{part}: the stored study {spec.name!r} has {attrs.get(part)}, the spec "
+                f"{getattr(spec, part)}")
+    if part == "space":
+        key = _first_difference(_without_source(attrs.get("space") or {}),
+                                _without_source(spec.merged_space))
+        return f"{key or 'space'}: differs from the stored study {spec.name!r}"
+    source = spec.merged_space.get("data", {}).get("source", "builtin")
+    return (f"data.source: the validation and test data of {source!r} differ from those the "
+            f"stored study {spec.name!r} was measured on")
+
+
+def _check_directions(study: optuna.Study, spec: StudySpec) -> None:
     stored = study.user_attrs.get("objectives") or study.metric_names
     directions = [d.name.lower() for d in study.directions]
     if directions != [OBJECTIVES[o] for o in spec.objectives] or (
@@ -68,13 +177,20 @@ def _check_stored(study: optuna.Study, spec: StudySpec) -> None:
         raise ConfigError(f"{spec.path}: objectives: the stored study {spec.name!r} has "
                           f"{stored or directions}, the spec {spec.objectives}; use a new "
                           "study name for other objectives")
-    space = study.user_attrs.get("space")
-    if space is not None:
-        # data.source may differ: every machine may keep the same shards at its own path.
-        key = _first_difference(_without_source(space), _without_source(spec.merged_space))
-        if key is not None:
-            raise ConfigError(f"{spec.path}: {key}: differs from the stored study "
-                              f"{spec.name!r}; use a new study name to search a changed space")
+
+
+def _changed_attributes(study: optuna.Study, spec: StudySpec) -> list[str]:
+    """The parts a study from before fingerprints still tells apart, from the attributes it
+    stored (it never recorded its data)."""
+    attrs = study.user_attrs
+    changed = []
+    if "max_params" in attrs and attrs["max_params"] != spec.max_params:
+        changed.append("max_params")
+    # data.source may differ: every machine may keep the same shards at its own path.
+    if "space" in attrs and _first_difference(_without_source(attrs["space"]),
+                                              _without_source(spec.merged_space)):
+        changed.append("space")
+    return changed
 
 
 def _without_source(space: dict) -> dict:
@@ -104,21 +220,31 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
     """Queue one vanilla trial per model size that the study does not hold yet."""
     if not spec.baselines:
         return 0
-    held = [t.params for t in study.get_trials(deepcopy=False)
-            if t.user_attrs.get("baseline")]
-    held += [t.system_attrs.get("fixed_params", {}) for t in study.get_trials(
-        deepcopy=False, states=(TrialState.WAITING,)) if t.user_attrs.get("baseline")]
+    baselines = [t for t in study.get_trials(deepcopy=False)
+                 if TrialRecord.from_trial(t).baseline]
+    held = [t.params for t in baselines]
+    held += [t.system_attrs.get("fixed_params", {}) for t in baselines
+             if t.state == TrialState.WAITING]
     added = 0
     for params in baseline_sizes(spec):
         if any(all(h.get(k) == v for k, v in params.items()) for h in held):
             continue
-        study.enqueue_trial(params, user_attrs={"baseline": True}, skip_if_exists=False)
+        study.enqueue_trial(params, user_attrs=record_attrs(baseline=True),
+                            skip_if_exists=False)
         added += 1
     return added
 
 
+def own_trials(study: optuna.Study, states: Container[TrialState] | None = None
+               ) -> list[FrozenTrial]:
+    """The study's trials (in `states`) less those a warm start seeded: the trials that count
+    toward its n_trials."""
+    return [t for t in study.get_trials(deepcopy=False, states=states)
+            if TrialRecord.from_trial(t).warm_start is None]
+
+
 def finished_count(study: optuna.Study) -> int:
-    return len(study.get_trials(deepcopy=False, states=FINISHED))
+    return len(own_trials(study, FINISHED))
 
 
 def resolve_storage(spec: StudySpec, override: str | None = None) -> str:

@@ -16,7 +16,6 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
-from optuna.trial import FrozenTrial
 
 from .arms import (
     Arm,
@@ -24,8 +23,8 @@ from .arms import (
     paired_differences,
     paired_window_se,
     pooled_p,
+    profiled_trials,
     reports_test,
-    seed_of,
 )
 from .modes import LEARNED
 from .scaling import (
@@ -36,6 +35,7 @@ from .scaling import (
     token_savings,
 )
 from .stats import LEVEL
+from .trials import TrialRecord
 
 COMPUTE_OPTIMAL = 20  # tokens per parameter (the compute-optimal rule of thumb)
 
@@ -126,7 +126,7 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def difference_rows(trials: list[FrozenTrial], several_budgets: bool
+def difference_rows(trials: list[TrialRecord], several_budgets: bool
                     ) -> tuple[list[dict[str, Any]], list[float]]:
     """Rows of paired differences (one column per size, or size and budget), and the means of
     those whose interval excludes zero."""
@@ -150,11 +150,10 @@ def difference_rows(trials: list[FrozenTrial], several_budgets: bool
     return rows, significant
 
 
-def noise_notes(trials: list[FrozenTrial], significant: list[float], split: str) -> list[str]:
+def noise_notes(trials: list[TrialRecord], significant: list[float], split: str) -> list[str]:
     """The per-trial standard error against the smallest significant difference, and the
     paired standard error over the same windows, which is what a paired difference carries."""
-    ses = [t.user_attrs[f"{split}_loss_se"] for t in trials
-           if t.user_attrs.get(f"{split}_loss_se") is not None]
+    ses = [se for t in trials if (se := getattr(t, f"{split}_loss_se")) is not None]
     if not ses:
         return [f"Noise: trials store no standard error of their {split} loss (older runs)."]
     worst = max(ses)
@@ -173,10 +172,9 @@ def noise_notes(trials: list[FrozenTrial], significant: list[float], split: str)
     paired = []
     for diffs in paired_differences(trials).values():
         for d in diffs:
-            mine = {seed_of(t): t for t in d.arm.trials}
+            mine = {t.seed: t for t in d.arm.trials}
             for t in d.vanilla.trials:
-                if seed_of(t) in mine and (
-                        se := paired_window_se(mine[seed_of(t)], t, split)) is not None:
+                if t.seed in mine and (se := paired_window_se(mine[t.seed], t, split)) is not None:
                     paired.append(se)
     if paired:
         notes.append(f"Paired over the same {split} windows, the standard error of one "
@@ -201,7 +199,8 @@ def saving_rows(savings: list[Saving]) -> list[dict[str, Any]]:
         rows.append({
             "variant": s.variant,
             f"saving ({LEVEL:.0%} interval), interpolated": headline,
-            "read at": ", ".join(lv.label for lv in inside) or "-",
+            "per level (interpolated)": ", ".join(f"{lv.label}: {_pct(lv.saving)}"
+                                                  for lv in inside) or "-",
             "extrapolated (not in the headline)": ", ".join(
                 f"{lv.label}: {_pct(lv.saving)}" for lv in s.extrapolated) or "-",
             "each seed alone": seeds or "-",
@@ -212,7 +211,7 @@ def saving_rows(savings: list[Saving]) -> list[dict[str, Any]]:
     return rows
 
 
-def profile_rows(trials: Iterable[FrozenTrial], read: str,
+def profile_rows(trials: Iterable[TrialRecord], read: str,
                  modes: Iterable[str] | None = None) -> list[dict[str, Any]]:
     rows = []
     for shape, by_name in layer_runs(trials, read, modes).items():
@@ -226,7 +225,7 @@ def profile_rows(trials: Iterable[FrozenTrial], read: str,
     return rows
 
 
-def sections(trials: list[FrozenTrial]) -> list[Section]:
+def sections(trials: list[TrialRecord]) -> list[Section]:
     """Every table the study's completed trials support, in reading order."""
     arms = best_arms(trials)
     if not arms:
@@ -253,12 +252,10 @@ def sections(trials: list[FrozenTrial]) -> list[Section]:
             f"(mean [{LEVEL:.0%} t-interval over seeds]; negative: better than vanilla)", diffs,
             noise_notes(chosen, significant, split)))
     base, savings = parameter_savings(arms)
-    if savings:
-        notes = budget_notes(arms)[1:]
-        if base is not None:
-            notes.insert(0, f"vanilla: {base.describe()}, {len(base.residuals)} points / "
-                         f"{base.n_free} free parameters, residuals "
-                         + " ".join(f"{r:+.4f}" for r in base.residuals))
+    if savings and base is not None:  # vanilla at two sizes or more: a curve to read against
+        notes = [f"vanilla: {base.describe()}, {len(base.residuals)} points / {base.n_free} "
+                 "free parameters, residuals " + " ".join(f"{r:+.4f}" for r in base.residuals),
+                 *budget_notes(arms)[1:]]
         out.append(Section("parameter_saving", "Equivalent parameter saving against vanilla "
                            "(non-embedding parameters; the headline averages interpolated "
                            "readings only)", saving_rows(savings), notes))
@@ -276,16 +273,18 @@ def sections(trials: list[FrozenTrial]) -> list[Section]:
                                 "per size": ", ".join(f"{k}: {_pct(v)}"
                                                       for k, v in d.per_size.items()),
                                 "pairs": d.pairs} for d in curve]))
+    profiled = profiled_trials(arms)
+    at = " (each size at its longest budget)" if several else ""
     for name, what in (("lambda1", "the weight on V_1"), ("lambda2", "the weight on V_n")):
-        if rows := profile_rows(chosen, name, LEARNED):
+        if rows := profile_rows(profiled, name, LEARNED):
             out.append(Section(name, f"Learned {name} per layer at the end of training "
-                               f"({what}; layer 0 is the source)", rows))
-    if rows := profile_rows(chosen, "attention_entropy"):
-        out.append(Section("entropy", "Attention entropy per layer (nats)", rows))
+                               f"({what}; layer 0 is the source){at}", rows))
+    if rows := profile_rows(profiled, "attention_entropy"):
+        out.append(Section("entropy", f"Attention entropy per layer (nats){at}", rows))
     return out
 
 
-def summary_markdown(trials: list[FrozenTrial]) -> str:
+def summary_markdown(trials: list[TrialRecord]) -> str:
     lines: list[str] = []
     for s in sections(trials):
         lines += [f"### {s.title}", ""]

@@ -28,16 +28,26 @@ else
     exit 0
 fi
 
+# The PostgreSQL clusters on this machine before the install, as VERSION/NAME: someone else's,
+# never stopped here.
+clusters() {
+    if command -v pg_lsclusters >/dev/null; then
+        pg_lsclusters --no-header 2>/dev/null | awk '{print $1 "/" $2}' || true
+    fi
+}
+before=$(clusters)
+
 echo "ensure-system-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
 "${SUDO[@]}" apt-get update -q
 "${SUDO[@]}" apt-get install -y -q --no-install-recommends "${missing[@]}"
 
-# The tests start their own private PostgreSQL server; stop the default cluster that the
-# Debian package may have started on port 5432.
+# The Debian package creates and starts a default cluster on port 5432, which the tests do not
+# use (they start their own, on a socket in a private folder: tests/pg.py). Stop that one, which
+# this install created; a cluster that was there before is left as it is.
 if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
     pg_lsclusters --no-header 2>/dev/null | while read -r version name _port status _rest; do
-        if [ "$status" = online ]; then
+        if [ "$status" = online ] && ! grep -qxF "$version/$name" <<<"$before"; then
             "${SUDO[@]}" pg_ctlcluster "$version" "$name" stop || true
         fi
     done

@@ -1,6 +1,19 @@
 """Fixtures: an isolated corpus cache for every test, and a private PostgreSQL server."""
 
+import hashlib
+import os
+
 import pytest
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _one_thread_per_xdist_worker():
+    # `make test` runs two workers (pytest-xdist) on CI's two cores: each trains in-process on
+    # one thread, so the two do not fight over both cores. Subprocesses keep their defaults.
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        import torch
+
+        torch.set_num_threads(1)
 
 
 @pytest.fixture(autouse=True)
@@ -26,5 +39,8 @@ def pg_cluster():
 @pytest.fixture
 def pg_url(pg_cluster, request):
     """The URL of a fresh database on the session's PostgreSQL server, one per test."""
-    name = "t_" + "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:50]
-    return pg_cluster.create_database(name)
+    readable = "".join(c if c.isalnum() else "_" for c in request.node.name.lower())[:40]
+    # PostgreSQL cuts names at 63 bytes: a digest of the whole name keeps the parameters of a
+    # long test's cases apart.
+    digest = hashlib.sha1(request.node.name.encode()).hexdigest()[:8]
+    return pg_cluster.create_database(f"t_{readable}_{digest}")

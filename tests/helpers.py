@@ -12,6 +12,7 @@ from pathlib import Path
 import yaml
 
 from nas.config import RunConfig, from_dict
+from nas.modes import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -23,12 +24,21 @@ TINY_BASE = {
 
 
 def tiny(mode: str = "vanilla", *, layers="all", source: str = "first_layer", lambda1=0.5,
-         lambda2=0.5, n_layer: int = 3, d_model: int = 32, n_head: int = 4, seq_len: int = 16,
-         steps: int | None = 20, batch_size: int = 8, seed: int = 0, **train) -> RunConfig:
+         lambda2=0.5, neutreno_lambda=0.5, value_embeddings: int | None = None, v_lambda=0.5,
+         ve_lambda=0.5, n_layer: int = 3, d_model: int = 32, n_head: int = 4,
+         seq_len: int = 16, steps: int | None = 20, batch_size: int = 8, seed: int = 0,
+         **train) -> RunConfig:
+    # neutreno reads neutreno_lambda and refuses lambda1 (nas.config).
+    plan = ({"neutreno_lambda": neutreno_lambda} if mode == "neutreno"
+            else {"lambda1": lambda1})
+    if mode in MODES and "value_embeddings" in MODES[mode].keys:
+        # the value-embedding family: by default as many tables as fit (n_layer // 2)
+        plan.update(value_embeddings=value_embeddings or n_layer // 2,
+                    v_lambda=v_lambda, ve_lambda=ve_lambda)
     return from_dict({
         "model": {"n_layer": n_layer, "d_model": d_model, "n_head": n_head, "seq_len": seq_len},
         "value_residual": {"mode": mode, "layers": layers, "source": source,
-                           "lambda1": lambda1, "lambda2": lambda2},
+                           "lambda2": lambda2, **plan},
         "train": {**({"steps": steps} if steps is not None else {}), "batch_size": batch_size,
                   "seed": seed, "eval_batches": 2, **train},
     })

@@ -1,10 +1,11 @@
 """A private, throwaway PostgreSQL server for tests and benchmarks.
 
 `PgCluster` runs Debian's server binaries (`/usr/lib/postgresql/*/bin`, or $NAS_PG_BIN): initdb
-into a fresh temporary folder, a server on a free loopback port with its unix socket in that
-folder, one database, trust authentication for loopback clients. `stop()` shuts it down and
-removes the folder. As root (initdb refuses to run as root) the server runs as the `postgres`
-system user that the Debian package creates. Install the binaries with
+into a fresh temporary folder, a server that listens only on a Unix socket in that folder (no
+TCP port: nobody else on the machine can reach it, the folder being private to its owner), one
+database, and a random password (scram-sha-256) for its one user besides. `stop()` shuts it
+down and removes the folder. As root (initdb refuses to run as root) the server runs as the
+`postgres` system user that the Debian package creates. Install the binaries with
 `apt-get install postgresql` (`scripts/ensure-system-deps.sh` does it for `make test`).
 """
 
@@ -12,13 +13,16 @@ from __future__ import annotations
 
 import glob
 import os
+import secrets
 import shutil
-import socket
 import subprocess
 import tempfile
 from pathlib import Path
 
 SERVER_USER = "postgres"  # the Debian package's system user, used when running as root
+# The socket is .s.PGSQL.<port> in the cluster's own folder: the default port collides with
+# nothing there.
+PORT = 5432
 
 
 class PgUnavailable(RuntimeError):
@@ -42,20 +46,15 @@ def find_bin() -> Path:
         "(scripts/ensure-system-deps.sh does it)")
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 class PgCluster:
     """Start with `PgCluster().start()` (or as a context manager); `url` is the SQLAlchemy URL."""
 
     def __init__(self, database: str = "nas", user: str = "nas"):
         self.bin = find_bin()
         self.database, self.user = database, user
+        self.password = secrets.token_hex(16)
         self.root: Path | None = None
-        self.port = 0
+        self.port = PORT
 
     @property
     def url(self) -> str:
@@ -63,11 +62,13 @@ class PgCluster:
         return self.database_url(self.database)
 
     def database_url(self, name: str) -> str:
-        return f"postgresql+psycopg://{self.user}@127.0.0.1:{self.port}/{name}"
+        """A database's SQLAlchemy URL: through the socket in the cluster's folder (`host`)."""
+        return (f"postgresql+psycopg://{self.user}:{self.password}@/{name}"
+                f"?host={self.root}&port={self.port}")
 
     def create_database(self, name: str) -> str:
         """Create one more database (e.g. one per test); returns its URL."""
-        self._run("createdb", "-h", "127.0.0.1", "-p", str(self.port), "-U", self.user, name)
+        self._run("createdb", "-h", str(self.root), "-p", str(self.port), "-U", self.user, name)
         return self.database_url(name)
 
     def _run(self, *cmd: str, as_server: bool = False) -> None:
@@ -75,36 +76,40 @@ class PgCluster:
         if as_server and os.geteuid() == 0:
             argv = ["runuser", "-u", SERVER_USER, "--", *argv]
         proc = subprocess.run(argv, capture_output=True, text=True, timeout=120,
-                              cwd=self.root or "/")
+                              cwd=self.root or "/", env={**os.environ, "PGPASSWORD": self.password})
         if proc.returncode != 0:
             log = self.root / "server.log" if self.root else None
             tail = log.read_text(errors="replace")[-1500:] if log and log.exists() else ""
             raise PgUnavailable(f"{' '.join(cmd[:2])} failed ({proc.returncode}): "
                                 f"{proc.stderr.strip()[-1500:]} {tail}".strip())
 
-    def start(self, attempts: int = 3) -> PgCluster:
+    def start(self) -> PgCluster:
         # Directly under /tmp: the server user must be able to reach it (pytest's own temporary
-        # folders are private to the user running the tests).
+        # folders are private to the user running the tests). mkdtemp makes it private (0700):
+        # its owner (the server user, as root) and root alone reach the socket in it.
         self.root = Path(tempfile.mkdtemp(prefix="nas-pg-"))
-        data = self.root / "data"
+        data, pwfile = self.root / "data", self.root / "password"
+        pwfile.write_text(self.password)
         if os.geteuid() == 0:
             shutil.chown(self.root, SERVER_USER)
-        self._run("initdb", "-D", str(data), "-U", self.user, "--auth=trust", "-E", "UTF8",
-                  "--no-instructions", as_server=True)
-        for attempt in range(attempts):
-            self.port = free_port()
-            options = (f"-c listen_addresses=127.0.0.1 -p {self.port} "
-                       f"-c unix_socket_directories={self.root} -c max_connections=200 "
-                       "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+            shutil.chown(pwfile, SERVER_USER)
+        # listen_addresses '': no TCP at all, the socket in the private folder only.
+        options = (f"-c listen_addresses='' -p {self.port} "
+                   f"-c unix_socket_directories={self.root} -c max_connections=200 "
+                   "-c fsync=off -c synchronous_commit=off -c full_page_writes=off")
+        try:
             try:
-                self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"),
-                          "-o", options, "-w", "-t", "60", "start", as_server=True)
-                break
-            except PgUnavailable:
-                if attempt == attempts - 1:  # the port may have been taken in between
-                    self.stop()
-                    raise
-        self.create_database(self.database)
+                self._run("initdb", "-D", str(data), "-U", self.user, "--pwfile", str(pwfile),
+                          "--auth-local=scram-sha-256", "--auth-host=reject", "-E", "UTF8",
+                          "--no-instructions", as_server=True)
+            finally:
+                pwfile.unlink()
+            self._run("pg_ctl", "-D", str(data), "-l", str(self.root / "server.log"),
+                      "-o", options, "-w", "-t", "60", "start", as_server=True)
+            self.create_database(self.database)
+        except PgUnavailable:
+            self.stop()  # removes the folder, and the server if it started
+            raise
         return self
 
     def stop(self) -> None:

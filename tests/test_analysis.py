@@ -25,6 +25,7 @@ from nas.config import dump_config
 from nas.model import build_model
 from nas.scaling import data_saving, parameter_savings, tokens_to_reach
 from nas.summary import summary_markdown
+from nas.trials import TrialRecord
 from tests.helpers import TINY_BASE, run_cli, tiny
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -102,11 +103,11 @@ def test_resformer_mixing_all_first_layer_values_is_cosine_one():
 
 
 def _trial(variant, n_layer, n_params, loss, seed=0, curve=None, tokens=1000):
-    return create_trial(value=loss, user_attrs={
+    return TrialRecord.from_trial(create_trial(value=loss, user_attrs={
         "variant": variant, "mode": variant, "n_params": n_params, "val_loss": loss,
         "n_params_non_embedding": n_params, "tokens": tokens, "curve": curve or [[10, loss]],
         "config": {"model": {"n_layer": n_layer, "seq_len": 10},
-                   "train": {"seed": seed, "batch_size": 10, "steps": 10}}})
+                   "train": {"seed": seed, "batch_size": 10, "steps": 10}}}))
 
 
 def test_tokens_to_reach_interpolates_the_running_minimum():

@@ -1,16 +1,27 @@
 """Bad input through the CLI's `main` (in-process: refusing input needs no real process): exit
 status 2, one stderr line naming the file or option, the key and what is allowed, no traceback,
-and the existing study untouched."""
+and the existing study's file unchanged byte for byte. A storage file the command may not read
+or write is refused by a real process (as root, one running as `nobody`: root may read and
+write any file)."""
 
-import optuna
+import contextlib
+import os
+import pwd
+import shutil
+import sqlite3
+import subprocess
+import tempfile
+from pathlib import Path
+
+import numpy as np
 import pytest
 import yaml
 
 from nas.cli import main
+from nas.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
 from nas.search import run_search
 from nas.spec import load_spec
-from nas.storage import make_storage
-from tests.helpers import TINY_BASE, free_port
+from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd
 
 SPACE = {"model": {"n_layer": [2, 3]},
          "value_residual": {"mode": ["vanilla", "resformer"], "lambda1": {"low": 0.2,
@@ -30,17 +41,40 @@ def held(tmp_path_factory):
     path = tmp_path / "held.yaml"
     path.write_text(yaml.safe_dump(spec_dict(tmp_path)))
     run_search(load_spec(path), progress=False, echo=lambda *_: None)
+    # Everything into the database file: a reader's last close then has nothing to write there.
+    with contextlib.closing(sqlite3.connect(tmp_path / "held.db")) as db:
+        db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "corpus.txt").write_text("a corpus of some bytes to train on. " * 200)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"model": {"d_modle": [32]}}))
+    # Shard folders whose second shard only is bad: every shard is checked, not the first.
+    for defect, fields in SHARD_DEFECTS.items():
+        (tmp_path / defect).mkdir()
+        write_shard(tmp_path / defect / "a.bin", TOKENS)
+        bad_shard(tmp_path / defect / "b.bin", **fields)
     return tmp_path
 
 
-def snapshot(tmp_path):
-    storage = make_storage(f"sqlite:///{tmp_path}/held.db")
-    return [(name, [(t.number, t.state, t.values, t.params)
-                    for t in optuna.load_study(study_name=name, storage=storage).trials])
-            for name in optuna.get_all_study_names(storage)]
+TOKENS = np.arange(2000) % 200  # ids below the default vocab_size 256
+SHARD_DEFECTS = {"magic": {"magic": 12345}, "short": {"header_ints": 25},
+                 "negative": {"count": -5}, "overlong": {"count": 10**6},
+                 "vocab": {"tokens": np.append(TOKENS, 300)}}
+
+
+def bad_shard(path: Path, magic: int = SHARD_MAGIC, count: int | None = None,
+              header_ints: int = SHARD_HEADER_INTS, tokens: np.ndarray = TOKENS) -> None:
+    """A nanoGPT .bin shard with one field wrong (`write_shard` writes right ones)."""
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = magic, 1, len(tokens) if count is None else count
+    body = tokens.astype(np.uint16).tobytes() if header_ints == SHARD_HEADER_INTS else b""
+    path.write_bytes(header[:header_ints].tobytes() + body)
+
+
+def snapshot(folder: Path) -> dict[str, bytes]:
+    """The stored study byte for byte: the database and a write-ahead log not yet in it (the
+    -shm file is SQLite's index of that log, no data)."""
+    return {p.name: p.read_bytes() for p in sorted(folder.glob("held.db*"))
+            if not p.name.endswith("-shm") and p.stat().st_size}
 
 
 def raw(text):
@@ -75,6 +109,16 @@ CASES = [
      ["study.yaml", "train.steps", "expected int"]),
     ("spec-wrong-type", "search", spec(n_trials="ten"), [],
      ["study.yaml", "n_trials", "positive integer"]),
+    ("spec-empty-name", "search", spec(name=""), [],
+     ["study.yaml: name: must be a non-empty string"]),
+    ("spec-artifacts-wrong-type", "search", spec(artifacts=5), [],
+     ["study.yaml: artifacts: expected str | None, got 5"]),
+    ("heartbeat-zero-interval", "search", spec(heartbeat={"interval": 0}), [],
+     ["study.yaml: heartbeat.interval: must be an integer >= 1", "got 0"]),
+    ("multi-objective-median", "search", spec(pruner={"type": "median"}), [],
+     ["study.yaml: pruner.type: Optuna cannot prune multi-objective studies"]),
+    ("unknown-preset", "train", raw(yaml.safe_dump({"model": {"preset": "huge"}})), [],
+     ["study.yaml: model.preset: unknown preset 'huge'; allowed: pico, nano"]),
     ("heartbeat-unknown-key", "search", spec(heartbeat={"intervall": 1}), [],
      ["study.yaml", "heartbeat.intervall", "allowed: interval, grace_period, max_retry"]),
     ("unknown-sampler", "search", spec(sampler={"type": "cmaes"}), [],
@@ -87,6 +131,16 @@ CASES = [
     ("layer-zero", "search",
      space(model={"n_layer": [2]}, value_residual={"mode": ["resformer"], "layers": [0, 1]}),
      [], ["study.yaml", "value_residual.layers", "layer 0 is the source"]),
+    ("value-embeddings-over-half", "train",
+     raw("model: {n_layer: 4}\nvalue_residual: {mode: ve_unet, value_embeddings: 3}\n"), [],
+     ["study.yaml: value_residual.value_embeddings: must be at most half of model.n_layer "
+      "(4 // 2 = 2)", "got 3"]),
+    ("value-embeddings-over-half-in-a-space", "search",
+     space(model={"n_layer": [2, 3]},
+           value_residual={"mode": ["ve_unet_gated"], "value_embeddings": [1, 2]}), [],
+     ["study.yaml (a draw from the space)", "value_residual.value_embeddings", "at most half"]),
+    ("no-value-embeddings", "train", raw("value_residual: {mode: ve_unet, value_embeddings: 0}\n"),
+     [], ["study.yaml: value_residual.value_embeddings: must be > 0, got 0"]),
     ("devices-in-a-study", "search", base("train", "devices", 2), [],
      ["study.yaml", "train.devices", "one `nas search` worker per GPU"]),
     ("missing-spec-file", "search", None, [], ["nope.yaml", "file not found"]),
@@ -162,6 +216,88 @@ CASES = [
      ["study.yaml: name", "no study 'other'"]),
     ("dashboard-unknown-study", "dashboard", spec(name="other"), ["--port", "0"],
      ["study.yaml: name", "no study 'other'"]),
+    # nan and inf, anywhere
+    ("nan-in-a-config", "train", raw("value_residual: {mode: resformer, lambda1: .nan}\n"), [],
+     ["study.yaml", "value_residual.lambda1", "must be a finite number, got nan"]),
+    ("inf-in-the-base", "search", base("model", "rope_theta", float("inf")), [],
+     ["study.yaml: base: model.rope_theta: must be finite, got inf"]),
+    ("nan-grad-clip", "train", raw("train: {grad_clip: .nan}\n"), [],
+     ["study.yaml", "train.grad_clip", "finite, got nan"]),
+    ("nan-among-choices", "search", space(train={"lr": [0.003, float("nan")]}), [],
+     ["study.yaml: space: train.lr: must be finite, got nan"]),
+    ("inf-range-end", "search",
+     space(value_residual={"mode": ["resformer"], "lambda1": {"low": 0.2, "high": float("inf")}}),
+     [], ["study.yaml: space: value_residual.lambda1: must be finite, got inf"]),
+    ("nan-pruner-option", "search", spec(pruner={"type": "pareto", "margin": float("nan")}), [],
+     ["study.yaml: pruner.margin: must be finite, got nan"]),
+    ("inf-sampler-option", "search",
+     spec(sampler={"type": "tpe", "n_startup_trials": float("inf")}), [],
+     ["study.yaml: sampler.n_startup_trials: must be finite, got inf"]),
+    # every numeric key in its range
+    ("negative-grad-clip", "train", raw("train: {grad_clip: -1.0}\n"), [],
+     ["study.yaml: train.grad_clip: must be >= 0, got -1.0"]),
+    ("zero-norm-eps", "train", raw("model: {norm_eps: 0.0}\n"), [],
+     ["study.yaml: model.norm_eps: must be in (0, 1), got 0.0"]),
+    ("norm-eps-one", "search", base("model", "norm_eps", 1.0), [],
+     ["study.yaml", "model.norm_eps", "must be in (0, 1), got 1.0"]),
+    ("negative-rope-theta", "train", raw("model: {rope_theta: -1.0}\n"), [],
+     ["study.yaml: model.rope_theta: must be > 0"]),
+    ("negative-train-seed", "search", base("train", "seed", -1), [],
+     ["study.yaml", "train.seed", "must be in [0, 4294967296), got -1"]),
+    ("negative-spec-seed", "search", spec(seed=-1), [],
+     ["study.yaml: seed: must be an integer in 0..2147483647, got -1"]),
+    ("unknown-precision", "train", raw("train: {precision: fp8}\n"), [],
+     ["study.yaml", "train.precision", "unknown"]),
+    # a model too big for the memory it would train in
+    ("model-over-memory", "train", raw("model: {n_layer: 64, d_model: 65536, n_head: 64}\n"),
+     [], ["study.yaml: model: training it needs about", "GiB", "--force"]),
+    ("space-over-memory", "search", base("model", "d_model", 65536), [],
+     ["study.yaml (a draw from the space): model:", "GiB", "--force"]),
+    ("force-skips-the-memory-check", "train",
+     raw("model: {n_layer: 64, d_model: 65536, n_head: 64}\n"),
+     ["--force", "--data", "/no/such/corpus.txt", "--out", "{tmp}/forced"],
+     ["data.source", "/no/such/corpus.txt"]),  # the next check refuses it
+    # data paths and shards
+    ("data-path-a-folder", "search", spec(), ["--data", "{tmp}/magic"],
+     ["magic: data.source: a folder", "magic/*.bin"]),
+    ("train-data-path-a-folder", "train", raw("model: {n_layer: 2}\n"), ["--data", "{tmp}"],
+     ["data.source: a folder"]),
+    ("shard-wrong-magic", "search", spec(), ["--data", "{tmp}/magic/*.bin"],
+     ["magic/b.bin: data.source: not a nanoGPT .bin shard", "12345", "20240520"]),
+    ("shard-short-header", "search", spec(), ["--data", "{tmp}/short/*.bin"],
+     ["short/b.bin: data.source: a short header (100 bytes)", "1024-byte header"]),
+    ("shard-negative-count", "search", spec(), ["--data", "{tmp}/negative/*.bin"],
+     ["negative/b.bin: data.source", "between 1 and the 2000 tokens", "got -5"]),
+    ("shard-count-beyond-the-file", "search", spec(), ["--data", "{tmp}/overlong/*.bin"],
+     ["overlong/b.bin: data.source", "2000 tokens the file holds, got 1000000"]),
+    ("shard-ids-beyond-the-vocab", "search", spec(), ["--data", "{tmp}/vocab/*.bin"],
+     ["vocab/b.bin: model.vocab_size: 256", "token id 300"]),
+    ("train-shard-ids-beyond-the-vocab", "train", raw("model: {n_layer: 2}\n"),
+     ["--data", "{tmp}/vocab/*.bin"], ["vocab/b.bin: model.vocab_size: 256", "token id 300"]),
+    # study names that would make paths or URLs
+    ("name-with-a-slash", "search", spec(name="runs/held"), [],
+     ["study.yaml: name: must be letters, digits", "got 'runs/held'"]),
+    ("name-with-dot-dot", "search", spec(name="a..b"), [], ["study.yaml: name:", "no '..'"]),
+    ("name-dot-dot-only", "export", spec(name=".."), ["--pareto", "--out", "{tmp}/x"],
+     ["study.yaml: name:", "got '..'"]),
+    ("name-with-a-question-mark", "search", spec(name="held?mode=rw"), [],
+     ["study.yaml: name:", "URLs"]),
+    ("name-with-a-hash", "report", spec(name="held#1"), ["--out", "{tmp}/r.html"],
+     ["study.yaml: name:", "got 'held#1'"]),
+    ("name-with-a-space", "dashboard", spec(name="my study"), ["--port", "0"],
+     ["study.yaml: name:", "got 'my study'"]),
+    # empty files
+    ("empty-spec-file", "search", raw(""), [],
+     ["study.yaml: the file is empty; a study spec needs at least name and space"]),
+    ("empty-space-file", "search", spec(space="empty.txt"), [],
+     ["empty.txt: a search space must be a mapping"]),
+    # a resume that would mix measurements (the study's fingerprint)
+    ("data-changed", "search", spec(), ["--data", "{tmp}/corpus.txt"],
+     ["study.yaml: data.source", "corpus.txt", "differ from those the stored study 'held'"]),
+    ("base-changed", "search", base("train", "steps", 13), [],
+     ["study.yaml: train.steps: differs from the stored study 'held'"]),
+    ("max-params-changed", "search", spec(max_params=10**6), [],
+     ["study.yaml: max_params: the stored study 'held' has None, the spec 1000000"]),
 ]
 
 
@@ -183,6 +319,7 @@ def test_bad_input_exits_2_with_one_line_and_leaves_the_study(held, tmp_path, ca
     extra = [_sub(a, subs) for a in extra]
     fragments = [_sub(f, subs) for f in fragments]
     before = snapshot(held)
+    assert before  # the study is there to compare
     try:  # in-process through the CLI's main: no real process is needed to refuse input
         code = main([command, str(path), *extra])
     except SystemExit as exc:  # argparse's own refusals
@@ -202,3 +339,40 @@ def _sub(text, subs):
     for key, value in subs.items():
         text = text.replace(key, value)
     return text
+
+
+@pytest.mark.parametrize("command,mode,fragments", [
+    ("search", 0o444, ["cannot write", "copy.db"]),
+    ("search", 0o000, ["cannot read", "copy.db"]),
+    ("report", 0o000, ["cannot read", "copy.db"]),
+], ids=["read-only-storage", "unreadable-storage", "unreadable-storage-report"])
+def test_a_storage_file_it_may_not_read_or_write_is_refused(held, command, mode, fragments):
+    # Under /tmp itself, open to all: `nobody` must reach it (pytest's folders are private).
+    folder = Path(tempfile.mkdtemp(prefix="nas-access-"))
+    try:
+        folder.chmod(0o755)
+        copy = folder / "copy.db"
+        shutil.copy(held / "held.db", copy)
+        shutil.copy(held / "corpus.txt", folder / "corpus.txt")
+        path = folder / "study.yaml"
+        path.write_text(yaml.safe_dump(spec_dict(folder)))
+        copy.chmod(mode)
+        before, held_before = copy.read_bytes(), snapshot(held)
+        extra = (["--data", str(folder / "corpus.txt"), "--no-progress"] if command == "search"
+                 else ["--out", str(folder / "r.html")])
+        argv = nas_cmd(command, str(path), "--storage", f"sqlite:///{copy}", *extra)
+        if os.geteuid() == 0:
+            nobody = pwd.getpwnam("nobody")
+            argv = ["setpriv", f"--reuid={nobody.pw_uid}", f"--regid={nobody.pw_gid}",
+                    "--clear-groups", *argv]
+        proc = subprocess.run(argv, capture_output=True, text=True, timeout=300,
+                              env={**env_for_cli(), "HOME": str(folder),
+                                   "RESFORMER_NAS_CACHE": str(folder / "cache")})
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 2, proc.stderr + proc.stdout
+        assert len(lines) == 1 and lines[0].startswith(f"nas {command}: error: --storage: ")
+        for fragment in fragments:
+            assert fragment in lines[0], (fragment, lines[0])
+        assert copy.read_bytes() == before and snapshot(held) == held_before
+    finally:
+        shutil.rmtree(folder)

@@ -1,11 +1,12 @@
 """Run-config loading: round trips, presets, and bad input refused with one clear line."""
 
+import dataclasses
 import subprocess
 
 import pytest
 import yaml
 
-from nas.config import ConfigError, from_dict, load_config
+from nas.config import MODEL_PRESETS, ConfigError, ModelConfig, from_dict, load_config
 from tests.helpers import ROOT, env_for_cli, nas_cmd
 
 GOOD = {
@@ -26,6 +27,21 @@ def test_preset_expands_and_overrides():
     cfg = from_dict({"model": {"preset": "paper-82m", "seq_len": 256}})
     assert (cfg.model.n_layer, cfg.model.d_model, cfg.model.ffn) == (8, 512, 1792)
     assert cfg.model.seq_len == 256
+
+
+def test_a_preset_is_one_classmethod_and_overrides_win():
+    assert ModelConfig.from_preset("nano", n_layer=6) == from_dict(
+        {"model": {"preset": "nano", "n_layer": 6}}).model
+    assert ModelConfig.from_preset("nano").n_layer == MODEL_PRESETS["nano"]["n_layer"]
+
+
+def test_replacing_a_section_keeps_a_token_budget():
+    """What `nas train --data` does: the resolved steps beside tokens_per_param are no second
+    budget."""
+    cfg = from_dict({"train": {"tokens_per_param": 2.0}})
+    moved = dataclasses.replace(cfg, data=dataclasses.replace(cfg.data, source="other.txt"))
+    assert moved.train.steps == cfg.train.steps and moved.data.source == "other.txt"
+    assert moved.to_dict()["train"] == cfg.to_dict()["train"]
 
 
 def _with(section, key, value):
@@ -50,6 +66,14 @@ BAD = [
     (_with("train", "lr", 0), "train.lr", "must be > 0"),
     (_with("data", "val_fraction", 1.5), "data.val_fraction", "(0, 1)"),
     ({**GOOD, "optim": {}}, "optim", "unknown section"),
+    ({**GOOD, "model": 3}, "model", "must be a mapping, got int"),
+    (_with("model", "n_layer", None), "model.n_layer", "must be set (expected int)"),
+    (_with("model", "preset", ["nano"]), "model.preset", "unknown preset ['nano']; allowed: pico"),
+    (_with("value_residual", "source", 3), "value_residual.source", "expected str, got 3"),
+    (_with("train", "beta1", 1), "train.beta1", "must be in [0, 1), got 1.0"),
+    (_with("train", "lr", float("nan")), "train.lr", "must be > 0 and finite, got nan"),
+    (_with("train", "tokens", 64), "train.tokens", "give one of steps, tokens, tokens_per_param, "
+     "not steps and tokens"),
 ]
 
 

@@ -8,11 +8,13 @@ import io
 import json
 import re
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import urllib.request
+from pathlib import Path
 
 import optuna
 import pytest
@@ -25,11 +27,12 @@ from nas.artifacts import artifact_dir, artifact_store
 from nas.cli import main
 from nas.config import from_dict, load_config
 from nas.figures import FIGURES
-from nas.scaling import fit_scaling, parameter_savings
+from nas.fits import fit_scaling
+from nas.scaling import parameter_savings
 from nas.search import run_search
 from nas.spec import load_spec
 from nas.study import open_study
-from nas.trials import front
+from nas.trials import TrialRecord, front
 from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
 
 NAME = "inspect-tiny-study"
@@ -85,16 +88,17 @@ def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path):
     assert proc.returncode == 0, proc.stderr
     best = min(study.get_trials(states=(TrialState.COMPLETE,)),
                key=lambda t: t.user_attrs["val_loss"])
-    exported = out / f"trial-{best.number:04d}.yaml"
-    assert sorted(p.name for p in out.iterdir()) == sorted([exported.name, "summary.csv",
-                                                            "summary.json"])
+    # Every name holds the study's: two studies exported into one folder never collide.
+    exported = out / f"{NAME}-trial-{best.number:04d}.yaml"
+    assert sorted(p.name for p in out.iterdir()) == sorted([exported.name, f"{NAME}-summary.csv",
+                                                            f"{NAME}-summary.json"])
     cfg = load_config(exported)
     assert cfg == from_dict(best.user_attrs["config"])
     assert cfg.data.source == "builtin" and cfg.train.seed == 0
-    summary = json.loads((out / "summary.json").read_text())
+    summary = json.loads((out / f"{NAME}-summary.json").read_text())
     assert summary["trials"][0]["trial"] == best.number
     assert summary["trials"][0]["val_loss"] == best.user_attrs["val_loss"]
-    with (out / "summary.csv").open() as f:
+    with (out / f"{NAME}-summary.csv").open() as f:
         assert [int(r["trial"]) for r in csv.DictReader(f)] == [best.number]
 
     started = time.perf_counter()
@@ -108,9 +112,10 @@ def test_export_then_train_reproduces_the_trial(tiny_study, tmp_path):
 
     pareto = tmp_path / "pareto"
     assert main(["export", str(path), "--pareto", "--out", str(pareto)]) == 0
-    numbers = [t["trial"] for t in json.loads((pareto / "summary.json").read_text())["trials"]]
+    numbers = [t["trial"]
+               for t in json.loads((pareto / f"{NAME}-summary.json").read_text())["trials"]]
     assert numbers == [t.number for t in front(study)]
-    assert all((pareto / f"trial-{n:04d}.yaml").is_file() for n in numbers)
+    assert all((pareto / f"{NAME}-trial-{n:04d}.yaml").is_file() for n in numbers)
 
 
 def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
@@ -123,6 +128,7 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
     assert not re.search(r"<script[^>]+src=", page)  # self-contained: nothing to fetch
     titles = {
         "pareto": "Pareto front: val_loss against parameters",
+        "inference": "Validation loss against inference cost",
         "coefficients": "Mixing coefficients per layer",
         "scaling": "Scaling fits per variant and parameter saving vs vanilla",
         "savings": "Equivalent parameter saving against vanilla, per size and per seed",
@@ -143,11 +149,11 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
     assert "lambda1 L1" in page and "lambda2 L2" in page
 
 
-def _trial(number: int, mode: str, n_layer: int, n_params: float, loss: float):
-    return create_trial(value=loss, user_attrs={
+def _trial(mode: str, n_layer: int, n_params: float, loss: float) -> TrialRecord:
+    return TrialRecord.from_trial(create_trial(value=loss, user_attrs={
         "mode": mode, "source": "first_layer", "n_params": n_params, "val_loss": loss,
         "n_params_non_embedding": n_params, "tokens": 1000,
-        "config": {"model": {"n_layer": n_layer}}})
+        "config": {"model": {"n_layer": n_layer}}}))
 
 
 def test_equivalent_parameter_saving_recovers_a_known_saving():
@@ -156,11 +162,11 @@ def test_equivalent_parameter_saving_recovers_a_known_saving():
         return 2.0 + 3.0 * (n / 1e5) ** -0.3
 
     sizes = [1e5, 2e5, 4e5, 8e5]
-    trials = [_trial(i, "vanilla", i, n, vanilla(n)) for i, n in enumerate(sizes)]
-    trials += [_trial(10 + i, "learnable", i, n, vanilla(n / 0.8)) for i, n in enumerate(sizes)]
-    trials += [_trial(20 + i, "resformer", i, n, vanilla(n / 0.9))
+    trials = [_trial("vanilla", i, n, vanilla(n)) for i, n in enumerate(sizes)]
+    trials += [_trial("learnable", i, n, vanilla(n / 0.8)) for i, n in enumerate(sizes)]
+    trials += [_trial("resformer", i, n, vanilla(n / 0.9))
                for i, n in enumerate(sizes[:2])]
-    trials += [_trial(30, "svformer", 0, 1e5, 2.5)]
+    trials += [_trial("svformer", 0, 1e5, 2.5)]
     base, savings = parameter_savings(best_arms(trials))
     assert base is not None and base.kind == "power" and base.alpha == pytest.approx(0.3, 1e-3)
     assert base.n_free == 3 and len(base.residuals) == 4
@@ -196,6 +202,7 @@ def test_dashboard_serves_the_study_its_attrs_and_artifacts(tiny_study):
     path, _, study = tiny_study
     server, base = _start_dashboard(str(path))
     try:
+        assert _listening(_port(base)) == {"127.0.0.1"}  # this machine only, by default
         assert _get(f"{base}/api/meta")["artifact_is_available"] is True
         listed = {s["study_name"]: s for s in _get(f"{base}/api/studies")["study_summaries"]}
         assert NAME in listed
@@ -256,6 +263,41 @@ def _start_dashboard(*args: str) -> tuple[subprocess.Popen, str]:
             time.sleep(0.3)
 
 
+def _port(base: str) -> int:
+    return int(base.rsplit(":", 1)[1])
+
+
+def _listening(port: int) -> set[str]:
+    """The IPv4 addresses a socket listens on at `port`, read from the kernel's table."""
+    found = set()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        local, _, state = line.split()[1:4]
+        address, hex_port = local.split(":")
+        if state == "0A" and int(hex_port, 16) == port:  # 0A: LISTEN
+            found.add(socket.inet_ntoa(bytes.fromhex(address)[::-1]))  # little-endian
+    return found
+
+
+def test_dashboard_refuses_a_public_host_unless_allowed(tiny_study, capsys):
+    path, _, _ = tiny_study
+    for host in ("0.0.0.0", "192.0.2.1", "dashboard.example.org"):
+        assert main(["dashboard", str(path), "--host", host, "--port", "8765"]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1, err
+        assert f"--host: {host} is not a loopback address" in err
+        assert "--allow-remote" in err and "ssh -L 8765:127.0.0.1:8765" in err
+    server, base = _start_dashboard(str(path), "--host", "0.0.0.0", "--allow-remote")
+    port = _port(base)
+    try:
+        assert _listening(port) == {"0.0.0.0"}
+        assert _get(f"{base}/api/meta")["artifact_is_available"] is True
+    finally:
+        server.terminate()
+        _, err = server.communicate(timeout=30)
+    assert "warning: optuna-dashboard has no authentication" in err
+    assert f"ssh -L {port}:127.0.0.1:{port}" in err
+
+
 @pytest.mark.parametrize("kind", ["journal", "postgres"])
 def test_journal_and_postgres_storages(tiny_study, tmp_path, kind, request):
     path, spec, study = tiny_study
@@ -270,8 +312,8 @@ def test_journal_and_postgres_storages(tiny_study, tmp_path, kind, request):
     assert 'id="fig-hypervolume"' in (tmp_path / "r.html").read_text()
     assert main(["export", str(path), "--storage", url, "--pareto",
                  "--out", str(tmp_path / "x")]) == 0
-    assert len(json.loads((tmp_path / "x" / "summary.json").read_text())["trials"]) == len(
-        front(study))
+    assert len(json.loads((tmp_path / "x" / f"{NAME}-summary.json").read_text())["trials"]) == (
+        len(front(study)))
     # The copied trials point at the SQLite study's artifact files: --artifacts names them.
     server, base = _start_dashboard(str(path), "--storage", url, "--artifacts",
                                     str(artifact_dir(spec.storage, spec.name)))

@@ -151,14 +151,17 @@ def test_sigkill_mid_trial_keeps_finished_trials_and_a_restart_finishes(tmp_path
         if t.number in kept:
             assert kept.pop(t.number) == (t.values, t.params, t.datetime_complete)
     assert not kept, "a finished trial changed or vanished"
-    # The heartbeat failed the killed trial and queued a retry with its parameters, which ran.
+    # Its lease failed the killed trial and queued a retry with its parameters, which ran.
     assert study.trials[killed.number].state == TrialState.FAIL
     retries = [t for t in study.trials if t.system_attrs.get("failed_trial") == killed.number]
     assert len(retries) == 1 and retries[0].state in FINISHED
     assert retries[0].params == killed.params
 
 
-def test_ctrl_c_fails_the_running_trial_and_a_rerun_resumes(tmp_path):
+@pytest.mark.parametrize("signum,status,name", [(signal.SIGINT, 130, "Ctrl+C"),
+                                                (signal.SIGTERM, 143, "SIGTERM")])
+def test_ctrl_c_or_sigterm_fails_the_running_trial_and_a_rerun_resumes(tmp_path, signum,
+                                                                      status, name):
     storage = f"sqlite:///{tmp_path}/par.db"
     path = write_spec(tmp_path, storage, n_trials=2, base=LONG)
     log = tmp_path / "w.log"
@@ -174,18 +177,21 @@ def test_ctrl_c_fails_the_running_trial_and_a_rerun_resumes(tmp_path):
 
     wait_for(running, 180, "a RUNNING trial")
     time.sleep(1.0)
-    worker.send_signal(signal.SIGINT)
+    worker.send_signal(signum)
     worker.wait(timeout=60)
-    assert worker.returncode == 130, log.read_text()
+    assert worker.returncode == status, log.read_text()
+    assert f"nas search: interrupted ({name})" in log.read_text()
     assert "Traceback" not in log.read_text()
     states = by_state(load(storage))
     assert not states[TrialState.RUNNING]  # nothing left half-done
-    assert [t.user_attrs["failure"] for t in states[TrialState.FAIL]] == [
-        "interrupted (Ctrl+C or SIGTERM)"]
+    [failed] = states[TrialState.FAIL]
+    assert failed.user_attrs["failure"].startswith("interrupted") and (
+        name in failed.user_attrs["failure"])
     finish(start_worker(path, None, log), log)
     states = by_state(load(storage))
     assert len(states[TrialState.COMPLETE]) + len(states[TrialState.PRUNED]) == 2
     assert len(states[TrialState.FAIL]) == 1
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
 
 
 

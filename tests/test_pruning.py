@@ -38,7 +38,8 @@ def first_stop(pruner: ParetoPruner, study: optuna.Study, n_params: int,
                curve: list[list[float]]) -> tuple[int | None, str | None]:
     """The step at which `pruner` would stop a trial with this whole curve, and why."""
     for i in range(len(curve)):
-        if reason := pruner.reason_to_prune(study, n_params, curve[:i + 1], STEPS):
+        if reason := pruner.reason_to_prune(study, {"n_params": n_params}, curve[:i + 1],
+                                            STEPS):
             return curve[i][0], reason
     return None, None
 

@@ -14,11 +14,13 @@ from nas import lr_sweep
 from nas.arms import best_arms, choose_arms, paired_differences
 from nas.config import MODEL_PRESETS, from_dict
 from nas.data import TokenDataModule
+from nas.fits import Interpolation
 from nas.model import count_params
 from nas.pruning import ParetoPruner
-from nas.scaling import parameter_savings
+from nas.scaling import Level, equivalent_saving, parameter_savings
 from nas.stats import mean_interval, sign_flip_p
 from nas.train import train
+from nas.trials import TrialRecord, records
 from tests.helpers import env_for_cli, nas_cmd, tiny
 
 # -- budgets -----------------------------------------------------------------------------------
@@ -115,6 +117,7 @@ def test_learning_rate_choice_uses_common_seeds_and_flags_the_edge():
         # a sweep still running: two of the three rates so far
         _run("identity", 32, 0.001, 0, 2.0, 2.0), _run("identity", 32, 0.003, 0, 1.9, 1.9),
     ]
+    trials = records(trials)
     partial = [a for a in choose_arms(trials) if a.shape == "4L d32"]
     assert [a.missing for a in partial] == [[0.01]]
     arms = {a.variant: a for a in choose_arms(trials) if a.shape == "4L d16"}
@@ -148,12 +151,12 @@ def test_test_loss_is_never_read_by_selection_pruning_or_queueing():
     pruner = ParetoPruner(margin=0.0, min_progress=0.0, patience=1)
 
     def decisions(study):
-        trials = study.get_trials()
+        trials = records(study.get_trials())
         arms = sorted((a.variant, a.shape, a.lr, [t.number for t in a.trials])
                       for a in best_arms(trials))
         curve = [[5, 2.6], [10, 2.5]]
         return (arms, lr_sweep.pending(study, space, 0),
-                pruner.reason_to_prune(study, 40_000, curve, 10),
+                pruner.reason_to_prune(study, {"n_params": 40_000}, curve, 10),
                 sorted(t.number for t in study.best_trials))
 
     assert decisions(honest) == decisions(adversarial)
@@ -194,7 +197,7 @@ def _saving_study(rng, seeds=4, saving=0.2, noise=0.003):
                 t = _run(name, d, 0.003, seed, loss + noise * rng.standard_normal(), 0.0)
                 t.user_attrs.update(n_params_non_embedding=n, tokens=20 * n,
                                     test_loss=t.user_attrs["val_loss"])
-                trials.append(t)
+                trials.append(TrialRecord.from_trial(t))
     return trials
 
 
@@ -236,14 +239,13 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
                           text=True, env=env_for_cli(), timeout=600)
     assert proc.returncode == 0, proc.stderr
     study = optuna.load_study(study_name="sound", storage=spec["storage"])
-    done = study.get_trials(states=(TrialState.COMPLETE,))
+    done = records(study.get_trials(states=(TrialState.COMPLETE,)))
     assert len(done) == 16  # 2 variants x 2 sizes x (2 rates on seed 0 + seeds 1 and 2)
     for a in choose_arms(done):
-        assert a.choice_seeds == [0] and sorted(t.user_attrs["config"]["train"]["seed"]
-                                                for t in a.trials) == [0, 1, 2]
+        assert a.choice_seeds == [0] and sorted(t.seed for t in a.trials) == [0, 1, 2]
         assert a.lr == min(a.val_by_lr, key=a.val_by_lr.get)
     for t in done:
-        assert t.user_attrs["test_loss"] is not None and t.user_attrs["tokens_per_param"] > 0.2
+        assert t.test_loss is not None and t.tokens_per_param > 0.2
     out = tmp_path / "r.html"
     proc = subprocess.run(nas_cmd("report", str(path), "--out", str(out)), capture_output=True,
                           text=True, env=env_for_cli(), timeout=600)
@@ -256,3 +258,25 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
     assert "Paired over the same test windows" in text
     page = out.read_text()
     assert 'id="fig-lr"' in page and "Equivalent parameter saving against vanilla" in page
+
+
+def test_data_saving_interpolates_between_budgets_and_reads_losses_both_ways():
+    # vanilla's loss falls linearly in ln T; "faster" reaches each of its losses with 0.8x the
+    # tokens (a +20% saving), "slower" needs 1.25x (-20%: read on vanilla's curve, since an
+    # interpolation cannot extrapolate). At the smallest budget neither reading lies inside.
+    budgets = [1000.0, 2000.0, 4000.0, 8000.0, 16000.0]
+
+    def levels(scale):
+        loss = [3.0 - 0.5 * math.log(t / scale / 1000.0) for t in budgets]
+        return [Level(t, f"{t:g}", {0: v, 1: v}, t / 100) for t, v in zip(budgets, loss,
+                                                                          strict=True)]
+
+    base = levels(1.0)
+    faster = equivalent_saving("faster", "tokens", base, levels(0.8))
+    slower = equivalent_saving("slower", "tokens", base, levels(1 / 0.8))
+    assert [lv.saving for lv in faster.levels] == pytest.approx([0.2] * 4)
+    assert [lv.saving for lv in slower.levels] == pytest.approx([-0.2] * 4)
+    assert [lv.label for lv in faster.levels] == ["2000", "4000", "8000", "16000"]
+    assert all(lv.interpolated for lv in faster.levels + slower.levels)
+    assert faster.headline == pytest.approx(0.2) and slower.headline == pytest.approx(-0.2)
+    assert isinstance(faster.fit, Interpolation) and faster.fit.residuals == [0.0] * 5

@@ -15,6 +15,7 @@ SPACE = {
         "layers": {"pattern": ["subset", "last_k", "unet", "all"]},
         "lambda1": {"low": 0.1, "high": 5.0},
         "lambda2": {"low": 0.1, "high": 1.0, "step": 0.1},
+        "neutreno_lambda": {"low": 0.1, "high": 5.0},
         "source": ["first_layer", "value_embedding"],
     },
     "train": {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "steps": 10},
@@ -43,7 +44,8 @@ def test_conditional_parameters_appear_only_where_they_apply():
         if mode == "vanilla":
             assert vr_params == set()
             continue
-        assert ("value_residual.lambda1" in params) == (mode in ("resformer", "neutreno"))
+        assert ("value_residual.lambda1" in params) == (mode == "resformer")
+        assert ("value_residual.neutreno_lambda" in params) == (mode == "neutreno")
         assert ("value_residual.lambda2" in params) == (mode in ("resformer", "learnable_plus"))
         assert "value_residual.source" in params
         pattern = params["value_residual.layers.pattern"]
@@ -64,6 +66,14 @@ def test_conditional_parameters_appear_only_where_they_apply():
         if pattern == "all":
             assert receiving == list(range(1, n_layer))
     assert seen_modes == set(SPACE["value_residual"]["mode"])
+
+
+def test_a_preset_sets_the_layers_a_subset_draws():
+    space = {"model": {"preset": "nano"}, "value_residual": {
+        "mode": "resformer", "layers": {"pattern": "subset"}}}
+    params, raw = draws(check_space(space, "space"), n=1)[0]
+    assert sorted(int(k.rsplit(".", 1)[1]) for k in params if k[-1].isdigit()) == [1, 2, 3]
+    assert from_dict(raw).model.n_layer == 4
 
 
 def test_fixed_values_are_not_searched():
@@ -132,3 +142,20 @@ def test_named_variants_override_value_residual_and_fix_k():
 def test_bad_variants_are_clear_errors(variants, message):
     with pytest.raises(ConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         check_space({"variants": variants}, "space")
+
+
+@pytest.mark.parametrize("study", ["pareto", "value_embeddings"])
+def test_the_shipped_spaces_explore_the_value_embedding_family(study):
+    """studies/pareto.yaml (search_spaces/all.yaml) and studies/value_embeddings.yaml load, and
+    their draws train the family's both modes with every table count the space offers, and
+    suggest only the keys the family reads."""
+    from nas.spec import draw_configs, load_spec
+    from tests.helpers import ROOT
+
+    spec = load_spec(ROOT / "studies" / f"{study}.yaml")
+    offered = spec.merged_space["value_residual"]["value_embeddings"]
+    family = [cfg.value_residual for cfg in draw_configs(spec, "draws", draws=200)
+              if cfg.value_residual.reads("value_embeddings")]
+    assert {vr.mode for vr in family} == {"ve_unet", "ve_unet_gated"}
+    assert {vr.value_embeddings for vr in family} == set(offered)
+    assert all((vr.layers, vr.source) == ("all", "first_layer") for vr in family)

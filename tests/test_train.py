@@ -33,6 +33,16 @@ def test_training_is_deterministic():
     assert c["val_loss"] != a["val_loss"]
 
 
+def test_validation_follows_eval_every_without_changing_the_training():
+    """Validation runs every eval_every steps and at the last step; when it runs changes
+    neither the batches nor the weights, so both runs end on the same losses."""
+    a = train(tiny("resformer", steps=10, eval_every=4), progress=False)
+    b = train(tiny("resformer", steps=10, eval_every=5), progress=False)
+    assert [step for step, _ in a["curve"]] == [4, 8, 10]
+    assert [step for step, _ in b["curve"]] == [5, 10]
+    assert (a["val_loss"], a["test_loss"]) == (b["val_loss"], b["test_loss"])
+
+
 def test_divergence_names_the_step():
     with pytest.raises(DivergenceError, match=r"diverged at step \d+"):
         train(tiny("resformer", steps=30, lr=1e4, grad_clip=1e9, warmup_steps=0),
@@ -69,5 +79,6 @@ def test_cli_train_writes_metrics(tmp_path):
                 "coefficients", "curve"):
         assert key in metrics
     assert "val_loss" in proc.stdout
+    assert "Training: 100%" in proc.stdout and " 5/5 " in proc.stdout  # one bar, every step
     assert (tmp_path / "out" / "metrics.csv").exists()
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg

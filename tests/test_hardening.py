@@ -1,0 +1,228 @@
+"""What a tool that runs for days on shared machines must survive, tested the way it happens:
+SIGTERM and a preemption notice to a real `nas search` worker while it waits for a slot and
+while it trains; a real `nas train` killed with SIGKILL or stopped with SIGTERM; a storage URL
+holding a password, through every command, against a real PostgreSQL server. Tiny models."""
+
+from __future__ import annotations
+
+import re
+import signal
+import stat
+import subprocess
+import time
+import urllib.request
+from pathlib import Path
+
+import optuna
+import pytest
+import sqlalchemy
+import yaml
+from optuna.trial import TrialState
+
+from nas.config import dump_config
+from nas.storage import make_storage
+from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, run_cli, tiny
+
+PASSWORD = "s3cretpw"
+LONG_STEPS = 20_000  # minutes of training: far longer than any test waits
+
+
+def start(*args: str, log: Path) -> subprocess.Popen:
+    """A `nas` command in the background, its output (unbuffered: the test reads it while the
+    command runs) in `log`."""
+    env = {**env_for_cli(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.Popen(nas_cmd(*args), stdout=log.open("w"), stderr=subprocess.STDOUT,
+                            env=env)
+
+
+def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180):
+    deadline = time.monotonic() + timeout
+    while not (found := predicate()):
+        assert proc.poll() is None, f"exited {proc.returncode} before {what}: {log.read_text()}"
+        assert time.monotonic() < deadline, f"timed out waiting for {what}: {log.read_text()}"
+        time.sleep(0.2)
+    return found
+
+
+def trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
+    try:
+        return optuna.load_study(study_name=name, storage=make_storage(storage)).trials
+    except KeyError:  # not created yet
+        return []
+
+
+# -- SIGTERM and a preemption notice stop a worker, whatever it is doing -----------------------
+
+
+def test_sigterm_while_waiting_for_a_slot_and_a_preemption_notice_while_training(tmp_path):
+    storage = f"sqlite:///{tmp_path}/slot.db"
+    spec = tmp_path / "slot.yaml"
+    # One slot, held by a trial far longer than the test; the second worker waits for it
+    # (as long as its lease lives).
+    spec.write_text(yaml.safe_dump({
+        "name": "slot", "n_trials": 1, "storage": storage, "baselines": False,
+        "space": {"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla"]}},
+        "objectives": ["val_loss"], "sampler": {"type": "random"},
+        "base": {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": LONG_STEPS,
+                                         "eval_every": 50}},
+        "heartbeat": {"interval": 1, "grace_period": 120}}))
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = start("search", str(spec), "--no-progress", "--threads", "1", log=log_a)
+    wait_for(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("last_validation")
+                         for t in trials(storage, "slot")), a, log_a, "a trial validating")
+
+    b = start("search", str(spec), "--no-progress", "--threads", "1", log=log_b)
+    wait_for(lambda: "waiting for" in log_b.read_text(), b, log_b, "the wait for a slot")
+    b.send_signal(signal.SIGTERM)
+    assert b.wait(timeout=60) == 143, log_b.read_text()
+    assert log_b.read_text().splitlines()[-1] == "nas search: interrupted (SIGTERM)"
+    assert len(trials(storage, "slot")) == 1  # the waiting worker started nothing
+
+    a.send_signal(signal.SIGUSR1)  # SLURM's --signal=USR1@SECONDS: the job ends soon
+    assert a.wait(timeout=60) == 143, log_a.read_text()
+    text = log_a.read_text()
+    assert "nas search: interrupted (SIGUSR1, a preemption notice)" in text
+    assert "Traceback" not in text
+    [trial] = trials(storage, "slot")
+    assert trial.state == TrialState.FAIL
+    assert trial.user_attrs["failure"] == "interrupted (SIGUSR1, a preemption notice)"
+
+
+# -- `nas train` writes its run folder at once ---------------------------------------------------
+
+
+def run_config(tmp_path: Path, steps: int, seed: int = 0) -> Path:
+    path = tmp_path / f"run-{steps}-{seed}.yaml"
+    dump_config(tiny("learnable", n_layer=2, steps=steps, eval_every=max(1, steps // 4),
+                     batch_size=4, seed=seed), path)
+    return path
+
+
+def beside(out: Path) -> list[str]:
+    """`out` and the folders named after it (`<out>.incomplete-<pid>`, `<out>.replaced-<pid>`)."""
+    return sorted(p.name for p in out.parent.iterdir()
+                  if p.name == out.name or p.name.startswith(f"{out.name}."))
+
+
+def test_a_killed_train_leaves_no_run_folder(tmp_path):
+    out = tmp_path / "runs" / "run"
+    config = str(run_config(tmp_path, steps=LONG_STEPS))
+    log = tmp_path / "train.log"
+    proc = start("train", config, "--out", str(out), log=log)
+    staging = out.with_name(f"{out.name}.incomplete-{proc.pid}")
+    wait_for(lambda: (staging / "metrics.csv").is_file(), proc, log, "training to log")
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+    # Only the folder being written, named as incomplete; no half-written `out`.
+    assert not out.exists() and beside(out) == [staging.name]
+    assert not (staging / "metrics.json").exists() and not (staging / "model.pt").exists()
+
+    proc = start("train", config, "--out", str(out), log=log)
+    wait_for(lambda: out.with_name(f"{out.name}.incomplete-{proc.pid}").is_dir(), proc, log,
+             "the second run's folder")
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=60) == 143, log.read_text()
+    assert "nas train: interrupted (SIGTERM)" in log.read_text()
+    assert "Traceback" not in log.read_text()
+    assert beside(out) == [staging.name]  # it cleaned up its own folder, and only its own
+
+
+def test_a_non_empty_out_is_refused_unless_overwrite(tmp_path):
+    out = tmp_path / "run"
+    first, second = run_config(tmp_path, steps=4), run_config(tmp_path, steps=4, seed=1)
+    proc = run_cli("train", str(first), "--out", str(out))
+    assert proc.returncode == 0, proc.stderr
+    files = {p.name: p.read_bytes() for p in out.iterdir()}
+    assert {"config.yaml", "metrics.csv", "metrics.json", "model.pt"} <= set(files)
+
+    proc = run_cli("train", str(second), "--out", str(out))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"nas train: error: --out: {out} is not empty; pass --overwrite to replace it, or "
+        "choose another folder"]
+    assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # untouched
+    # --overwrite replaces a run folder, never a folder of something else.
+    proc = run_cli("train", str(second), "--out", str(tmp_path), "--overwrite")
+    assert proc.returncode == 2 and "not a run folder" in proc.stderr, proc.stderr
+    assert first.is_file() and (out / "model.pt").is_file()
+
+    proc = run_cli("train", str(second), "--out", str(out), "--overwrite")
+    assert proc.returncode == 0, proc.stderr
+    assert (out / "config.yaml").read_bytes() == second.read_bytes()
+    assert (out / "model.pt").read_bytes() != files["model.pt"]  # the new run's, whole
+    assert beside(out) == ["run"]  # nothing left beside it
+
+
+# -- the tests' own PostgreSQL server lets nobody else in ---------------------------------------
+
+
+def test_the_test_database_listens_on_a_private_socket_and_checks_its_password(pg_cluster,
+                                                                              pg_url):
+    engine = sqlalchemy.create_engine(pg_url)
+    with engine.connect() as conn:
+        assert conn.exec_driver_sql("SHOW listen_addresses").scalar() == ""  # no TCP at all
+        assert conn.exec_driver_sql("SHOW unix_socket_directories").scalar() == str(
+            pg_cluster.root)
+    engine.dispose()
+    assert stat.S_IMODE(pg_cluster.root.stat().st_mode) == 0o700  # its owner's alone
+    wrong = sqlalchemy.engine.make_url(pg_url).set(password="not-the-password")
+    with pytest.raises(sqlalchemy.exc.OperationalError, match="password authentication failed"):
+        sqlalchemy.create_engine(wrong).connect()
+
+
+# -- no password is ever printed -----------------------------------------------------------------
+
+
+def test_no_command_prints_a_storage_password(tmp_path, pg_url):
+    url = pg_url  # with the test server's own password (tests/pg.py), which the server checks
+    password = sqlalchemy.engine.make_url(url).password
+    spec = tmp_path / "secret.yaml"
+    spec.write_text(yaml.safe_dump({
+        "name": "secret", "n_trials": 2, "storage": url, "baselines": False,
+        "space": {"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla", "resformer"]}},
+        "objectives": ["val_loss", "n_params"], "sampler": {"type": "random"},
+        "base": TINY_BASE, "artifacts": str(tmp_path / "artifacts")}))
+    outputs = []
+
+    def ok(*args: str) -> None:
+        proc = run_cli(*args)
+        outputs.append(proc.stdout + proc.stderr)
+        assert proc.returncode == 0, proc.stderr
+
+    ok("search", str(spec), "--no-progress")
+    ok("report", str(spec), "--out", str(tmp_path / "report.html"))
+    ok("export", str(spec), "--best", "1", "--out", str(tmp_path / "export"))
+    ok("analyze", str(spec), "--trial", "0")
+    ok("search", str(spec), "--storage", url, "--no-progress")  # done: prints the front
+
+    log = tmp_path / "dashboard.log"
+    server = start("dashboard", str(spec), "--port", "0", "--refresh", "0", log=log)
+    try:
+        address = wait_for(lambda: re.search(r"(http://\S+)/dashboard/studies/(\d+)",
+                                             log.read_text()), server, log, "its address")
+        with urllib.request.urlopen(f"{address[1]}/api/studies/{address[2]}", timeout=30) as r:
+            page = r.read().decode()  # the study as the dashboard serves it, note included
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    startup = log.read_text()
+    assert "for study 'secret' (postgresql" in startup and ":***@" in startup  # masked
+    assert "Search space" in page
+    outputs += [startup, page]
+
+    for bad in ("postgresql://user:s3cretpw@127.0.0.1:1/db",
+                "postgresql://user:s3cretpw@127.0.0.1:notaport/db",
+                "postgresql://user:s3cr@etpw@127.0.0.1:1/db"):
+        for command in (["search", str(spec)], ["report", str(spec), "--out",
+                                                str(tmp_path / "r.html")],
+                        ["dashboard", str(spec), "--port", "0"]):
+            proc = run_cli(*command, "--storage", bad)
+            assert proc.returncode == 2, proc.stderr
+            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+            outputs.append(proc.stdout + proc.stderr)
+
+    written = [p.read_text() for p in [tmp_path / "report.html",
+                                       *(tmp_path / "export").iterdir()]]
+    leaks = [text for text in outputs + written
+             if any(piece in text for piece in (password, PASSWORD, "s3cr", "etpw"))]
+    assert not leaks, leaks[0][-2000:]

@@ -1,0 +1,329 @@
+"""Leases on every storage, and the resources a worker takes, tested the way they fail: real
+`nas search` workers killed with SIGKILL, stopped with SIGTERM, frozen with SIGSTOP, their lease
+writes refused by a real database trigger; a lease left unrenewed by a live process; a hung
+trial; a journal file's growth; the cores of one host. Tiny models."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+import pytest
+import sqlalchemy
+import yaml
+from optuna.trial import TrialState
+
+from nas.lease import KEY, Lease
+from nas.spec import load_spec
+from nas.storage import make_storage
+from nas.study import FINISHED, open_study
+from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, run_cli
+from tests.test_hardening import LONG_STEPS, start, trials, wait_for
+
+HOST = socket.gethostname()
+# Trials of a second or two: long enough to be caught running.
+LONG = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100, "eval_every": 20}}
+# Trials that outlast any test, validating often.
+ENDLESS = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": LONG_STEPS, "eval_every": 50}}
+
+
+def write_spec(tmp_path: Path, storage: str, name: str = "lease", **overrides) -> Path:
+    spec = {
+        "name": name, "storage": storage, "n_trials": 2, "baselines": False,
+        "space": {"model": {"n_layer": [2, 3]},
+                  "value_residual": {"mode": ["vanilla", "resformer", "learnable"]},
+                  "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+        "objectives": ["val_loss", "n_params"], "sampler": {"type": "random"},
+        "base": LONG, "heartbeat": {"interval": 1, "grace_period": 3},
+        **overrides,
+    }
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return path
+
+
+def search(spec: Path, log: Path, *extra: str):
+    return start("search", str(spec), "--no-progress", "--threads", "1", *extra, log=log)
+
+
+def by_state(storage: str, name: str = "lease") -> dict[TrialState, list]:
+    out: dict[TrialState, list] = {s: [] for s in TrialState}
+    for t in trials(storage, name):
+        out[t.state].append(t)
+    return out
+
+
+def running_with_lease(storage: str, pid: int, name: str = "lease"):
+    """The RUNNING trial that worker `pid` validates and holds a lease on, if any."""
+    return next((t for t in trials(storage, name) if t.state == TrialState.RUNNING
+                 and t.user_attrs.get("last_validation")
+                 and t.system_attrs.get(KEY, {}).get("worker") == f"{HOST}:{pid}"), None)
+
+
+@pytest.fixture(params=["sqlite", "journal", "postgres"])
+def storage(request, tmp_path) -> str:
+    if request.param == "postgres":
+        return request.getfixturevalue("pg_url")
+    return {"sqlite": f"sqlite:///{tmp_path}/lease.db",
+            "journal": f"journal:{tmp_path}/lease.log"}[request.param]
+
+
+# -- point 1: a worker killed or stopped, then restarted, on every storage ---------------------
+
+
+@pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
+def test_a_stopped_worker_and_a_restart_end_with_exactly_n_trials(tmp_path, storage, signum):
+    spec = write_spec(tmp_path, storage)
+    log = tmp_path / "a.log"
+    worker = search(spec, log)
+    stopped = wait_for(lambda: by_state(storage)[TrialState.COMPLETE]
+                       and running_with_lease(storage, worker.pid), worker, log,
+                       "a trial running after a finished one")
+    worker.send_signal(signum)
+    assert worker.wait(timeout=60) == (-9 if signum == signal.SIGKILL else 143), log.read_text()
+    kept = {t.number: (t.values, t.params, t.datetime_complete)
+            for s in FINISHED for t in by_state(storage)[s]}
+
+    restart = tmp_path / "b.log"
+    again = search(spec, restart)
+    assert again.wait(timeout=240) == 0, restart.read_text()
+    states = by_state(storage)
+    assert sum(len(states[s]) for s in FINISHED) == 2, restart.read_text()
+    assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
+    for s in FINISHED:
+        for t in states[s]:
+            if t.number in kept:
+                assert kept.pop(t.number) == (t.values, t.params, t.datetime_complete)
+    assert not kept, "a finished trial changed or vanished"
+    failed = next(t for t in states[TrialState.FAIL] if t.number == stopped.number)
+    retries = [t for s in FINISHED for t in states[s]
+               if t.system_attrs.get("failed_trial") == stopped.number]
+    if signum == signal.SIGKILL:
+        # Its worker's pid is dead on this host: failed at once, and retried with its params.
+        reason = f"lost: its worker {HOST}:{worker.pid} is gone"
+        assert failed.user_attrs["failure"] == reason
+        assert f"trial {stopped.number} failed: {reason}; a retry of it is queued" in (
+            restart.read_text())
+        assert len(retries) == 1 and retries[0].params == stopped.params
+        assert retries[0].system_attrs[KEY]["worker"] == f"{HOST}:{again.pid}"  # a lease anew
+    else:
+        assert failed.user_attrs["failure"] == "interrupted (SIGTERM)" and not retries
+    assert "Traceback" not in log.read_text() + restart.read_text()
+
+
+# -- a lease expires on the reclaiming worker's clock; a renewed one never does -----------------
+
+
+def test_an_unrenewed_lease_expires_and_a_renewed_one_never_does(tmp_path):
+    storage = f"journal:{tmp_path}/lease.log"
+    spec = write_spec(tmp_path, storage, n_trials=2, objectives=["val_loss"],
+                      base={**TINY_BASE})
+    study = open_study(load_spec(spec))
+    # This process holds two trials: one whose lease it renews, one whose lease it wrote once
+    # and then let lapse (a frozen or cut-off worker: its pid lives, its lease does not).
+    renewed, lapsed = study.ask(), study.ask()
+    with Lease(lapsed, 1, print):
+        pass
+    log = tmp_path / "w.log"
+    with Lease(renewed, 1, print):
+        worker = search(spec, log)
+        wait_for(lambda: by_state(storage)[TrialState.COMPLETE], worker, log, "the retry")
+        wait_for(lambda: "waiting for 1 running trial(s)" in log.read_text(), worker, log,
+                 "the wait for the renewed trial")
+        time.sleep(4)  # past grace_period: the renewed trial still holds its slot
+        assert by_state(storage)[TrialState.RUNNING][0].number == renewed.number
+    study.tell(renewed, 3.0)
+    assert worker.wait(timeout=60) == 0, log.read_text()
+    states = by_state(storage)
+    [failed] = states[TrialState.FAIL]
+    assert failed.number == lapsed.number
+    assert failed.user_attrs["failure"].startswith(
+        f"lost: its worker {HOST}:{os.getpid()} did not renew its lease for ")
+    [retry] = [t for t in states[TrialState.COMPLETE] if t.number != renewed.number]
+    assert retry.system_attrs["failed_trial"] == lapsed.number
+
+
+# -- point 3: a live trial is never failed as dead --------------------------------------------
+
+
+def refuse_lease_writes(engine: sqlalchemy.Engine, on: bool) -> None:
+    """A real database trigger that makes every write of a trial system attribute (what a lease
+    renewal writes) fail, or its removal."""
+    with engine.begin() as conn:
+        if engine.name == "sqlite":  # an unknown function fails the statement that fires it
+            statements = ([f"CREATE TRIGGER refuse_{op} BEFORE {op} ON trial_system_attributes "
+                           "BEGIN SELECT injected_failure(); END" for op in ("INSERT", "UPDATE")]
+                          if on else ["DROP TRIGGER refuse_INSERT", "DROP TRIGGER refuse_UPDATE"])
+        else:
+            statements = [
+                "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS "
+                "$$ BEGIN RAISE EXCEPTION 'injected failure'; END $$",
+                "CREATE TRIGGER refuse BEFORE INSERT OR UPDATE ON trial_system_attributes "
+                "FOR EACH ROW EXECUTE FUNCTION refuse()"] if on else [
+                "DROP TRIGGER refuse ON trial_system_attributes", "DROP FUNCTION refuse()"]
+        for statement in statements:
+            conn.exec_driver_sql(statement)
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "postgres"])
+def test_failing_lease_writes_are_retried_and_the_live_trial_is_kept(tmp_path, request,
+                                                                     backend):
+    storage = (f"sqlite:///{tmp_path}/lease.db" if backend == "sqlite"
+               else request.getfixturevalue("pg_url"))
+    spec = write_spec(tmp_path, storage, n_trials=1, base=ENDLESS,
+                      heartbeat={"interval": 1, "grace_period": 10})
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = search(spec, log_a)
+    wait_for(lambda: running_with_lease(storage, a.pid), a, log_a, "a trial validating")
+    b = search(spec, log_b)  # waits for the slot, and would fail a trial whose lease lapsed
+    wait_for(lambda: "waiting for 1 running trial(s)" in log_b.read_text(), b, log_b, "the wait")
+    engine = make_storage(storage).engine
+    refuse_lease_writes(engine, on=True)
+    wait_for(lambda: "renewing its lease failed" in log_a.read_text(), a, log_a, "a failure")
+    time.sleep(2)  # more failed renewals, within grace_period
+    refuse_lease_writes(engine, on=False)
+    wait_for(lambda: "lease renewed again" in log_a.read_text(), a, log_a, "a renewal")
+    time.sleep(12)  # past grace_period since the first failure: a lost lease would have expired
+    [trial] = trials(storage, "lease")
+    assert trial.state == TrialState.RUNNING, log_b.read_text()
+    for proc in (a, b):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    text = log_a.read_text()
+    assert text.count("renewing its lease failed") == 1 and text.count("renewed again") == 1
+    assert "retrying every 1 s" in text and "Traceback" not in text
+    assert "lost" not in log_b.read_text()
+
+
+def test_a_trial_failed_by_another_worker_is_dropped_with_one_line(tmp_path):
+    storage = f"journal:{tmp_path}/lease.log"
+    spec = write_spec(tmp_path, storage, n_trials=1, base=ENDLESS)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = search(spec, log_a)
+    wait_for(lambda: running_with_lease(storage, a.pid), a, log_a, "a trial validating")
+    b = search(spec, log_b)
+    wait_for(lambda: "waiting for 1 running trial(s)" in log_b.read_text(), b, log_b, "the wait")
+    a.send_signal(signal.SIGSTOP)  # frozen past grace_period: b takes it for dead
+    try:
+        wait_for(lambda: by_state(storage)[TrialState.FAIL], b, log_b, "the trial failed")
+        wait_for(lambda: running_with_lease(storage, b.pid), b, log_b, "the retry running")
+    finally:
+        a.send_signal(signal.SIGCONT)
+    wait_for(lambda: "waiting for 1 running trial(s)" in log_a.read_text(), a, log_a,
+             "the worker to go on after dropping its trial")
+    [failed] = by_state(storage)[TrialState.FAIL]
+    assert failed.user_attrs["failure"].startswith(
+        f"lost: its worker {HOST}:{a.pid} did not renew its lease for ")
+    dropped = [line for line in log_a.read_text().splitlines() if "failed by another" in line]
+    assert dropped == [f"trial {failed.number}: failed by another worker "
+                       f"({failed.user_attrs['failure']}); this worker drops it"]
+    for proc in (a, b):
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=60) == 143
+    assert "Traceback" not in log_a.read_text() + log_b.read_text()
+
+
+@pytest.mark.parametrize("heartbeat,got", [({"interval": 10, "grace_period": 15}, 15),
+                                           ({"interval": 20}, 30)])
+def test_a_grace_period_under_twice_the_interval_is_refused(tmp_path, heartbeat, got):
+    spec = write_spec(tmp_path, f"sqlite:///{tmp_path}/lease.db", heartbeat=heartbeat)
+    proc = run_cli("search", str(spec))
+    assert proc.returncode == 2, proc.stderr
+    assert proc.stderr.strip().splitlines() == [
+        f"nas search: error: {spec}: heartbeat.grace_period: must be at least twice "
+        f"heartbeat.interval ({heartbeat['interval']} s), got {got}: a live worker's lease may "
+        "be renewed an interval late"]
+    assert not (tmp_path / "lease.db").exists()
+
+
+def test_a_worker_that_stops_short_of_its_target_exits_1_and_says_why(tmp_path):
+    storage = f"sqlite:///{tmp_path}/lease.db"
+    spec = write_spec(tmp_path, storage, n_trials=5)
+    proc = run_cli("search", str(spec), "--no-progress", "--timeout", "1")
+    assert proc.returncode == 1, proc.stderr
+    finished = sum(len(trials) for s, trials in by_state(storage).items() if s in FINISHED)
+    assert 0 < finished < 5
+    assert proc.stderr.strip().splitlines()[-1] == (
+        f"nas search: stopped with {finished} of n_trials 5 finished: --timeout 1 s ran out; "
+        "run the same command again to go on")
+
+
+# -- point 8: resources --------------------------------------------------------------------------
+
+
+def test_max_time_fails_a_hung_trial_with_its_reason(tmp_path, capsys):
+    storage = f"sqlite:///{tmp_path}/lease.db"
+    spec = write_spec(tmp_path, storage, base={
+        **ENDLESS, "train": {**ENDLESS["train"], "max_time": 2}})
+    study = quiet(load_spec(spec), n_trials=1)
+    [trial] = study.trials
+    assert trial.state == TrialState.FAIL
+    failure = trial.user_attrs["failure"]
+    assert failure.startswith("TimeLimitError: train.max_time 2 s reached at step ")
+    assert failure.endswith(f" of {LONG_STEPS}")
+    assert trial.user_attrs["curve"]  # what it reached is kept
+    assert "Traceback" not in capsys.readouterr().err  # a limit, not a bug
+
+
+def journal_size_and_writes(tmp_path: Path, name: str, steps: int) -> tuple[int, dict]:
+    """One trial validating every 2 steps on its own journal file: the file's size, and how
+    many times each curve attribute was written."""
+    storage = f"journal:{tmp_path}/{name}.log"
+    spec = write_spec(tmp_path, storage, name=name, objectives=["val_loss"],
+                      space={"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla"]}},
+                      base={**TINY_BASE, "train": {**TINY_BASE["train"], "steps": steps,
+                                                   "eval_every": 2}},
+                      heartbeat={"interval": 600, "grace_period": 1200})  # no renewals
+    quiet(load_spec(spec), n_trials=1)
+    path = Path(storage.removeprefix("journal:"))
+    writes: dict[str, int] = {}
+    for line in path.read_text().splitlines():
+        for key in json.loads(line).get("user_attr", {}):
+            writes[key] = writes.get(key, 0) + 1
+    return path.stat().st_size, writes
+
+
+def test_a_journal_grows_linearly_with_validations(tmp_path):
+    short, short_writes = journal_size_and_writes(tmp_path, "v10", steps=20)
+    long, long_writes = journal_size_and_writes(tmp_path, "v60", steps=120)
+    assert short_writes["curve"] == long_writes["curve"] == 1  # once, when the trial ends
+    assert (short_writes["last_validation"], long_writes["last_validation"]) == (10, 60)
+    # Rewriting the whole curve at each validation adds ~20 bytes x the validations so far per
+    # validation (~700 bytes a validation over these 50); one point at a time, ~100.
+    assert (long - short) / 50 < 300
+
+
+def test_workers_on_one_host_share_its_cores(tmp_path):
+    cores = len(os.sched_getaffinity(0))
+    # Neither --threads nor OMP_NUM_THREADS: the default; a registry of this test's own.
+    env = {**env_for_cli(), "PYTHONUNBUFFERED": "1",
+           "RESFORMER_NAS_WORKERS": str(tmp_path / "workers")}
+    env.pop("OMP_NUM_THREADS", None)
+
+    def worker(spec: Path, log: Path) -> subprocess.Popen:
+        return subprocess.Popen(nas_cmd("search", str(spec), "--no-progress"),
+                                stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
+
+    first = write_spec(tmp_path, f"sqlite:///{tmp_path}/a.db", name="a", n_trials=1,
+                       base=ENDLESS)
+    second = write_spec(tmp_path, f"journal:{tmp_path}/b.log", name="b", n_trials=1,
+                        base=TINY_BASE)
+    log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
+    a = worker(first, log_a)
+    wait_for(lambda: running_with_lease(f"sqlite:///{tmp_path}/a.db", a.pid, "a"), a, log_a,
+             "a trial validating")
+    b = worker(second, log_b)
+    assert b.wait(timeout=120) == 0, log_b.read_text()
+    a.send_signal(signal.SIGTERM)
+    assert a.wait(timeout=60) == 143
+    assert f"threads: {cores} ({cores} core(s) / 1 nas search worker(s) on this host)" in (
+        log_a.read_text())
+    # Another study's worker on the same host counts as much as one of the same study.
+    assert (f"threads: {max(1, cores // 2)} ({cores} core(s) / 2 nas search worker(s) on this "
+            "host)") in log_b.read_text()
+    assert not any((tmp_path / "workers").iterdir())  # both gave their place back
