@@ -9,9 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import torch
 import yaml
 
-from nas.config import RunConfig, from_dict
+from nas.config import SOURCES, RunConfig, from_dict
 from nas.modes import MODES
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,3 +93,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+# Every mode with each source it reads (vanilla and the value-embedding family read none).
+ALL = [(m, s) for m in MODES for s in (SOURCES if "source" in MODES[m].keys else SOURCES[:1])]
+# The value-embedding family's modes.
+FAMILY = [m for m in MODES if "value_embeddings" in MODES[m].keys]
+
+
+def randomize_coefficients(model):
+    """Move learned coefficients off their init so the tests see a general mix."""
+    with torch.no_grad():
+        for name, p in model.residual.named_parameters():
+            if "value_embedding" not in name:
+                p.add_(torch.randn_like(p) * 0.3)

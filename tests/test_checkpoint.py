@@ -17,7 +17,7 @@ from nas.cli import main
 from nas.config import from_dict
 from nas.train import train
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, tiny
-from tests.test_parallel import by_state, finish, load, start_worker, wait_for, write_spec
+from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
 
 # Long enough (a few seconds) for a kill to land after the first checkpoint and before the end.
 KILLED = {"steps": 300, "eval_every": 50, "checkpoint_every": 10}

@@ -1,6 +1,5 @@
 """Generation through the KV cache, the cache's size as an objective, and `nas generate`."""
 
-import importlib.util
 import json
 import sys
 
@@ -14,10 +13,7 @@ from nas.cli import main
 from nas.config import dump_config, from_dict, load_config
 from nas.model import KVCache, count_params, kv_bytes_per_token
 from nas.trials import front
-from tests.helpers import tiny, write_spec
-from tests.test_model import ALL, FAMILY, randomize_coefficients
-
-HAS_TOKENIZERS = importlib.util.find_spec("tokenizers") is not None
+from tests.helpers import ALL, FAMILY, randomize_coefficients, tiny, write_spec
 
 
 def model_for(mode, source="first_layer", layers="all", **kw):
@@ -262,7 +258,7 @@ def test_nas_generate_needs_the_tokenizers_package_for_a_tokenizer_json(tmp_path
     assert len(out.err.strip().splitlines()) == 1
 
 
-@pytest.mark.skipif(not HAS_TOKENIZERS, reason="needs the tokenizers package")
+# `tokenizers` comes with the test extra: without it this test fails, it never skips.
 def test_nas_generate_reads_a_runs_tokenizer(tmp_path, capsys):
     from tokenizers import Tokenizer, models, pre_tokenizers
 

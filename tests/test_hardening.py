@@ -8,49 +8,19 @@ from __future__ import annotations
 import re
 import signal
 import stat
-import subprocess
-import time
 import urllib.request
 from pathlib import Path
 
-import optuna
 import pytest
 import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 from nas.config import dump_config
-from nas.storage import make_storage
-from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, run_cli, tiny
+from tests.helpers import TINY_BASE, run_cli, tiny
+from tests.processes import LONG_STEPS, start, trials, wait_for
 
 PASSWORD = "s3cretpw"
-LONG_STEPS = 20_000  # minutes of training: far longer than any test waits
-
-
-def start(*args: str, log: Path) -> subprocess.Popen:
-    """A `nas` command in the background, its output (unbuffered: the test reads it while the
-    command runs) in `log`."""
-    env = {**env_for_cli(), "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.Popen(nas_cmd(*args), stdout=log.open("w"), stderr=subprocess.STDOUT,
-                            env=env)
-
-
-def wait_for(predicate, proc: subprocess.Popen, log: Path, what: str, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not (found := predicate()):
-        assert proc.poll() is None, f"exited {proc.returncode} before {what}: {log.read_text()}"
-        assert time.monotonic() < deadline, f"timed out waiting for {what}: {log.read_text()}"
-        time.sleep(0.2)
-    return found
-
-
-def trials(storage: str, name: str) -> list[optuna.trial.FrozenTrial]:
-    try:
-        return optuna.load_study(study_name=name, storage=make_storage(storage)).trials
-    except KeyError:  # not created yet
-        return []
-
-
 # -- SIGTERM and a preemption notice stop a worker, whatever it is doing -----------------------
 
 

@@ -12,8 +12,7 @@ import torch
 from nas import build_model, hf_export
 from nas.cli import main
 from nas.config import dump_config
-from tests.helpers import tiny
-from tests.test_model import ALL, randomize_coefficients
+from tests.helpers import ALL, randomize_coefficients, tiny
 
 
 @pytest.fixture(scope="module")

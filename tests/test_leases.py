@@ -23,7 +23,7 @@ from nas.spec import load_spec
 from nas.storage import make_storage
 from nas.study import FINISHED, open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, run_cli
-from tests.test_hardening import LONG_STEPS, start, trials, wait_for
+from tests.processes import LONG_STEPS, start, trials, wait_for
 
 HOST = socket.gethostname()
 # Trials of a second or two: long enough to be caught running.

@@ -7,22 +7,11 @@ from nas import build_model
 from nas.config import SOURCES
 from nas.model import count_params
 from nas.modes import MODES
-from tests.helpers import tiny
+from tests.helpers import ALL, FAMILY, randomize_coefficients, tiny
 
-# Every mode with each source it reads (vanilla and the value-embedding family read none).
-ALL = [(m, s) for m in MODES for s in (SOURCES if "source" in MODES[m].keys else SOURCES[:1])]
-# The value-embedding family, and (mode, n_layer, tables) plans of it: one table, as many as
-# fit in an even and in an odd depth (the middle layer then reads none).
-FAMILY = [m for m in MODES if "value_embeddings" in MODES[m].keys]
+# (mode, n_layer, tables) plans of the value-embedding family: one table, as many as fit in
+# an even and in an odd depth (the middle layer then reads none).
 FAMILY_PLANS = [(m, n, k) for m in FAMILY for n, k in ((4, 1), (4, 2), (5, 2))]
-
-
-def randomize_coefficients(model):
-    """Move learned coefficients off their init so the tests see a general mix."""
-    with torch.no_grad():
-        for name, p in model.residual.named_parameters():
-            if "value_embedding" not in name:
-                p.add_(torch.randn_like(p) * 0.3)
 
 
 @pytest.mark.parametrize("mode,source", ALL)
