@@ -12,6 +12,10 @@ compiled step less a typical one); and the break-even: the steps after which the
 per step has repaid the start-up and the compilation (what one `nas train` pays), as training
 FLOPs (6 N D, what `auto` compares) and as seconds of eager training.
 
+The measurement (`compare`) takes a device and the config's `train.precision` (`bf16-mixed`
+steps under bf16 autocast, as Lightning does): benchmarks/throughput.py (`--compile`) and
+benchmarks/gpu_throughput.py reuse it.
+
 Recompiles: trials of one structure that differ only in a fixed coefficient (as a search tries
 lambdas), each a fresh model compiled as `nas.train` compiles it, counted with torch._dynamo's
 counters: with the coefficients as tensors (nas.residual) and, for comparison, as the Python
@@ -23,12 +27,13 @@ floats they were before, which Dynamo bakes into the graph as constants.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import statistics
 import tempfile
 import time
 import types
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -39,6 +44,7 @@ from nas.compiling import compiler_problem, training_flops
 from nas.config import RunConfig, from_dict
 from nas.data import RandomWindows, TokenDataModule
 from nas.lit import LitDecoder
+from nas.model import precision_dtype
 from nas.residual import LinearMix
 
 Batch = tuple[Tensor, Tensor]
@@ -48,15 +54,17 @@ SIZES: dict[str, dict[str, int]] = {
     "nano": {"n_layer": 4, "d_model": 64, "n_head": 4, "seq_len": 64},
     "base": {"n_layer": 6, "d_model": 128, "n_head": 4, "seq_len": 128},
 }
+CPU = torch.device("cpu")
 RECOMPILE_MODEL = {"n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 32}
 LAMBDAS = (0.25, 0.5, 1.0, 2.0)
 
 
 def run_config(model: dict[str, int], batch_size: int, steps: int, mode: str = "resformer",
-               lambda1: float = 0.5) -> RunConfig:
+               lambda1: float = 0.5, precision: str = "32-true") -> RunConfig:
     return from_dict({"model": model,
                       "value_residual": {"mode": mode, "lambda1": lambda1},
-                      "train": {"steps": steps, "batch_size": batch_size, "seed": 0},
+                      "train": {"steps": steps, "batch_size": batch_size, "seed": 0,
+                                "precision": precision},
                       "data": {"source": "builtin"}}, where="benchmark")
 
 
@@ -68,31 +76,45 @@ def training_batches(cfg: RunConfig, count: int) -> list[Batch]:
     return [windows[i] for i in range(count)]
 
 
-class Loop:
-    """A fresh model with LitDecoder's optimizer and schedule, stepped as Lightning's automatic
-    optimization steps it, through the compiled forward where `compiled`."""
+def synchronize(device: torch.device) -> None:
+    """Wait for the kernels queued on `device`: CUDA runs them asynchronously, so a step's time
+    is only complete once they have run."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
-    def __init__(self, cfg: RunConfig, compiled: bool):
+
+class Loop:
+    """A fresh model with LitDecoder's optimizer and schedule on `device`, stepped as
+    Lightning's automatic optimization steps it (forward and loss under autocast for a
+    `-mixed` train.precision), through the compiled forward where `compiled`."""
+
+    def __init__(self, cfg: RunConfig, compiled: bool, device: torch.device = CPU):
         torch.manual_seed(cfg.train.seed)
-        self.lit = LitDecoder(cfg)
+        self.lit = LitDecoder(cfg).to(device)
         if compiled:
             self.lit.compile_model()
         configured = self.lit.configure_optimizers()
         self.optimizer = configured["optimizer"]
         self.schedule = configured["lr_scheduler"]["scheduler"]
         self.grad_clip = cfg.train.grad_clip
+        self.device = device
+        precision = cfg.train.precision
+        self.autocast = torch.autocast(device.type, dtype=precision_dtype(precision),
+                                       enabled=precision.endswith("-mixed"))
         self.seconds: list[float] = []
 
     def step(self, batch: Batch) -> None:
         idx, targets = batch
         forward = self.lit.compiled_forward or self.lit.model
         start = time.perf_counter()
-        loss = F.cross_entropy(forward(idx).flatten(0, 1), targets.flatten())
+        with self.autocast:
+            loss = F.cross_entropy(forward(idx).flatten(0, 1), targets.flatten())
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.lit.model.parameters(), self.grad_clip)
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.schedule.step()
+        synchronize(self.device)
         self.seconds.append(time.perf_counter() - start)
 
 
@@ -106,6 +128,7 @@ class BreakEven:
     compiled: list[float]
     first: float  # seconds of the first compiled step: the compilation and a step
     startup: float  # seconds of the compiler's start-up, paid once by each process
+    flops_per_step: float  # training FLOPs (6 N D) of one step, what `auto` counts
 
     @property
     def ratio(self) -> float:
@@ -125,12 +148,53 @@ class BreakEven:
         cost = self.startup + self.compile_s
         return cost / self.saved if self.saved > 0 else float("inf")
 
+    @property
+    def flops(self) -> float:
+        """The break-even as training FLOPs, what `train.compile: auto` compares."""
+        return self.steps * self.flops_per_step
 
-def measure_size(size: str, batch_size: int, steps: int, warmup: int, startup: float,
-                 log: Callable[[str], None]) -> tuple[BreakEven, RunConfig]:
-    cfg = run_config(SIZES[size], batch_size, steps=warmup + steps + 1)
-    batches = training_batches(cfg, warmup + steps + 1)
-    eager, compiled = Loop(cfg, compiled=False), Loop(cfg, compiled=True)
+    @property
+    def eager_seconds(self) -> float:
+        """The break-even as seconds of eager training."""
+        return self.steps * statistics.median(self.eager)
+
+
+@contextlib.contextmanager
+def cold_compile_cache() -> Iterator[None]:
+    """A cold compile, as on a fresh machine: Inductor otherwise reuses the kernels an earlier
+    process left in its on-disk cache, and the compile time drops several times over."""
+    with tempfile.TemporaryDirectory(prefix="nas-bench-inductor-") as cache:
+        previous = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+        try:
+            yield
+        finally:
+            if previous is None:
+                del os.environ["TORCHINDUCTOR_CACHE_DIR"]
+            else:
+                os.environ["TORCHINDUCTOR_CACHE_DIR"] = previous
+
+
+def compiler_startup(device: torch.device) -> float:
+    """Seconds of what `nas.train` compiles first, the first compilation of the process:
+    Dynamo's and Inductor's start-up, which would otherwise count against whichever
+    measurement came first. Call it once per process, before `compare`."""
+    start = time.perf_counter()
+    problem = compiler_problem(device.type)
+    assert problem is None, f"torch.compile cannot run on {device.type} here: {problem}"
+    return time.perf_counter() - start
+
+
+def compare(size: str, cfg: RunConfig, warmup: int, steps: int, startup: float,
+            log: Callable[[str], None], device: torch.device = CPU) -> BreakEven:
+    """An eager and a compiled copy of cfg's model stepped in turn on the same batches: the
+    first step (the compilation), `warmup` untimed steps, then `steps` timed pairs
+    (cfg.train.steps: at least that many, 1 + warmup + steps)."""
+    torch._dynamo.reset()  # a cold compile, whatever this process compiled before
+    count = 1 + warmup + steps
+    batches = [(idx.to(device), targets.to(device))
+               for idx, targets in training_batches(cfg, count)]
+    eager, compiled = Loop(cfg, False, device), Loop(cfg, True, device)
     start = time.perf_counter()
     compiled.step(batches[0])
     first = time.perf_counter() - start
@@ -141,7 +205,7 @@ def measure_size(size: str, batch_size: int, steps: int, warmup: int, startup: f
         for loop in (eager, compiled) if i % 2 else (compiled, eager):
             loop.step(batch)
     return BreakEven(size, eager.seconds[1 + warmup:], compiled.seconds[1 + warmup:], first,
-                     startup), cfg
+                     startup, training_flops(cfg) / cfg.train.steps)
 
 
 def float_coefficients(lit: LitDecoder) -> None:
@@ -187,10 +251,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     args = parser.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    # A cold compile, as on a fresh machine: Inductor otherwise reuses the kernels an earlier
-    # process left in its on-disk cache, and the compile time drops several times over.
-    with tempfile.TemporaryDirectory(prefix="nas-bench-inductor-") as cache:
-        os.environ["TORCHINDUCTOR_CACHE_DIR"] = cache
+    with cold_compile_cache():
         measure(args)
 
 
@@ -200,24 +261,21 @@ def measure(args: argparse.Namespace) -> None:
         print(f"# {text}", flush=True)
 
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
-    # What `nas.train` compiles first, the first compilation of the process: Dynamo's and
-    # Inductor's start-up, which would otherwise count against whichever size came first.
-    start = time.perf_counter()
-    assert compiler_problem("cpu") is None, "torch.compile cannot run here"
-    startup = time.perf_counter() - start
+    startup = compiler_startup(CPU)
     log(f"compiler start-up (nas.compiling.compiler_problem) {startup:.1f} s")
-    results = [measure_size(size, args.batch_size, args.steps, args.warmup, startup, log)
+    count = 1 + args.warmup + args.steps
+    results = [compare(size, run_config(SIZES[size], args.batch_size, count), args.warmup,
+                       args.steps, startup, log)
                for size in args.sizes]
     print("\n| size | eager ms/step | compiled ms/step | compiled / eager speed | compile s "
           "| break-even steps (with the start-up) | break-even FLOPs (6ND) "
           "| break-even eager s |")
     print("|---|---:|---:|---:|---:|---:|---:|---:|")
-    for r, cfg in results:
-        flops_per_step = training_flops(cfg) / cfg.train.steps
-        eager_s = statistics.median(r.eager)
-        print(f"| {r.size} | {eager_s * 1e3:.1f} | {statistics.median(r.compiled) * 1e3:.1f} "
+    for r in results:
+        print(f"| {r.size} | {statistics.median(r.eager) * 1e3:.1f} "
+              f"| {statistics.median(r.compiled) * 1e3:.1f} "
               f"| {r.ratio:.2f}x | {r.compile_s:.1f} | {r.steps:,.0f} "
-              f"| {r.steps * flops_per_step:.2e} | {r.steps * eager_s:.0f} |")
+              f"| {r.flops:.2e} | {r.eager_seconds:.0f} |")
     print("\n| fixed coefficients | " + " | ".join(f"lambda1 {lam}" for lam in LAMBDAS) + " |")
     print("|---|" + "---:|" * len(LAMBDAS))
     for floats in (True, False):

@@ -2,8 +2,10 @@
 
 random, TPE, NSGA-II and GP, each built by `nas.samplers.make_sampler` as a study spec names it,
 run the same small study (SPACE: every mode family, two to four layers, coefficients on a grid;
-the objectives of the shipped studies, val_loss and n_params, or `--objectives`) for 30 trials,
-the vanilla baselines of each size queued first as in every study, under 3 sampler seeds. After
+the objectives of the shipped studies, val_loss and n_params, or `--objectives`), or with
+`--study SPEC` that spec's own space, base and objectives (its sampler, pruner, n_trials and
+seed aside), for 30 trials, the vanilla baselines of each size queued first as in every study,
+under 3 sampler seeds. After
 each trial the hypervolume of the front so far is recorded, against one reference point for
 every run (1% beyond the worst value of each objective among all trained configs), as a share
 of the hypervolume of the front of every config trained (the best front this benchmark knows).
@@ -13,11 +15,15 @@ duplicate rule relies on it), so each distinct run config trains once, at its fi
 any sampler, and later visits read its result back: a table of trial results, filled as the
 samplers ask and kept in a JSON file (`--table`), so that a second invocation trains only what
 it has not seen. Every sampler thus meets one landscape, with no training noise between them,
-and the whole benchmark trains each config once. The data is the built-in corpus, read from its
-cached file (the same bytes; no re-listing of the standard library per trial).
+and the whole benchmark trains each config once (a space of continuous coefficients, as the
+quickstart's, repeats few configs but its baselines and the samplers' shared start-up draws).
+The table's configs are also the best front, so each space keeps its own table: `--study`
+defaults to runs/samplers-table-NAME.json. The built-in corpus is read from its cached file
+(the same bytes; no re-listing of the standard library per trial).
 
     OMP_NUM_THREADS=1 python benchmarks/samplers.py            # the README's table
     python benchmarks/samplers.py --objectives val_loss n_params kv_bytes_per_token
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py --study studies/quickstart.yaml
 
 Prints a Markdown table per sampler: the hypervolume share after 10, 20 and 30 trials (mean
 over seeds, and the worst seed at 30), its mean over the 30 trials (how early the front is
@@ -41,7 +47,7 @@ from optuna.trial import TrialState
 from nas import space as spaces
 from nas.config import ConfigError, from_dict
 from nas.samplers import make_sampler
-from nas.spec import StudySpec
+from nas.spec import StudySpec, load_spec
 from nas.study import enqueue_baselines
 from nas.trials import OBJECTIVES, PLANNED, TrialRecord
 
@@ -101,24 +107,24 @@ class ResultTable:
         tmp.replace(self.path)
 
 
-def run(kind: str, seed: int, trials: int, objectives: list[str], base: dict,
+def run(kind: str, seed: int, trials: int, objectives: list[str], space: dict, base: dict,
         table: ResultTable) -> tuple[list[list[float] | None], float]:
-    """One study of `trials` trials with sampler `kind`: each trial's objective values (None
-    for a config the run config refuses, pruned as the objective would) and the seconds spent
-    outside training (the sampler, mostly)."""
-    spec = StudySpec(name=f"{kind}-{seed}", space=SPACE, base=base, objectives=objectives,
+    """One study of `trials` trials with sampler `kind` on `space` over `base`: each trial's
+    objective values (None for a config the run config refuses, pruned as the objective
+    would) and the seconds spent outside training (the sampler, mostly)."""
+    spec = StudySpec(name=f"{kind}-{seed}", space=space, base=base, objectives=objectives,
                      n_trials=trials, sampler=SAMPLERS[kind], seed=seed)
     study = optuna.create_study(directions=[OBJECTIVES[o] for o in objectives],
                                 sampler=make_sampler(spec, seed))
     enqueue_baselines(study, spec)
-    space = spec.merged_space
+    merged = spec.merged_space
     points: list[list[float] | None] = []
     start, trained_before = time.perf_counter(), table.train_seconds
     for _ in range(trials):
         trial = study.ask()
         force = "vanilla" if TrialRecord.from_trial(trial).baseline else None
         try:
-            row = table.result(spaces.sample(space, trial, force_mode=force))
+            row = table.result(spaces.sample(merged, trial, force_mode=force))
         except ConfigError:
             study.tell(trial, state=TrialState.PRUNED)
             points.append(None)
@@ -156,35 +162,54 @@ def main() -> None:
     parser.add_argument("--trials", type=int, default=30)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
     parser.add_argument("--samplers", nargs="+", default=list(SAMPLERS), choices=SAMPLERS)
-    parser.add_argument("--objectives", nargs="+", default=["val_loss", "n_params"],
-                        choices=STORED, help="val_loss first, then any known before training")
-    parser.add_argument("--table", default=TABLE, help="JSON file of trained results")
+    parser.add_argument("--study", metavar="SPEC",
+                        help="a study spec whose space, base and objectives to run instead")
+    parser.add_argument("--objectives", nargs="+", choices=STORED,
+                        help="val_loss first, then any known before training (default: the "
+                        "study's, else val_loss n_params)")
+    parser.add_argument("--table", help=f"JSON file of trained results (default: {TABLE}, "
+                        "or runs/samplers-table-NAME.json for --study)")
     args = parser.parse_args()
     import torch
 
     from nas.data import builtin_corpus
     from nas.train import quiet_lightning
 
+    if args.study:
+        spec = load_spec(args.study)
+        space, base = spec.space, spec.base
+        objectives = args.objectives or spec.objectives
+        table_path = args.table or f"runs/samplers-table-{spec.name}.json"
+    else:
+        space, base = SPACE, BASE
+        objectives = args.objectives or ["val_loss", "n_params"]
+        table_path = args.table or TABLE
+    # a measured objective (a speed) varies between runs of one config: the table keeps none
+    measured = [o for o in objectives if o not in STORED]
+    if measured:
+        parser.error(f"{args.study}: objectives: {', '.join(measured)} is measured, not kept "
+                     f"in the table; pass --objectives from {', '.join(STORED)}")
     torch.set_num_threads(1)
     quiet_lightning()
     optuna.logging.set_verbosity(optuna.logging.ERROR)
-    base = spaces.merge(BASE, {"data": {"source": str(builtin_corpus())}})
-    table = ResultTable(Path(args.table))
+    if base.get("data", {}).get("source", "builtin") == "builtin":
+        base = spaces.merge(base, {"data": {"source": str(builtin_corpus())}})
+    table = ResultTable(Path(table_path))
     began = time.perf_counter()
     runs: dict[tuple[str, int], tuple[list[list[float] | None], float]] = {}
     for kind in args.samplers:
         for seed in args.seeds:
-            runs[kind, seed] = run(kind, seed, args.trials, args.objectives, base, table)
+            runs[kind, seed] = run(kind, seed, args.trials, objectives, space, base, table)
             print(f"{kind} seed {seed}: done ({table.trained} configs trained so far)",
                   flush=True)
     # One reference point and one best front for all runs: every config trained, as minimised.
-    every = [minimized([row[o] for o in args.objectives], args.objectives)
+    every = [minimized([row[o] for o in objectives], objectives)
              for row in table.rows.values()]
     ref = np.array(every).max(axis=0)
     ref = ref + 0.01 * np.abs(ref)
     best = hypervolume(every, ref)
     print(f"\n{args.trials} trials a run, seeds {' '.join(map(str, args.seeds))}; objectives "
-          f"{', '.join(args.objectives)}; {len(table.rows)} distinct configs in the table, "
+          f"{', '.join(objectives)}; {len(table.rows)} distinct configs in the table, "
           f"{table.trained} trained now in {table.train_seconds:.0f} s; "
           f"{time.perf_counter() - began:.0f} s in all\n")
     marks = [m for m in (10, 20, args.trials) if m <= args.trials]
@@ -192,7 +217,7 @@ def main() -> None:
           + " | worst seed at " + str(args.trials) + " | mean over trials | sampler s/trial |")
     print("|---|" + "---:|" * (len(marks) + 3))
     for kind in args.samplers:
-        curves = [history([None if p is None else minimized(p, args.objectives)
+        curves = [history([None if p is None else minimized(p, objectives)
                            for p in runs[kind, s][0]], ref, best) for s in args.seeds]
         at = [statistics.fmean(c[m - 1] for c in curves) for m in marks]
         worst = min(c[-1] for c in curves)

@@ -3,7 +3,8 @@
 Prints one Markdown table of tokens/s and ratios, then a verdict line per target of the issue:
 
 - every zero-parameter mode (resformer, neutreno, svformer) trains at >= 0.97x vanilla;
-- the Lightning path (`nas.train.train`) trains at >= 0.95x a bare loop of the same model.
+- the Lightning path (`nas.train.train`) trains at >= 0.95x a bare loop of the same model;
+- with `--compile`, torch.compile trains at >= 1.15x eager at the 6-layer d128 size (`base`).
 
 Every measurement trains fresh models (`torch.manual_seed`) on the same batches: those
 `nas.train.train` draws for the run config (`nas.data.RandomWindows` on the builtin corpus).
@@ -20,8 +21,18 @@ Only step time counts (forward, cross-entropy, backward, grad clipping, AdamW, s
 - one untimed warm-up round comes first; the table quotes the median tokens/s over the rounds
   and the median of the per-round ratios to the baseline of the same round.
 
+`--compile` adds, per size, a compiled row and a break-even row, measured by
+benchmarks/compile.py's `compare`: a fresh eager and a fresh compiled resformer model (the same
+weights, cold compile) stepped in turn on the same batches, a round of untimed steps after the
+compilation, then `rounds` rounds of `steps` timed pairs. The compiled row's ratio is to the
+eager copy stepped beside it; the break-even row gives the training steps after which the
+median saving per step has repaid the compiler's start-up and the compilation (what one
+`nas train` pays), as steps, training FLOPs (6ND, what `train.compile: auto` compares) and
+seconds of eager training.
+
     python benchmarks/throughput.py                          # nano and base, ~4 min on 2 cores
     python benchmarks/throughput.py --sizes nano --rounds 3  # a quick look
+    python benchmarks/throughput.py --compile                # and torch.compile, ~3 min more
 """
 
 from __future__ import annotations
@@ -35,6 +46,8 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
+from compile import BreakEven, cold_compile_cache, compare, compiler_startup
+from compile import run_config as compile_run_config
 from torch import Tensor
 
 from nas.config import MODEL_PRESETS, RunConfig, from_dict
@@ -52,6 +65,8 @@ SIZES: dict[str, dict[str, int]] = {
 ZERO_PARAM_MODES = ("resformer", "neutreno", "svformer")
 MODE_TARGET = 0.97
 LIGHTNING_TARGET = 0.95
+COMPILE_TARGET = 1.15
+COMPILE_TARGET_SIZE = "base"  # the issue's 6-layer d128 configuration
 
 Batch = tuple[Tensor, Tensor]
 
@@ -70,9 +85,13 @@ MODE_VARIANTS: tuple[Variant, ...] = (
 VANILLA = MODE_VARIANTS[0]
 ALONE = Variant("bare loop alone (vanilla)")
 LIGHTNING = Variant("Lightning: nas.train.train (vanilla)")
+COMPILE_MODE = "resformer"  # what benchmarks/compile.py measures
+EAGER = Variant(f"eager, in turn with torch.compile ({COMPILE_MODE})", COMPILE_MODE)
+COMPILED = Variant(f"torch.compile ({COMPILE_MODE})", COMPILE_MODE)
 # The variant each one's ratio is taken against.
 BASELINES: dict[Variant, Variant] = {
     **{v: VANILLA for v in MODE_VARIANTS}, ALONE: ALONE, LIGHTNING: ALONE,
+    EAGER: EAGER, COMPILED: EAGER,
 }
 
 Round = dict[Variant, float]  # tokens/s of each variant in one round
@@ -204,6 +223,20 @@ def measure_size(size: str, rounds: int, steps: int, batch_size: int, seed: int,
             for v, cfg in configs.items()]
 
 
+def measure_compile(size: str, rounds: int, steps: int, batch_size: int, startup: float,
+                    log: Callable[[str], None]) -> tuple[list[Result], BreakEven]:
+    """The compiled and eager rows of one size and its break-even (see the module docstring):
+    a round here is `steps` consecutive pairs, a copy's tokens/s in it at its median step."""
+    cfg = compile_run_config(SIZES[size], batch_size, 1 + steps * (rounds + 1), COMPILE_MODE)
+    measured = compare(size, cfg, warmup=steps, steps=rounds * steps, startup=startup, log=log)
+    timed = [{EAGER: cfg.tokens_per_step / statistics.median(measured.eager[i:i + steps]),
+              COMPILED: cfg.tokens_per_step / statistics.median(measured.compiled[i:i + steps])}
+             for i in range(0, rounds * steps, steps)]
+    log(f"{size}: torch.compile done")
+    n_params = count_params(cfg)["n_params"]
+    return [summarize(size, v, n_params, timed) for v in (EAGER, COMPILED)], measured
+
+
 def summarize(size: str, variant: Variant, n_params: int, rounds: Sequence[Round]) -> Result:
     baseline = BASELINES[variant]
     return Result(size, variant, n_params,
@@ -211,19 +244,30 @@ def summarize(size: str, variant: Variant, n_params: int, rounds: Sequence[Round
                   ratios=[r[variant] / r[baseline] for r in rounds])
 
 
-def format_table(results: Sequence[Result], batch_size: int) -> str:
+def format_table(results: Sequence[Result], break_evens: Sequence[BreakEven],
+                 batch_size: int) -> str:
+    """One row per result, each size's break-even row (if measured) after its rows."""
     lines = [
         "| size | variant | params | tokens/s | ratio | ratio to | ratio min-max |",
         "|---|---|---:|---:|---:|---|---:|",
     ]
-    for r in results:
-        shape = SIZES[r.size]
-        size = (f"{r.size} ({shape['n_layer']}L d{shape['d_model']} "
+    for name in dict.fromkeys(r.size for r in results):
+        shape = SIZES[name]
+        size = (f"{name} ({shape['n_layer']}L d{shape['d_model']} "
                 f"T{shape['seq_len']} B{batch_size})")
-        lines.append(
-            f"| {size} | {r.variant.label} | {r.n_params:,} | "
-            f"{statistics.median(r.tokens_per_s):,.0f} | {statistics.median(r.ratios):.3f}x | "
-            f"{BASELINES[r.variant].label} | {min(r.ratios):.3f}-{max(r.ratios):.3f} |")
+        for r in results:
+            if r.size == name:
+                lines.append(
+                    f"| {size} | {r.variant.label} | {r.n_params:,} | "
+                    f"{statistics.median(r.tokens_per_s):,.0f} | "
+                    f"{statistics.median(r.ratios):.3f}x | {BASELINES[r.variant].label} | "
+                    f"{min(r.ratios):.3f}-{max(r.ratios):.3f} |")
+        for b in break_evens:
+            if b.size == name:
+                lines.append(
+                    f"| {size} | break-even of torch.compile (start-up {b.startup:.1f} s + "
+                    f"compile {b.compile_s:.1f} s) | | | {b.steps:,.0f} steps | "
+                    f"= {b.flops:.2e} FLOPs (6ND) = {b.eager_seconds:.0f} s eager | |")
     return "\n".join(lines)
 
 
@@ -244,6 +288,9 @@ def verdicts(results: Sequence[Result]) -> list[str]:
     lines = [verdict(f"{mode} vs vanilla", MODE_TARGET, of(Variant(mode, mode)))
              for mode in ZERO_PARAM_MODES]
     lines.append(verdict("Lightning vs bare loop", LIGHTNING_TARGET, of(LIGHTNING)))
+    compiled = [r for r in of(COMPILED) if r.size == COMPILE_TARGET_SIZE]
+    if compiled:
+        lines.append(verdict("torch.compile vs eager", COMPILE_TARGET, compiled))
     return lines
 
 
@@ -259,6 +306,10 @@ def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="(default 0)")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch.set_num_threads (default: torch's choice)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also a compiled row and a break-even row per size "
+                             "(benchmarks/compile.py; a cold compile and rounds x steps "
+                             "eager and compiled steps more per size)")
     args = parser.parse_args(argv)
     args.sizes = [s.strip() for s in args.sizes.split(",") if s.strip()]
     unknown = [s for s in args.sizes if s not in SIZES]
@@ -281,14 +332,24 @@ def main(argv: Sequence[str] | None = None) -> None:
     # variant runs under it, not only those measured after the first Lightning run.
     torch.use_deterministic_algorithms(True, warn_only=True)
     started = time.perf_counter()
-    results = [r for size in args.sizes
-               for r in measure_size(size, args.rounds, args.steps, args.batch_size, args.seed,
-                                     log)]
-    print(format_table(results, args.batch_size))
+    with cold_compile_cache():
+        startup = compiler_startup(torch.device("cpu")) if args.compile else 0.0
+        results: list[Result] = []
+        break_evens: list[BreakEven] = []
+        for size in args.sizes:
+            results += measure_size(size, args.rounds, args.steps, args.batch_size, args.seed,
+                                    log)
+            if args.compile:
+                compiled, break_even = measure_compile(size, args.rounds, args.steps,
+                                                       args.batch_size, startup, log)
+                results += compiled
+                break_evens.append(break_even)
+    print(format_table(results, break_evens, args.batch_size))
     print()
     print("\n".join(verdicts(results)))
     print(f"\n{args.rounds} rounds x {args.steps} steps per model after a warm-up round; "
-          "tokens/s: median over rounds (modes at their median step time, the bare-alone and "
+          "tokens/s: median over rounds (modes and the torch.compile pair at their median "
+          "step time, the bare-alone and "
           "Lightning pair over all steps); ratio: median of the per-round ratios; "
           f"torch {torch.__version__}, {torch.get_num_threads()} threads, "
           f"{time.perf_counter() - started:.0f} s.")

@@ -8,10 +8,12 @@ them during training back into the exception that handler raised. Knows nothing 
 from __future__ import annotations
 
 import contextlib
+import os
 import signal
 import sys
 import threading
 from collections.abc import Iterator
+from types import FrameType
 from typing import Any
 
 # What each signal is called in messages and the exit status it ends a command with: 128 + the
@@ -19,6 +21,18 @@ from typing import Any
 # worker as SIGTERM would, so a scheduler sees the same status for both.
 SIGNALS = {signal.SIGINT: ("Ctrl+C", 130), signal.SIGTERM: ("SIGTERM", 143),
            signal.SIGUSR1: ("SIGUSR1, a preemption notice", 143)}
+AGAIN_SECONDS = 0.05  # how soon a signal that came inside a storage call is handled again
+
+
+def _in_storage_call(frame: FrameType | None) -> bool:
+    """Whether `frame` runs inside an Optuna storage call. An exception raised there may break
+    the storage's own cleanup: a journal file's lock is then left held, or released under
+    another worker that holds it."""
+    while frame is not None:
+        if f"{os.sep}optuna{os.sep}storages{os.sep}" in frame.f_code.co_filename:
+            return True
+        frame = frame.f_back
+    return False
 
 
 class Interrupted(KeyboardInterrupt):
@@ -37,13 +51,17 @@ class CtrlC:
     SIGINT handler raises KeyboardInterrupt, and remembers the signal: an exception raised
     inside a finalizer (the garbage collector runs them during training) is swallowed by Python,
     which prints it as an ignored exception; instead, `check()` raises it again at the trial's
-    next validation or end. The trial then ends FAIL, `interrupted`.
+    next validation or end. The trial then ends FAIL, `interrupted`. A signal that comes inside
+    a storage call is handled again every AGAIN_SECONDS until the call has returned, and one
+    that comes once Interrupted was raised is ignored (the command is stopping: raising again
+    would break its cleanup).
 
     Re-entrant: the CLI holds it for a whole command and `run_search` for its trials; only the
     outermost `with` installs the handlers and puts the previous ones back."""
 
     def __init__(self) -> None:
         self.signum: int | None = None  # the last signal received, None before one
+        self.raised = False  # whether Interrupted was raised for it
         self.depth = 0
         self.previous: dict[int, Any] = {}
         self.unraisable: Any = None
@@ -58,7 +76,7 @@ class CtrlC:
     def __exit__(self, *exc: object) -> None:
         self.depth -= 1
         if self.depth == 0:
-            self.signum = None  # the exception on its way out carries it
+            self.signum, self.raised = None, False  # the exception on its way out carries it
             for signum, handler in self.previous.items():
                 signal.signal(signum, handler)
             if self.previous:
@@ -69,12 +87,25 @@ class CtrlC:
         if not isinstance(info.exc_value, KeyboardInterrupt):
             self.unraisable(info)
 
-    def _handle(self, signum: int, frame: Any) -> None:
+    def _handle(self, signum: int, frame: FrameType | None) -> None:
+        if self.raised:
+            return
         self.signum = signum
+        if _in_storage_call(frame):
+            again = threading.Timer(AGAIN_SECONDS, self._again)
+            again.daemon = True
+            again.start()
+            return
+        self.raised = True
         raise Interrupted(signum)
+
+    def _again(self) -> None:
+        if not self.raised and self.signum is not None:
+            os.kill(os.getpid(), self.signum)
 
     def check(self) -> None:
         if self.signum is not None:
+            self.raised = True
             raise Interrupted(self.signum)
 
 

@@ -94,6 +94,12 @@ class TrialLost(BaseException):
     Exception: Optuna records nothing for it (the trial is already FAIL and read-only) and hands
     it to `nas.search`, which drops the trial with one line and goes on."""
 
+    @classmethod
+    def of(cls, failed: TrialRecord) -> TrialLost:
+        """The TrialLost of trial `failed`, with the reason the other worker recorded."""
+        return cls(f"trial {failed.number}: failed by another worker "
+                   f"({failed.failure or failed.state.name}); this worker drops it")
+
 
 class Lease:
     """The lease of one running trial, renewed every `interval` seconds by a thread while the
@@ -154,9 +160,16 @@ class Lease:
 
     def lost_trial(self) -> TrialLost:
         """The TrialLost for this trial, with the reason the other worker recorded."""
-        failed = TrialRecord.from_trial(self.trial.storage.get_trial(self.trial._trial_id))
-        return TrialLost(f"trial {self.trial.number}: failed by another worker "
-                         f"({failed.failure or failed.state.name}); this worker drops it")
+        return TrialLost.of(TrialRecord.from_trial(
+            self.trial.storage.get_trial(self.trial._trial_id)))
+
+
+def failed_by_another_worker(trial: optuna.Trial) -> TrialLost | None:
+    """The TrialLost for this worker's `trial` if another worker failed it as lost (its lease
+    taken for expired, by a Reclaimer), else None."""
+    record = TrialRecord.from_trial(trial.storage.get_trial(trial._trial_id))
+    lost = record.state == TrialState.FAIL and (record.failure or "").startswith("lost: ")
+    return TrialLost.of(record) if lost else None
 
 
 class Reclaimer:

@@ -199,7 +199,8 @@ class KVCache:
     """What `Decoder.forward(idx, cache=...)` keeps of the positions already fed, so that a new
     token attends over them without recomputing them.
 
-    Per layer, allocated up front for `capacity` positions at the model's dtype: the rotated
+    Per layer, allocated up front for `capacity` positions at the dtype attention reads them in
+    (the model's, or the autocast dtype where it is on: a mixed precision): the rotated
     keys and the values attention reads (V'_n, after the mix). A layer without a value
     projection of its own (`Mode.own_values` False: svformer's receiving layers) attends over
     V_src itself, which is there already: layer 0's cached values, or rows of the value-embedding
@@ -214,17 +215,22 @@ class KVCache:
             raise ValueError(f"cache capacity {capacity}: must be in 1..{cfg.seq_len} "
                              "(model.seq_len)")
         weight = model.lm_head.weight
+        device = weight.device
+        # Under autocast attention casts K and V to the half type anyway (as kv_bytes_per_token
+        # counts them); the float32 weights of a mixed precision would double the cache.
+        dtype = (torch.get_autocast_dtype(device.type) if torch.is_autocast_enabled(device.type)
+                 else weight.dtype)
         shape = (batch_size, cfg.n_head, capacity, cfg.head_dim)
         self.capacity, self.length = capacity, 0
         self.n_head = cfg.n_head
-        self.keys = [weight.new_empty(shape) for _ in range(cfg.n_layer)]
-        self.values = [weight.new_empty(shape) if model.residual.has_value_proj(i) else None
-                       for i in range(cfg.n_layer)]
+        self.keys = [torch.empty(shape, dtype=dtype, device=device) for _ in range(cfg.n_layer)]
+        self.values = [torch.empty(shape, dtype=dtype, device=device)
+                       if model.residual.has_value_proj(i) else None for i in range(cfg.n_layer)]
         # A keys-only layer whose source is the value embedding reads the table by token.
         self.table = (model.residual.value_embedding
                       if any(v is None for v in self.values) else None)
         self.tokens = None if self.table is None else torch.empty(
-            batch_size, capacity, dtype=TOKEN_DTYPE, device=weight.device)
+            batch_size, capacity, dtype=TOKEN_DTYPE, device=device)
 
     def advance(self, idx: Tensor) -> int:
         """Take the tokens idx (B, T) after the cached ones; returns the first one's position."""

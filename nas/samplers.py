@@ -16,9 +16,11 @@ AUTO_GP_MAX_TRIALS = 200
 
 def auto_kind(spec: StudySpec) -> tuple[str, str]:
     """The sampler `type: auto` picks for the spec, and why: by its n_trials. GP up to
-    AUTO_GP_MAX_TRIALS: benchmarks/samplers.py finds it ahead of random, TPE and NSGA-II at 30
-    trials (its worst seed ahead of their means), and its refit, cubic in the trials, costs
-    about 0.1 s a trial at 25 and 0.2 s at 200 on that space (one core). TPE beyond, where
+    AUTO_GP_MAX_TRIALS: benchmarks/samplers.py finds it narrowly ahead of random, TPE and
+    NSGA-II at 30 trials on its own space (mean and worst seed), though level with random on
+    the quickstart's (which TPE and NSGA-II lead at 30: there GP models only the size and the
+    mode, the keys every trial has), and its refit, cubic in the trials, costs about 0.1 s a
+    trial at 25 and 0.2 s at 200 on the benchmark's space (one core). TPE beyond, where
     GP's cost keeps growing and the benchmark says nothing: TPE's cost grows linearly, and it
     models every key of a conditional space (`group`), where GP models only the keys every
     trial has."""

@@ -282,21 +282,19 @@ def layer_runs(trials: Iterable[TrialRecord], read: str, modes: Iterable[str] | 
                ) -> dict[str, dict[str, list[list[float]]]]:
     """Per model shape (its label; smallest first) and variant, one per-layer list per trial:
     `read` is an analysis key (`attention_entropy`, `value_cosine`, `mixed_value_cosine`) or
-    a coefficient name (`lambda1`, `lambda2`; NaN where a layer does not receive); `modes`
+    a coefficient name (`lambda1`, `v_lambda`, ...; NaN where a layer does not receive); `modes`
     keeps only trials of those modes."""
     groups: dict[tuple[tuple[int, int, str], str], list[list[float]]] = {}
     for t in trials:
         if modes is not None and t.mode not in modes:
             continue
         n_layer = int(t.model.get("n_layer", 0))
-        if read in ("lambda1", "lambda2"):
+        if read in t.analysis:
+            row = [float(v) for v in t.analysis[read]]
+        else:
             row = [float(t.coefficients.get(f"L{i}.{read}", math.nan)) for i in range(n_layer)]
             if all(math.isnan(v) for v in row):
                 continue
-        elif read in t.analysis:
-            row = [float(v) for v in t.analysis[read]]
-        else:
-            continue
         size = (n_layer, int(t.model.get("d_model", 0)), t.shape)
         groups.setdefault((size, t.arm_name), []).append(row)
     out: dict[str, dict[str, list[list[float]]]] = {}

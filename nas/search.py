@@ -5,7 +5,8 @@ Only COMPLETE and PRUNED trials count toward `n_trials`; a failed trial (diverge
 interrupted, with the reason in its `failure` attribute, or lost with its worker) stays in the
 study as FAIL and another trial takes its slot. On every storage, leases (`nas.lease`) fail a
 dead worker's trial and queue a retry of it; `Objective._claim_slot` and `Gate` keep the workers
-from running more than `n_trials`, and a worker that stops short of it says why (SearchError).
+from running more than `n_trials`, and a worker that stops short of it says why (SearchError),
+as one that lost its database server for longer than it waits for it does.
 Ctrl+C, SIGTERM and a preemption notice (`nas.interrupt`) fail the running trial and stop the
 worker, in a trial or in the gate's wait. Terminal output lives in `nas.console`. Knows nothing
 of torch (it only sets the thread count: `CoreShare`).
@@ -13,11 +14,12 @@ of torch (it only sets the thread count: `CoreShare`).
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import secrets
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 
 import optuna
 from optuna.trial import TrialState
@@ -25,12 +27,13 @@ from optuna.trial import TrialState
 from . import lr_sweep
 from .artifacts import artifact_dir
 from .console import TrialPrinter
+from .errors import first_line
 from .interrupt import CTRL_C
-from .lease import HEARTBEAT, HostWorkers, Reclaimer, TrialLost, cores
+from .lease import HEARTBEAT, HostWorkers, Reclaimer, TrialLost, cores, failed_by_another_worker
 from .objective import Objective
 from .samplers import auto_kind, make_sampler
 from .spec import StudySpec, check_trainable
-from .storage import redact
+from .storage import lost_connection, redact
 from .study import FINISHED, finished_count, open_study, own_trials, resolve_storage
 from .trials import TrialRecord
 
@@ -167,50 +170,76 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     `force` skips the memory check of the space's draws (`check_trainable`)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     check_trainable(spec, force=force)
-    study = open_study(spec, storage_url, echo=echo)
-    running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-    offset = worker_seed_offset(running, worker_id)
-    if offset:
-        study.sampler = make_sampler(spec, spec.seed + offset)
     where = resolve_storage(spec, storage_url)
-    lease = {**HEARTBEAT, **spec.heartbeat}
-    target = spec.n_trials if n_trials is None else None
-    queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space, seed=spec.seed)
-             if spec.lr_sweep == "first_seed" else None)
-    gate = Gate(target, lease, timeout, echo, queue)
-    done = finished_count(study)
-    echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
-         + (f"running {n_trials} more" if target is None else f"target {target}")
-         + (f" (worker seed {spec.seed + offset})" if offset else ""))
-    if spec.sampler["type"] == "auto":
-        kind, why = auto_kind(spec)
-        echo(f"sampler auto: {kind} ({why})")
-    with HostWorkers() as workers:
-        share = CoreShare(threads, workers, echo)
-        if gate.ready(study):
-            printer = TrialPrinter(spec, echo, progress, total=target or n_trials or 0,
-                                   study_done=done if target else None)
-            objective = Objective(spec, target, artifact_dir(where, spec.name, spec.artifacts),
-                                  lease_interval=lease["interval"], echo=printer.note)
-            try:
-                _run_trials(study, objective, n_trials, gate, share, printer)
-            finally:
-                printer.close()
+    with _stop_if_storage_lost(where):
+        study = open_study(spec, storage_url, echo=echo)
+        running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
+        offset = worker_seed_offset(running, worker_id)
+        if offset:
+            study.sampler = make_sampler(spec, spec.seed + offset)
+        lease = {**HEARTBEAT, **spec.heartbeat}
+        target = spec.n_trials if n_trials is None else None
+        queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space,
+                                   seed=spec.seed)
+                 if spec.lr_sweep == "first_seed" else None)
+        gate = Gate(target, lease, timeout, echo, queue)
+        done = finished_count(study)
+        echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
+             + (f"running {n_trials} more" if target is None else f"target {target}")
+             + (f" (worker seed {spec.seed + offset})" if offset else ""))
+        if spec.sampler["type"] == "auto":
+            kind, why = auto_kind(spec)
+            echo(f"sampler auto: {kind} ({why})")
+        with HostWorkers() as workers:
+            share = CoreShare(threads, workers, echo)
+            if gate.ready(study):
+                printer = TrialPrinter(spec, echo, progress, total=target or n_trials or 0,
+                                       study_done=done if target else None)
+                objective = Objective(spec, target,
+                                      artifact_dir(where, spec.name, spec.artifacts),
+                                      lease_interval=lease["interval"], echo=printer.note)
+                try:
+                    _run_trials(study, objective, n_trials, gate, share, printer)
+                finally:
+                    printer.close()
     if gate.short:
         raise SearchError(gate.short)
     return study
 
 
+@contextlib.contextmanager
+def _stop_if_storage_lost(where: str) -> Iterator[None]:
+    """A database server unreachable for longer than a server storage waits for it
+    (`nas.storage.ServerStorage`) stops the worker with one line (SearchError). Its running
+    trial stays RUNNING under its lease, and the same command run again fails and retries it."""
+    try:
+        yield
+    except Exception as exc:
+        lost = lost_connection(exc)
+        if lost is None:
+            raise
+        raise SearchError(f"lost its storage {redact(where)}: {redact(where, first_line(lost))};"
+                          " run the same command again once it is back") from None
+
+
 def _run_trials(study: optuna.Study, objective: Objective, n_trials: int | None, gate: Gate,
                 share: CoreShare, printer: TrialPrinter) -> None:
-    """Optuna's trial loop, entered again after a trial that another worker failed (TrialLost:
-    Optuna records nothing for it, and this worker goes on)."""
+    """Optuna's trial loop, entered again after a trial that another worker failed: TrialLost
+    from the objective (Optuna records nothing for it), or Optuna refusing to record a trial
+    failed after its last write ("Cannot tell a FAIL trial"). This worker drops the trial with
+    one line and goes on."""
+    running: list[optuna.Trial] = []  # the trial the objective was last called with
+
+    def run(trial: optuna.Trial) -> float | tuple[float, ...]:
+        running[:] = [trial]
+        return objective(trial)
+
     share()
     with CTRL_C:
         while n_trials is None or objective.started < n_trials:
             try:
                 study.optimize(
-                    objective,
+                    run,
                     n_trials=None if n_trials is None else n_trials - objective.started,
                     catch=(Exception,),  # recorded in the trial (state FAIL, attribute `failure`)
                     callbacks=[printer, gate, share],
@@ -219,6 +248,14 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int | None,
                 return
             except TrialLost as lost:
                 printer.note(str(lost))
-                if not gate.ready(study):
-                    return
-                share()
+            except Exception as exc:
+                lost = (failed_by_another_worker(running[0])
+                        if running and lost_connection(exc) is None else None)
+                if lost is None:
+                    raise
+                printer.note(str(lost))
+            running.clear()  # dropped: no later error is about it
+            CTRL_C.check()  # a signal that came while the trial was being dropped
+            if not gate.ready(study):
+                return
+            share()

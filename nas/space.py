@@ -186,20 +186,58 @@ def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[in
     return last if pattern == "last_k" else sorted(set(range(1, k + 1)) | set(last))
 
 
+def _offers(vr_space: dict, mode: str) -> bool:
+    choices = vr_space.get("mode", "vanilla")
+    return mode in choices if isinstance(choices, list) else mode == choices
+
+
+def mode_params(space: dict, mode: str) -> dict[str, Any]:
+    """The parameters by which a trial of `space` comes to run `mode`, as `sample` suggests
+    them: the first variant that offers it (`variant`) and the mode among a list of choices
+    (`value_residual.mode`). Empty where the space offers no such choice: the mode fixed, or
+    not among the choices (no distribution of the space's can record it).
+
+    The vanilla baselines are queued with these, so that they record the mode with the
+    distribution every other trial records it with: GP and NSGA-II model only the parameters
+    every finished trial has with one distribution (Optuna's IntersectionSearchSpace)."""
+    vr_space = space.get("value_residual", {})
+    params: dict[str, Any] = {}
+    if space.get("variants"):
+        name = next((n for n, body in space["variants"].items()
+                     if _offers(merge(vr_space, body), mode)), None)
+        if name is None:
+            return {}
+        params["variant"] = name
+        vr_space = merge(vr_space, space["variants"][name])
+    if not _offers(vr_space, mode):
+        return {}
+    if isinstance(vr_space.get("mode"), list):
+        params["value_residual.mode"] = mode
+    return params
+
+
 def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict:
     """One run-config mapping drawn from `space` (already merged with the study's base).
 
-    `force_mode` fixes the mode without suggesting it or a variant (the enqueued vanilla
-    baselines)."""
+    `force_mode` (the enqueued vanilla baselines) runs that mode. Where the space offers it as
+    a choice, the trial still makes the choice (`mode_params`), which its queue entry holds
+    fixed, so that it records the mode as every trial does; a trial whose choice comes out
+    otherwise is refused (ValueError: queued without them). Elsewhere the mode is fixed
+    without suggesting it or a variant."""
     raw: dict[str, dict] = {}
     for section in ("model", "train", "data"):
         raw[section] = {k: _suggest(trial, f"{section}.{k}", v)
                         for k, v in space.get(section, {}).items()}
     vr_space = space.get("value_residual", {})
-    if space.get("variants") and not force_mode:
+    choosing = force_mode is None or bool(mode_params(space, force_mode))
+    if space.get("variants") and choosing:
         name = trial.suggest_categorical("variant", list(space["variants"]))
         vr_space = merge(vr_space, space["variants"][name])
-    mode = force_mode or _suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
+    mode = (_suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
+            if choosing else force_mode)
+    if force_mode and mode != force_mode:
+        raise ValueError(f"a trial that must run {force_mode} chose {mode}: it was queued "
+                         f"without {mode_params(space, force_mode)}")
     vr: dict[str, Any] = {"mode": mode}
     for key in MODES[mode].keys if mode in MODES else ():
         if key not in vr_space:

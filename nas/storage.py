@@ -1,16 +1,20 @@
 """Optuna storages from URLs: SQLite (one machine), PostgreSQL or MySQL (many), journal files.
 
 `make_storage` opens one with clear errors (a ConfigError naming the option or spec key), WAL
-mode on SQLite and connection timeouts. A dead worker's trial is failed and retried through
-leases (`nas.lease`), the same on every storage. Knows nothing of torch or of studies.
+mode on SQLite and connection timeouts; on a database server, calls ride out a restart
+(`ServerStorage`). A dead worker's trial is failed and retried through leases (`nas.lease`), the
+same on every storage. Knows nothing of torch or of studies.
 """
 
 from __future__ import annotations
 
+import functools
+import inspect
 import os
 import random
 import re
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -78,6 +82,49 @@ def redact(url: str, text: str | None = None) -> str:
     return text
 
 
+# Seconds a call to a database server keeps being made again while the server is unreachable
+# (a restart, a failover) before it fails.
+RECONNECT_SECONDS = 60.0
+
+
+def lost_connection(exc: BaseException | None) -> sqlalchemy.exc.OperationalError | None:
+    """The error of a database connection that was ended or refused (a server restarting or
+    gone, a network cut) that caused `exc`, if one did: an SQLAlchemy OperationalError in its
+    chain, as a traceback would show it."""
+    while exc is not None:
+        if isinstance(exc, sqlalchemy.exc.OperationalError):
+            return exc
+        exc = exc.__cause__ if exc.__cause__ or exc.__suppress_context__ else exc.__context__
+    return None
+
+
+def _made_again_on_lost_connections(method: Callable[..., Any]) -> Callable[..., Any]:
+    @functools.wraps(method)
+    def call(*args: Any, **kwargs: Any) -> Any:
+        deadline = time.monotonic() + RECONNECT_SECONDS
+        while True:
+            try:
+                return method(*args, **kwargs)
+            except optuna.exceptions.StorageInternalError as exc:
+                if lost_connection(exc) is None or time.monotonic() >= deadline:
+                    raise
+                time.sleep(1.0)
+    return call
+
+
+class ServerStorage(optuna.storages.RDBStorage):
+    """Optuna's RDB storage on a database server (PostgreSQL, MySQL) that rides out a restart:
+    a call whose connection the server ended or refused is made again every second for up to
+    RECONNECT_SECONDS. Safe: a server that ends a connection rolls back its open transaction,
+    so the failed call wrote nothing. (The pool's pre-ping replaces connections that ended
+    while idle.)"""
+
+
+for _name, _method in vars(optuna.storages.RDBStorage).items():
+    if inspect.isfunction(_method) and not _name.startswith("__"):
+        setattr(ServerStorage, _name, _made_again_on_lost_connections(_method))
+
+
 def make_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStorage:
     """An Optuna storage from a URL: `sqlite:///PATH` (one machine), `postgresql://` or
     `postgresql+psycopg://` (many machines), `mysql+DRIVER://`, or a journal file
@@ -116,7 +163,8 @@ def make_storage(url: str, where: str = "--storage") -> optuna.storages.BaseStor
             engine_kwargs["connect_args"] = {"connect_timeout": 10}
     for attempt in range(2):
         try:
-            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs)
+            rdb = optuna.storages.RDBStorage if scheme.startswith("sqlite") else ServerStorage
+            storage = rdb(url, engine_kwargs=engine_kwargs)
             break
         except Exception as exc:  # sqlalchemy's errors carry multi-line context
             if attempt == 0:

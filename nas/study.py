@@ -28,6 +28,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from . import lr_sweep, warm_start
+from . import space as spaces
 from .config import ConfigError
 from .samplers import make_pruner, make_sampler
 from .spec import CONSTRAINTS, StudySpec, data_fingerprint
@@ -35,6 +36,7 @@ from .storage import check_access, make_storage, redact, storage_file
 from .trials import OBJECTIVES, TrialRecord, record_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
+BASELINE_MODE = "vanilla"  # what the baselines run (nas.objective forces it)
 FINGERPRINT = "fingerprint"  # the study's user attribute: part name -> digest
 # How long a search waits for the fingerprint of a study without one and without trials, which
 # another worker may have created a moment ago; the creator writes it within milliseconds.
@@ -89,6 +91,8 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                               pruner=pruner)
     _check_stored(study, spec, data, echo)
+    if create:
+        _complete_queued_baselines(study, spec, storage)
     return study
 
 
@@ -217,7 +221,10 @@ def baseline_sizes(spec: StudySpec) -> list[dict[str, Any]]:
 
 
 def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
-    """Queue one vanilla trial per model size that the study does not hold yet."""
+    """Queue one vanilla trial per model size that the study does not hold yet, with its size
+    and the choice by which the space picks vanilla (`space.mode_params`): so it records the
+    mode as every other trial does, and GP and NSGA-II, which model only the parameters every
+    finished trial has, model the mode."""
     if not spec.baselines:
         return 0
     baselines = [t for t in study.get_trials(deepcopy=False)
@@ -225,14 +232,29 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
     held = [t.params for t in baselines]
     held += [t.system_attrs.get("fixed_params", {}) for t in baselines
              if t.state == TrialState.WAITING]
+    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
     added = 0
-    for params in baseline_sizes(spec):
-        if any(all(h.get(k) == v for k, v in params.items()) for h in held):
+    for size in baseline_sizes(spec):
+        # by size alone: a baseline queued before baselines carried the choice counts too
+        if any(all(h.get(k) == v for k, v in size.items()) for h in held):
             continue
-        study.enqueue_trial(params, user_attrs=record_attrs(baseline=True),
+        study.enqueue_trial({**size, **choice}, user_attrs=record_attrs(baseline=True),
                             skip_if_exists=False)
         added += 1
     return added
+
+
+def _complete_queued_baselines(study: optuna.Study, spec: StudySpec,
+                               storage: optuna.storages.BaseStorage) -> None:
+    """Add the choice of vanilla (`space.mode_params`) to the baselines a study queued before
+    baselines carried it (their size alone) and has not run yet: `space.sample` would refuse
+    them, as the sampler, not their queue entry, would make the choice."""
+    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
+    for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+        fixed = t.system_attrs.get("fixed_params", {})
+        if TrialRecord.from_trial(t).baseline and any(
+                fixed.get(k) != v for k, v in choice.items()):
+            storage.set_trial_system_attr(t._trial_id, "fixed_params", {**fixed, **choice})
 
 
 def own_trials(study: optuna.Study, states: Container[TrialState] | None = None

@@ -220,7 +220,9 @@ def profile_rows(trials: Iterable[TrialRecord], read: str,
             rows.append({"size": shape, "variant": name, "seeds": len(runs),
                          f"{read} by layer (mean ± sd over seeds)": "  ".join(
                              "-" if np.isnan(c).all() else
-                             f"{c.mean():.2f}±{c.std(ddof=1) if len(c) > 1 else 0:.2f}"
+                             # one seed has no spread to show
+                             f"{c.mean():.2f}" if len(c) == 1 else
+                             f"{c.mean():.2f}±{c.std(ddof=1):.2f}"
                              for c in cols)})
     return rows
 
@@ -275,10 +277,13 @@ def sections(trials: list[TrialRecord]) -> list[Section]:
                                 "pairs": d.pairs} for d in curve]))
     profiled = profiled_trials(arms)
     at = " (each size at its longest budget)" if several else ""
-    for name, what in (("lambda1", "the weight on V_1"), ("lambda2", "the weight on V_n")):
+    for name, what in (("lambda1", "the weight on V_1; layer 0 is the source"),
+                       ("lambda2", "the weight on V_n; layer 0 is the source"),
+                       ("v_lambda", "the weight on the layer's own values"),
+                       ("ve_lambda", "the weight on its value embedding")):
         if rows := profile_rows(profiled, name, LEARNED):
             out.append(Section(name, f"Learned {name} per layer at the end of training "
-                               f"({what}; layer 0 is the source){at}", rows))
+                               f"({what}){at}", rows))
     if rows := profile_rows(profiled, "attention_entropy"):
         out.append(Section("entropy", f"Attention entropy per layer (nats){at}", rows))
     return out

@@ -165,7 +165,8 @@ def _seeded(t: FrozenTrial, spec: StudySpec, origin: str) -> FrozenTrial | str:
         constraints[name] = value - limit
     replay = Replay(t.params)
     try:
-        # a baseline was queued with its size only, its mode forced, as this study's are
+        # a baseline's mode is forced, as this study's are; one queued with its size alone
+        # (before baselines recorded their mode) falls outside a space that searches it
         spaces.sample(spec.merged_space, replay, force_mode="vanilla" if record.baseline
                       else None)
         return create_trial(params={k: t.params[k] for k in replay.distributions},

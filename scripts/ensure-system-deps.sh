@@ -28,14 +28,15 @@ else
     exit 0
 fi
 
-# The PostgreSQL clusters on this machine before the install, as VERSION/NAME: someone else's,
-# never stopped here.
+# The PostgreSQL clusters on this machine (Debian's, as VERSION/NAME; none can exist before
+# postgresql-common brings pg_lsclusters). Those listed before the install are someone else's,
+# never stopped here; if they cannot be listed, this script stops no cluster at all.
 clusters() {
     if command -v pg_lsclusters >/dev/null; then
-        pg_lsclusters --no-header 2>/dev/null | awk '{print $1 "/" $2}' || true
+        pg_lsclusters --no-header | awk '{print $1 "/" $2}'
     fi
 }
-before=$(clusters)
+if before=$(clusters); then listed=yes; else listed=no; fi
 
 echo "ensure-system-deps: installing ${missing[*]}"
 export DEBIAN_FRONTEND=noninteractive
@@ -45,10 +46,10 @@ export DEBIAN_FRONTEND=noninteractive
 # The Debian package creates and starts a default cluster on port 5432, which the tests do not
 # use (they start their own, on a socket in a private folder: tests/pg.py). Stop that one, which
 # this install created; a cluster that was there before is left as it is.
-if [[ " ${missing[*]} " == *" postgresql "* ]] && command -v pg_lsclusters >/dev/null; then
+if [[ " ${missing[*]} " == *" postgresql "* ]] && [ "$listed" = yes ]; then
     pg_lsclusters --no-header 2>/dev/null | while read -r version name _port status _rest; do
         if [ "$status" = online ] && ! grep -qxF "$version/$name" <<<"$before"; then
             "${SUDO[@]}" pg_ctlcluster "$version" "$name" stop || true
         fi
-    done
+    done || true
 fi

@@ -1,4 +1,5 @@
-"""Fixtures: an isolated corpus cache for every test, and a private PostgreSQL server."""
+"""Fixtures: an isolated corpus cache for every test, the device of the model tests, and a
+private PostgreSQL server."""
 
 import hashlib
 import os
@@ -14,6 +15,15 @@ def _one_thread_per_xdist_worker():
         import torch
 
         torch.set_num_threads(1)
+
+
+@pytest.fixture(scope="session")
+def device():
+    """Where the model tests place models and tensors: NAS_TEST_DEVICE (`cuda` in
+    benchmarks/gpu_smoke.sh), else the CPU, as on CI."""
+    import torch
+
+    return torch.device(os.environ.get("NAS_TEST_DEVICE", "cpu"))
 
 
 @pytest.fixture(autouse=True)

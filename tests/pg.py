@@ -112,6 +112,12 @@ class PgCluster:
             raise
         return self
 
+    def restart(self) -> None:
+        """Restart the server as an operator would (`pg_ctl restart`, fast mode: every open
+        connection is ended), with the options and the log it started with."""
+        self._run("pg_ctl", "-D", str(self.root / "data"), "-l", str(self.root / "server.log"),
+                  "-m", "fast", "-w", "-t", "60", "restart", as_server=True)
+
     def stop(self) -> None:
         if self.root is None:
             return

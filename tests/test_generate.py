@@ -11,7 +11,7 @@ from optuna.trial import TrialState
 from nas import build_model
 from nas.cli import main
 from nas.config import dump_config, from_dict, load_config
-from nas.model import KVCache, count_params, kv_bytes_per_token
+from nas.model import KVCache, count_params, kv_bytes_per_token, precision_dtype
 from nas.trials import front
 from tests.helpers import ALL, FAMILY, randomize_coefficients, tiny, write_spec
 
@@ -55,15 +55,17 @@ def test_cached_decoding_gives_the_logits_of_the_full_forward(mode, source, plan
     torch.testing.assert_close(cached, full, atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("precision,dtype", [("32-true", torch.float32),
-                                             ("bf16-true", torch.bfloat16)])
+@pytest.mark.parametrize("precision", ["32-true", "bf16-true", "bf16-mixed"])
 @pytest.mark.parametrize("mode,source", ALL)
-def test_the_cache_holds_kv_bytes_per_token_for_every_token(mode, source, precision, dtype):
+def test_the_cache_holds_kv_bytes_per_token_for_every_token(mode, source, precision):
     cfg, model = model_for(mode, source, layers=[1, 3], precision=precision)
-    model.to(dtype)
+    mixed = precision.endswith("-mixed")  # float32 weights, bf16 activations under autocast
+    if not mixed:
+        model.to(precision_dtype(precision))
     prompt, new = 5, 7
-    cache = KVCache(model, 3, prompt + new)
-    feed(model, cache, torch.randint(0, 256, (3, prompt + new)), [prompt] + [1] * new)
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=mixed):
+        cache = KVCache(model, 3, prompt + new)
+        feed(model, cache, torch.randint(0, 256, (3, prompt + new)), [prompt] + [1] * new)
     assert cache.length == prompt + new
     assert cache.nbytes == 3 * (prompt + new) * kv_bytes_per_token(cfg)
 

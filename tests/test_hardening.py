@@ -1,22 +1,30 @@
 """What a tool that runs for days on shared machines must survive, tested the way it happens:
 SIGTERM and a preemption notice to a real `nas search` worker while it waits for a slot and
-while it trains; a real `nas train` killed with SIGKILL or stopped with SIGTERM; a storage URL
-holding a password, through every command, against a real PostgreSQL server. Tiny models."""
+while it trains, on every storage, and SIGTERM in the middle of journal writes; a real `nas
+train` killed with SIGKILL or stopped with SIGTERM; a storage URL holding a password, through
+every command, against a real PostgreSQL server. Tiny models."""
 
 from __future__ import annotations
 
+import os
+import random
 import re
 import signal
 import stat
+import threading
+import time
 import urllib.request
 from pathlib import Path
 
+import optuna
 import pytest
 import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
 from nas.config import dump_config
+from nas.interrupt import CTRL_C, Interrupted
+from nas.storage import make_storage
 from tests.helpers import TINY_BASE, run_cli, tiny
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
@@ -24,8 +32,12 @@ PASSWORD = "s3cretpw"
 # -- SIGTERM and a preemption notice stop a worker, whatever it is doing -----------------------
 
 
-def test_sigterm_while_waiting_for_a_slot_and_a_preemption_notice_while_training(tmp_path):
-    storage = f"sqlite:///{tmp_path}/slot.db"
+@pytest.mark.parametrize("backend", ["sqlite", "journal", "postgres"])
+def test_sigterm_while_waiting_for_a_slot_and_a_preemption_notice_while_training(tmp_path,
+                                                                                request, backend):
+    storage = (request.getfixturevalue("pg_url") if backend == "postgres"
+               else {"sqlite": f"sqlite:///{tmp_path}/slot.db",
+                     "journal": f"journal:{tmp_path}/slot.log"}[backend])
     spec = tmp_path / "slot.yaml"
     # One slot, held by a trial far longer than the test; the second worker waits for it
     # (as long as its lease lives).
@@ -35,7 +47,8 @@ def test_sigterm_while_waiting_for_a_slot_and_a_preemption_notice_while_training
         "objectives": ["val_loss"], "sampler": {"type": "random"},
         "base": {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": LONG_STEPS,
                                          "eval_every": 50}},
-        "heartbeat": {"interval": 1, "grace_period": 120}}))
+        "heartbeat": {"interval": 1, "grace_period": 120},
+        "artifacts": str(tmp_path / "artifacts")}))
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = start("search", str(spec), "--no-progress", "--threads", "1", log=log_a)
     wait_for(lambda: any(t.state == TrialState.RUNNING and t.user_attrs.get("last_validation")
@@ -56,6 +69,24 @@ def test_sigterm_while_waiting_for_a_slot_and_a_preemption_notice_while_training
     [trial] = trials(storage, "slot")
     assert trial.state == TrialState.FAIL
     assert trial.user_attrs["failure"] == "interrupted (SIGUSR1, a preemption notice)"
+
+
+def test_a_signal_inside_a_journal_write_is_raised_once_the_write_is_whole(tmp_path):
+    # Raised inside the journal's lock, the interrupt broke the lock's own cleanup (a
+    # FileNotFoundError in place of the interrupt, or a lock left held or taken from another
+    # worker). A worker that trains a moment between writes, signalled at random moments:
+    journal = tmp_path / "study.log"
+    study = optuna.create_study(storage=make_storage(f"journal:{journal}"))
+    trial = study.ask()
+    for _ in range(40):
+        with pytest.raises(Interrupted), CTRL_C:
+            threading.Timer(random.uniform(0.0, 0.05), os.kill,
+                            (os.getpid(), signal.SIGTERM)).start()
+            while True:
+                trial.set_user_attr("step", 1)
+                time.sleep(0.001)
+        assert [p.name for p in tmp_path.iterdir()] == ["study.log"]  # no lock left
+    trial.set_user_attr("step", 2)  # the journal takes writes as before
 
 
 # -- `nas train` writes its run folder at once ---------------------------------------------------

@@ -1,4 +1,5 @@
-"""Properties of the model for every value-residual mode."""
+"""Properties of the model for every value-residual mode, on the `device` fixture's device
+(NAS_TEST_DEVICE; the CPU by default)."""
 
 import pytest
 import torch
@@ -15,15 +16,15 @@ FAMILY_PLANS = [(m, n, k) for m in FAMILY for n, k in ((4, 1), (4, 2), (5, 2))]
 
 
 @pytest.mark.parametrize("mode,source", ALL)
-def test_shapes_and_causality(mode, source):
+def test_shapes_and_causality(mode, source, device):
     torch.manual_seed(0)
-    model = build_model(tiny(mode, source=source)).eval()
+    model = build_model(tiny(mode, source=source)).to(device).eval()
     randomize_coefficients(model)
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     logits = model(idx)
     assert logits.shape == (2, 16, 256)
     changed = idx.clone()
-    changed[:, 10:] = torch.randint(0, 256, (2, 6))
+    changed[:, 10:] = torch.randint(0, 256, (2, 6), device=device)
     out2 = model(changed)
     # Positions before the change must not see it; the changed position itself must.
     torch.testing.assert_close(out2[:, :10], logits[:, :10])
@@ -31,48 +32,48 @@ def test_shapes_and_causality(mode, source):
 
 
 @pytest.mark.parametrize("source", SOURCES)
-def test_resformer_with_zero_source_weight_equals_vanilla(source):
-    vanilla = build_model(tiny("vanilla"))
-    res = build_model(tiny("resformer", lambda1=0.0, lambda2=1.0, source=source))
+def test_resformer_with_zero_source_weight_equals_vanilla(source, device):
+    vanilla = build_model(tiny("vanilla")).to(device)
+    res = build_model(tiny("resformer", lambda1=0.0, lambda2=1.0, source=source)).to(device)
     missing, unexpected = res.load_state_dict(vanilla.state_dict(), strict=False)
     assert unexpected == []
     assert all("value_embedding" in k for k in missing)
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     torch.testing.assert_close(res(idx), vanilla(idx))
 
 
 @pytest.mark.parametrize("mode", ["learnable", "dense", "neutreno", *FAMILY])
-def test_other_modes_reduce_to_vanilla(mode):
+def test_other_modes_reduce_to_vanilla(mode, device):
     """learnable/dense with (0, 1), neutreno with lambda 0 and the value-embedding family with
     v_lambda 1, ve_lambda 0 are vanilla too."""
-    vanilla = build_model(tiny("vanilla"))
+    vanilla = build_model(tiny("vanilla")).to(device)
     other = build_model(tiny(mode, lambda1=0.0, lambda2=1.0, neutreno_lambda=0.0,
-                             v_lambda=1.0, ve_lambda=0.0))
+                             v_lambda=1.0, ve_lambda=0.0)).to(device)
     other.load_state_dict(vanilla.state_dict(), strict=False)
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     torch.testing.assert_close(other(idx), vanilla(idx))
 
 
-def test_resformer_differs_from_vanilla():
-    vanilla = build_model(tiny("vanilla"))
-    res = build_model(tiny("resformer"))
+def test_resformer_differs_from_vanilla(device):
+    vanilla = build_model(tiny("vanilla")).to(device)
+    res = build_model(tiny("resformer")).to(device)
     res.load_state_dict(vanilla.state_dict())
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     assert not torch.allclose(res(idx), vanilla(idx))
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if "layers" in MODES[m].keys])
-def test_layer_mask_is_honoured(mode):
+def test_layer_mask_is_honoured(mode, device):
     """With only layer 2 receiving, layers 0 and 1 compute exactly what vanilla does."""
     cfg = tiny(mode, layers=[2], n_layer=3, lambda1=0.7, neutreno_lambda=0.7)
-    model = build_model(cfg)
+    model = build_model(cfg).to(device)
     randomize_coefficients(model)
     assert list(model.residual.mixes) == ["2"]
-    vanilla = build_model(tiny("vanilla", n_layer=3))
+    vanilla = build_model(tiny("vanilla", n_layer=3)).to(device)
     vanilla.load_state_dict(model.state_dict(), strict=False)
     if mode == "svformer":
         assert model.blocks[2].attn.wv is None and model.blocks[1].attn.wv is not None
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     hidden = {}
     for name, m in (("mask", model), ("vanilla", vanilla)):
         m.blocks[1].register_forward_hook(lambda mod, i, o, n=name: hidden.__setitem__(n, o[0]))
@@ -146,11 +147,11 @@ def test_zero_parameter_modes_add_nothing():
 
 
 @pytest.mark.parametrize("mode,source", ALL)
-def test_gradient_reaches_every_trainable_tensor(mode, source):
+def test_gradient_reaches_every_trainable_tensor(mode, source, device):
     torch.manual_seed(0)
-    model = build_model(tiny(mode, source=source))
+    model = build_model(tiny(mode, source=source)).to(device)
     randomize_coefficients(model)
-    idx = torch.randint(0, 256, (4, 16))
+    idx = torch.randint(0, 256, (4, 16), device=device)
     loss = torch.nn.functional.cross_entropy(model(idx).flatten(0, 1), idx.flatten())
     loss.backward()
     for name, p in model.named_parameters():
@@ -159,17 +160,17 @@ def test_gradient_reaches_every_trainable_tensor(mode, source):
 
 
 @pytest.mark.parametrize("mode", [m for m in MODES if "source" in MODES[m].keys])
-def test_first_layer_values_are_not_detached(mode):
+def test_first_layer_values_are_not_detached(mode, device):
     """Every receiving layer sends gradient into W_V of layer 0 (as the official code). With
     layer 0's output projection zeroed, its own attention passes no gradient back to its
     values: what reaches its W_V came through the receiving layers, and would be exactly zero
     if the source values were detached."""
     torch.manual_seed(0)
-    model = build_model(tiny(mode, n_layer=3))
+    model = build_model(tiny(mode, n_layer=3)).to(device)
     randomize_coefficients(model)
     with torch.no_grad():
         model.blocks[0].attn.wo.weight.zero_()
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     model(idx).pow(2).sum().backward()
     assert model.blocks[0].attn.wv.weight.grad.abs().sum() > 0
 
@@ -191,15 +192,15 @@ def test_the_mode_table_counts_parameters_exactly():
 
 @pytest.mark.parametrize("mode,n_layer,k", FAMILY_PLANS)
 def test_each_value_embedding_table_gets_gradient_exactly_from_the_layers_that_use_it(
-        mode, n_layer, k):
+        mode, n_layer, k, device):
     """Table i serves layer i and its mirror, layer n_layer-1-i. With every other layer's
     ve_lambda at zero, one layer alone reads its table: exactly that table gets a gradient,
     and a layer outside the layout reads none."""
     users = {i: {i, n_layer - 1 - i} for i in range(k)}  # the layout, written out
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     for layer in range(n_layer):
         torch.manual_seed(0)
-        model = build_model(tiny(mode, value_embeddings=k, n_layer=n_layer))
+        model = build_model(tiny(mode, value_embeddings=k, n_layer=n_layer)).to(device)
         randomize_coefficients(model)
         with torch.no_grad():
             for other, mix in model.residual.mixes.items():
@@ -213,16 +214,16 @@ def test_each_value_embedding_table_gets_gradient_exactly_from_the_layers_that_u
     assert {int(layer) for layer in model.residual.mixes} == set().union(*users.values())
 
 
-def test_the_gated_value_embedding_mode_starts_as_the_ungated_one():
-    plain = build_model(tiny("ve_unet", n_layer=4))
-    gated = build_model(tiny("ve_unet_gated", n_layer=4))
+def test_the_gated_value_embedding_mode_starts_as_the_ungated_one(device):
+    plain = build_model(tiny("ve_unet", n_layer=4)).to(device)
+    gated = build_model(tiny("ve_unet_gated", n_layer=4)).to(device)
     missing, unexpected = gated.load_state_dict(plain.state_dict(), strict=False)
     assert unexpected == [] and missing and all(k.endswith("gate.weight") for k in missing)
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     torch.testing.assert_close(gated(idx), plain(idx))
 
 
-def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch):
+def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch, device):
     """What docs/ARCHITECTURE.md shows: a mode registered here builds, trains a step and is
     counted, with nothing else changed."""
     from nas import modes, residual
@@ -242,9 +243,9 @@ def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch):
     model = build_model(cfg)
     assert count_params(cfg)["n_params"] == count_params(tiny("vanilla"))["n_params"]
     assert isinstance(model.residual.mix(1), HalfMix) and model.residual.mix(0) is None
-    lit = LitDecoder(cfg)
+    lit = LitDecoder(cfg).to(device)
     optimizer = lit.configure_optimizers()["optimizer"]
-    idx = torch.randint(0, 256, (2, 16))
+    idx = torch.randint(0, 256, (2, 16), device=device)
     before = [p.detach().clone() for p in lit.model.parameters()]
     loss = torch.nn.functional.cross_entropy(lit(idx).flatten(0, 1), idx.flatten())
     loss.backward()
@@ -289,10 +290,10 @@ def test_learnable_plus_starts_at_lambda1_one():
                                    for k, v in (("lambda1", 1.0), ("lambda2", 0.5))})
 
 
-def test_sequence_longer_than_model_is_refused():
-    model = build_model(tiny("vanilla"))
+def test_sequence_longer_than_model_is_refused(device):
+    model = build_model(tiny("vanilla")).to(device)
     with pytest.raises(ValueError, match="seq_len"):
-        model(torch.zeros(1, 17, dtype=torch.long))
+        model(torch.zeros(1, 17, dtype=torch.long, device=device))
 
 
 def test_the_readme_mode_table_lists_every_registered_mode():

@@ -16,8 +16,9 @@ from nas.cli import main
 from nas.config import ConfigError
 from nas.samplers import AUTO_GP_MAX_TRIALS, make_sampler
 from nas.spec import load_spec
+from nas.study import enqueue_baselines, open_study
 from nas.trials import TrialRecord, front
-from tests.helpers import TINY_BASE, write_spec
+from tests.helpers import TINY_BASE, quiet, write_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import samplers as bench  # noqa: E402
@@ -50,6 +51,41 @@ def test_auto_runs_gp_with_budgets_on_a_conditional_space(tmp_path, capsys):
     done = study.get_trials(states=(TrialState.COMPLETE,))
     assert len(done) == 4
     assert all(set(t.constraints) == {"n_params", "kv_bytes_per_token"} for t in done)
+
+
+def test_the_baselines_record_the_mode_so_gp_models_it(tmp_path):
+    # GP (and NSGA-II) model only the parameters every finished trial has with one
+    # distribution: the baselines record the mode as the other trials do.
+    path = write_spec(tmp_path, n_trials=4, base=EAGER,
+                      sampler={"type": "gp", "n_startup_trials": 2})
+    assert main(["search", str(path), "--no-progress"]) == 0
+    spec = load_spec(path)
+    study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/tiny.db")
+    baselines = [t for t in study.trials if TrialRecord.from_trial(t).baseline]
+    assert [t.params for t in baselines] == [
+        {"model.n_layer": n, "value_residual.mode": "vanilla"} for n in (2, 3)]
+    assert all(t.user_attrs["mode"] == "vanilla" for t in baselines)
+    modeled = make_sampler(spec, 0).infer_relative_search_space(study, study.trials[-1])
+    assert modeled == {
+        "model.n_layer": CategoricalDistribution([2, 3]),
+        "value_residual.mode": CategoricalDistribution(
+            spec.merged_space["value_residual"]["mode"])}
+
+
+def test_a_resumed_study_runs_the_baselines_it_queued_with_their_size_alone(tmp_path):
+    # A study created before baselines carried the mode: its queue entries hold the size only.
+    spec = load_spec(write_spec(tmp_path, n_trials=3, base=EAGER))
+    study = open_study(spec, echo=lambda _: None)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{tmp_path}/tiny.db")
+    for t in study.get_trials(states=(TrialState.WAITING,)):
+        size = t.system_attrs["fixed_params"]["model.n_layer"]
+        storage.set_trial_system_attr(t._trial_id, "fixed_params", {"model.n_layer": size})
+    assert enqueue_baselines(study, spec) == 0  # held, by size: no duplicates
+    study = quiet(spec)
+    baselines = [t for t in study.trials if TrialRecord.from_trial(t).baseline]
+    assert [(t.state, t.params) for t in baselines] == [
+        (TrialState.COMPLETE, {"model.n_layer": n, "value_residual.mode": "vanilla"})
+        for n in (2, 3)]
 
 
 # Warm starts.
@@ -86,8 +122,12 @@ def source_study(url: str, name: str = "cpu") -> str:
     add({**plan, "value_residual.lambda1": 4.0})                        # 2: beyond its range
     add(plan, kv_bytes_per_token=None)                                  # 3: no KV bytes
     add(plan, n_params=10**7)                                           # 4: over max_params
-    add({"model.n_layer": 2}, baseline=True, val_loss=3.1)              # 5: a baseline
+    baseline = {"model.n_layer": 2, "value_residual.mode": "vanilla"}
+    add(baseline, baseline=True, val_loss=3.1)                          # 5: a baseline
     add(plan, state=TrialState.PRUNED)                                  # 6: not finished
+    # a baseline queued with its size alone (before baselines carried the mode's choice):
+    # seeded, it would keep the mode out of what GP models
+    add({"model.n_layer": 2}, baseline=True)                            # 7: outside
     return url
 
 
@@ -98,7 +138,7 @@ def test_a_warm_start_seeds_a_new_study_and_skips_what_does_not_fit(tmp_path, ca
                       sampler={"type": "auto", "n_startup_trials": 1})
     assert main(["search", str(path), "--no-progress", "--warm-start", f"cpu@{url}"]) == 0
     out = capsys.readouterr().out
-    assert (f"warm start: seeded 2 trial(s) from study 'cpu' in {url}; skipped 2 outside this "
+    assert (f"warm start: seeded 2 trial(s) from study 'cpu' in {url}; skipped 3 outside this "
             "space, 1 without kv_bytes_per_token, 1 over max_params") in out.splitlines()
     study = optuna.load_study(study_name="warm", storage=f"sqlite:///{tmp_path}/tiny.db")
     seeded = [t for t in study.trials if TrialRecord.from_trial(t).warm_start]
@@ -112,7 +152,7 @@ def test_a_warm_start_seeds_a_new_study_and_skips_what_does_not_fit(tmp_path, ca
                                   "value_residual.mode": CategoricalDistribution(
                                       ["vanilla", "resformer"]),
                                   "value_residual.lambda1": FloatDistribution(0.2, 2.0)}
-    assert baseline.params == {"model.n_layer": 2}  # queued with its size, mode forced
+    assert baseline.params == {"model.n_layer": 2, "value_residual.mode": "vanilla"}
     assert plan.constraints == {"n_params": 50_000 - 10**6}
     assert set(plan.user_attrs) == {"warm_start"}  # measured elsewhere: nothing reads them
     # They count toward no target, and no front, table or export of this study shows them.
@@ -136,7 +176,7 @@ def test_a_warm_start_in_the_spec_reads_the_studys_own_storage(tmp_path, capsys)
     path = write_spec(tmp_path, name="warm", n_trials=1, base=EAGER, space=NEW_SPACE,
                       baselines=False, warm_start={"study": "tiny-cpu"})
     assert main(["search", str(path), "--no-progress"]) == 0
-    assert (f"warm start: seeded 4 trial(s) from study 'tiny-cpu' in {url}; skipped 2 outside "
+    assert (f"warm start: seeded 4 trial(s) from study 'tiny-cpu' in {url}; skipped 3 outside "
             "this space") in capsys.readouterr().out.splitlines()
 
 

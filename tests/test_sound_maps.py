@@ -280,3 +280,24 @@ def test_data_saving_interpolates_between_budgets_and_reads_losses_both_ways():
     assert all(lv.interpolated for lv in faster.levels + slower.levels)
     assert faster.headline == pytest.approx(0.2) and slower.headline == pytest.approx(-0.2)
     assert isinstance(faster.fit, Interpolation) and faster.fit.residuals == [0.0] * 5
+
+
+def test_per_layer_tables_cover_every_learned_weight_and_show_no_spread_for_one_seed():
+    from nas.summary import profile_rows
+
+    def record(mode: str, seed: int, coefficients: dict[str, float]) -> TrialRecord:
+        return TrialRecord(number=seed, state=TrialState.COMPLETE, mode=mode,
+                           config={"model": {"n_layer": 3, "d_model": 16},
+                                   "train": {"seed": seed}},
+                           coefficients=coefficients)
+
+    ve = [record("ve_unet", 0, {"L0.v_lambda": 0.5, "L2.v_lambda": 0.75,
+                                "L0.ve_lambda": 1.0, "L2.ve_lambda": 1.25})]
+    (row,) = profile_rows(ve, "ve_lambda")
+    assert (row["variant"], row["seeds"]) == ("ve_unet", 1)
+    assert row["ve_lambda by layer (mean ± sd over seeds)"] == "1.00  -  1.25"  # no "±0.00"
+    learnable = [record("learnable", s, {"L1.lambda1": 0.5 + s, "L2.lambda1": 1.0})
+                 for s in (0, 1)]
+    (row,) = profile_rows(learnable, "lambda1")
+    assert row["lambda1 by layer (mean ± sd over seeds)"] == "-  1.00±0.71  1.00±0.00"
+    assert profile_rows(learnable, "v_lambda") == []

@@ -2,9 +2,10 @@
 
 import optuna
 import pytest
+from optuna.distributions import CategoricalDistribution
 
 from nas.config import ConfigError, from_dict
-from nas.space import check_space, sample
+from nas.space import check_space, mode_params, sample
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -82,12 +83,18 @@ def test_fixed_values_are_not_searched():
     assert "train.lr" in params and 1e-4 <= raw["train"]["lr"] <= 1e-2
 
 
-def test_forced_mode_suggests_no_mode():
+def test_a_forced_mode_is_recorded_with_the_spaces_distribution():
+    # as the baselines are queued (nas.study.enqueue_baselines): its keys none
     study = optuna.create_study()
+    study.enqueue_trial(mode_params(SPACE, "vanilla"))
     trial = study.ask()
     raw = sample(SPACE, trial, force_mode="vanilla")
     assert raw["value_residual"] == {"mode": "vanilla"}
-    assert "value_residual.mode" not in trial.params
+    assert trial.params["value_residual.mode"] == "vanilla"
+    assert trial.distributions["value_residual.mode"] == CategoricalDistribution(
+        SPACE["value_residual"]["mode"])
+    assert not any(k.startswith("value_residual.") and k != "value_residual.mode"
+                   for k in trial.params)
 
 
 @pytest.mark.parametrize("space,fragment", [
@@ -128,9 +135,46 @@ def test_named_variants_override_value_residual_and_fix_k():
         else:
             assert vr.mode == "learnable" and vr.layers == [n_layer - 2, n_layer - 1]
     assert seen == {"vanilla", "sparse", "last2"}
+    # A baseline picks the variant that runs vanilla, as its queue entry holds it.
     study = optuna.create_study()
-    forced = sample(space, study.ask(), force_mode="vanilla")  # a baseline picks no variant
-    assert forced["value_residual"] == {"mode": "vanilla"}
+    study.enqueue_trial(mode_params(space, "vanilla"))
+    trial = study.ask()
+    assert sample(space, trial, force_mode="vanilla")["value_residual"] == {"mode": "vanilla"}
+    assert trial.params["variant"] == "vanilla"
+
+
+VANILLA_OR_RESFORMER = {"mode": ["vanilla", "resformer"]}
+
+
+@pytest.mark.parametrize("space, params", [
+    ({"value_residual": VANILLA_OR_RESFORMER}, {"value_residual.mode": "vanilla"}),
+    ({}, {}),  # vanilla by default: no choice to record
+    ({"value_residual": {"mode": "vanilla"}}, {}),
+    ({"value_residual": {"mode": ["resformer", "svformer"]}}, {}),  # no distribution holds it
+    ({"variants": {"id": {"mode": "resformer"}, "base": {"mode": "vanilla"}}},
+     {"variant": "base"}),
+    ({"variants": {"id": {"mode": "resformer"}, "either": VANILLA_OR_RESFORMER}},
+     {"variant": "either", "value_residual.mode": "vanilla"}),
+    ({"variants": {"id": {"mode": "resformer"}}}, {}),
+])
+def test_a_forced_mode_is_chosen_as_the_space_chooses_it(space, params):
+    assert mode_params(space, "vanilla") == params
+    study = optuna.create_study()
+    study.enqueue_trial(params)
+    trial = study.ask()
+    assert sample(space, trial, force_mode="vanilla")["value_residual"] == {"mode": "vanilla"}
+    assert trial.params == params
+
+
+def test_a_forced_mode_the_queue_entry_does_not_hold_is_refused():
+    # A baseline queued with its size alone leaves the choice to the sampler: it would record
+    # one mode and run another.
+    study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
+    space = {"value_residual": {"mode": ["resformer", "vanilla"]}}
+    with pytest.raises(ValueError, match="must run vanilla chose resformer: it was queued "
+                                         "without {'value_residual.mode': 'vanilla'}"):
+        for _ in range(20):  # until the sampler draws the other mode
+            sample(space, study.ask(), force_mode="vanilla")
 
 
 @pytest.mark.parametrize("variants, message", [
