@@ -113,6 +113,13 @@ def count_trials(slot: Slot) -> int:
     return len(re.findall(r"^trial\s+\d+\s.*(val_loss|pruned)", text, flags=re.M))
 
 
+def stop_workers(slots: list[Slot]) -> None:
+    for slot in slots:
+        if slot.proc is not None and slot.proc.poll() is None:
+            slot.proc.kill()
+            slot.proc.wait()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--workers", type=int, default=3, help="worker processes at a time")
@@ -131,6 +138,8 @@ def main() -> int:
     print("$ python benchmarks/soak.py " + shlex.join(sys.argv[1:]), flush=True)
 
     signum = signal.Signals[f"SIG{args.signal}"]
+    # Stopped itself (SIGTERM, Ctrl+C), it unwinds: its workers are killed, its server stopped.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     with contextlib.ExitStack() as stack:
         folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="nas-soak-")))
         url = {"postgresql": lambda: stack.enter_context(PgCluster()).url,
@@ -138,6 +147,7 @@ def main() -> int:
                "journal": lambda: f"journal:{folder}/soak.log"}[args.storage]()
         spec = write_spec(folder, url, args)
         slots = [Slot(i) for i in range(args.workers)]
+        stack.callback(stop_workers, slots)
         for slot in slots:
             start(slot, spec, folder)
         storage = make_storage(url)
@@ -193,9 +203,7 @@ def main() -> int:
             time.sleep(0.5)
         else:
             print(f"gave up after {args.timeout} s", file=sys.stderr)
-        for slot in slots:
-            if slot.proc is not None and slot.proc.poll() is None:
-                slot.proc.kill()
+        stop_workers(slots)
         elapsed = time.monotonic() - t0
 
         final = trials()
