@@ -44,6 +44,7 @@ class Objective:
         self.artifacts = artifacts  # where config.yaml and curve.csv of each trial go
         self.lease_interval, self.echo = lease_interval, echo  # echo: the lease's lines
         self.started = 0  # trials this objective was called for
+        self.trial: optuna.Trial | None = None  # the last of them, until it is dropped
         self.space = spec.merged_space
         self.pareto = pareto_pruner(spec)
 
@@ -70,6 +71,7 @@ class Objective:
         from .train import TimeLimitError
 
         self.started += 1
+        self.trial = trial
         with Lease(trial, self.lease_interval, self.echo) as lease:
             try:
                 self._claim_slot(trial)
@@ -110,7 +112,7 @@ class Objective:
         from .model import count_params, kv_bytes_per_token
         from .train import train
 
-        force = "vanilla" if TrialRecord.from_trial(trial).baseline else None
+        force = spaces.BASELINE_MODE if TrialRecord.from_trial(trial).baseline else None
         raw = spaces.sample(self.space, trial, force_mode=force)
         try:
             cfg = from_dict(raw, where="trial")

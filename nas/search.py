@@ -228,18 +228,12 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int | None,
     from the objective (Optuna records nothing for it), or Optuna refusing to record a trial
     failed after its last write ("Cannot tell a FAIL trial"). This worker drops the trial with
     one line and goes on."""
-    running: list[optuna.Trial] = []  # the trial the objective was last called with
-
-    def run(trial: optuna.Trial) -> float | tuple[float, ...]:
-        running[:] = [trial]
-        return objective(trial)
-
     share()
     with CTRL_C:
         while n_trials is None or objective.started < n_trials:
             try:
                 study.optimize(
-                    run,
+                    objective,
                     n_trials=None if n_trials is None else n_trials - objective.started,
                     catch=(Exception,),  # recorded in the trial (state FAIL, attribute `failure`)
                     callbacks=[printer, gate, share],
@@ -249,12 +243,12 @@ def _run_trials(study: optuna.Study, objective: Objective, n_trials: int | None,
             except TrialLost as lost:
                 printer.note(str(lost))
             except Exception as exc:
-                lost = (failed_by_another_worker(running[0])
-                        if running and lost_connection(exc) is None else None)
+                lost = (failed_by_another_worker(objective.trial)
+                        if objective.trial and lost_connection(exc) is None else None)
                 if lost is None:
                     raise
                 printer.note(str(lost))
-            running.clear()  # dropped: no later error is about it
+            objective.trial = None  # dropped: no later error is about it
             CTRL_C.check()  # a signal that came while the trial was being dropped
             if not gate.ready(study):
                 return

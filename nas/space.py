@@ -32,6 +32,7 @@ from .config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
 from .modes import MODES
 from .parsing import allowed_keys, first_non_finite
 
+BASELINE_MODE = "vanilla"  # what the queued baselines run
 PATTERNS = ("all", "subset", "last_k", "unet")
 RANGE_KEYS = {"low", "high", "log", "step"}
 

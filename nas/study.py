@@ -36,7 +36,6 @@ from .storage import check_access, make_storage, redact, storage_file
 from .trials import OBJECTIVES, TrialRecord, record_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
-BASELINE_MODE = "vanilla"  # what the baselines run (nas.objective forces it)
 FINGERPRINT = "fingerprint"  # the study's user attribute: part name -> digest
 # How long a search waits for the fingerprint of a study without one and without trials, which
 # another worker may have created a moment ago; the creator writes it within milliseconds.
@@ -232,7 +231,7 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
     held = [t.params for t in baselines]
     held += [t.system_attrs.get("fixed_params", {}) for t in baselines
              if t.state == TrialState.WAITING]
-    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
+    choice = spaces.mode_params(spec.merged_space, spaces.BASELINE_MODE)
     added = 0
     for size in baseline_sizes(spec):
         # by size alone: a baseline queued before baselines carried the choice counts too
@@ -249,7 +248,7 @@ def _complete_queued_baselines(study: optuna.Study, spec: StudySpec,
     """Add the choice of vanilla (`space.mode_params`) to the baselines a study queued before
     baselines carried it (their size alone) and has not run yet: `space.sample` would refuse
     them, as the sampler, not their queue entry, would make the choice."""
-    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
+    choice = spaces.mode_params(spec.merged_space, spaces.BASELINE_MODE)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         fixed = t.system_attrs.get("fixed_params", {})
         if TrialRecord.from_trial(t).baseline and any(

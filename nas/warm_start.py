@@ -167,8 +167,8 @@ def _seeded(t: FrozenTrial, spec: StudySpec, origin: str) -> FrozenTrial | str:
     try:
         # a baseline's mode is forced, as this study's are; one queued with its size alone
         # (before baselines recorded their mode) falls outside a space that searches it
-        spaces.sample(spec.merged_space, replay, force_mode="vanilla" if record.baseline
-                      else None)
+        spaces.sample(spec.merged_space, replay,
+                      force_mode=spaces.BASELINE_MODE if record.baseline else None)
         return create_trial(params={k: t.params[k] for k in replay.distributions},
                             distributions=replay.distributions, values=values,
                             user_attrs=record_attrs(warm_start=origin),
