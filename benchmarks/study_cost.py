@@ -7,7 +7,10 @@ at a stated peak throughput and model FLOP utilisation (MFU).
 Every trial of the spec's grid is built from its space (the categorical choices of `variant`
 and of the model and train sections, `nas.lr_sweep.grid`); with `lr_sweep: first_seed` the
 other seeds run once per arm, at whichever rate the sweep picks (the cost does not depend on
-which). FLOPs per token follow Kaplan et al. (2020): 6 x N (N: non-embedding parameters, the
+which). A sweep with `lr_sweep.extend` may add up to that many rates beyond an edge of an arm's
+grid, on every seed that chooses: a last row gives the cost if every arm extended one side to
+the limit (the bound; an arm whose optimum is interior adds nothing). FLOPs per token follow
+Kaplan et al. (2020): 6 x N (N: non-embedding parameters, the
 untied output head included) for the forward and backward pass, plus 6 x n_layer x seq_len x
 d_model for attention over the context (no discount for the causal mask); evaluation is
 not counted. Prints a table per model shape and the total.
@@ -31,17 +34,21 @@ def train_flops(cfg: RunConfig) -> float:
     return float(per_token * cfg.train.steps * cfg.tokens_per_step)
 
 
-def trial_configs(path: str) -> list[RunConfig]:
+def trial_configs(path: str) -> tuple[list[RunConfig], float]:
+    """The configs of the grid's trials, and the share of them an extension could add."""
     spec = load_spec(path)
     space = spec.merged_space
     grid = lr_sweep.grid(space)
     seeds = space.get("train", {}).get("seed")
-    if spec.lr_sweep == "first_seed":
+    bound = 0.0
+    if spec.queue_driven and spec.lr_sweep.extend:
+        bound = spec.lr_sweep.extend / len(space["train"]["lr"])
+    if spec.lr_sweep.protocol == "first_seed":
         # the sweep, plus each arm's other seeds once (the first rate stands in for the chosen)
         grid = [p for p in grid if p["train.seed"] == seeds[0]] + [
             p for p in grid if p["train.seed"] != seeds[0]
             and p["train.lr"] == space["train"]["lr"][0]]
-    return [from_dict(spaces.sample(space, FixedTrial(p)), where=path) for p in grid]
+    return [from_dict(spaces.sample(space, FixedTrial(p)), where=path) for p in grid], bound
 
 
 def main() -> None:
@@ -51,7 +58,7 @@ def main() -> None:
                         help="peak dense throughput (default: H100 SXM bf16, 989 TFLOP/s)")
     parser.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilisation (0.4)")
     args = parser.parse_args()
-    configs = trial_configs(args.study)
+    configs, bound = trial_configs(args.study)
     rate = args.peak_tflops * 1e12 * args.mfu
     rows: dict[str, list[float]] = {}
     for cfg in configs:
@@ -68,6 +75,9 @@ def main() -> None:
         print(f"| {key} | {n} | {tokens:,.0f} | {flops:.3g} | {flops / rate / 3600:.2f} |")
     total = sum(r[1] for r in rows.values())
     print(f"| **total** | {len(configs)} | | {total:.3g} | **{total / rate / 3600:.1f}** |")
+    if bound:
+        print(f"| with every arm extended to the limit (bound) | {len(configs) * (1 + bound):.0f}"
+              f" | | {total * (1 + bound):.3g} | {total * (1 + bound) / rate / 3600:.1f} |")
 
 
 if __name__ == "__main__":

@@ -206,6 +206,10 @@ class TrainConfig:
     grad_clip: float = Field(1.0, ge=0)  # the gradient norm's limit; 0 turns clipping off
     eval_every: int | None = Field(None, gt=0)  # None: 10 evaluations per run
     eval_batches: int = Field(8, gt=0)
+    # Batches of the validations during training, which only draw the curve (and feed a
+    # pruner): fewer than eval_batches cuts their cost; the final validation, what every
+    # choice reads, and the test always score all eval_batches. None: eval_batches.
+    curve_batches: int | None = Field(None, gt=0)
     accelerator: str = "auto"
     devices: int | str = 1
     strategy: str = "auto"
@@ -258,7 +262,7 @@ class TrainConfig:
 LATE_VALUE_RESIDUAL_KEYS: dict[str, Any] = {"value_embeddings": 1, "v_lambda": 0.5,
                                             "ve_lambda": 0.5}
 LATE_TRAIN_KEYS: dict[str, Any] = {"checkpoint_every": None, "keep_checkpoints": False,
-                                   "compile": "auto", "logger": "csv"}
+                                   "compile": "auto", "logger": "csv", "curve_batches": None}
 
 
 DEFAULT_TEST_FRACTION = 0.05

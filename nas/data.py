@@ -47,8 +47,10 @@ def cache_dir() -> Path:
     return Path(os.environ.get("RESFORMER_NAS_CACHE", Path.home() / ".cache" / "resformer-nas"))
 
 
+@functools.cache
 def builtin_files() -> list[Path]:
-    """The stdlib's .py files outside its test suites, in a fixed order."""
+    """The stdlib's .py files outside its test suites, in a fixed order (listed once per
+    process: a study's worker opens the corpus for every trial)."""
     root = Path(sysconfig.get_paths()["stdlib"])
     skip = {"test", "tests", "idle_test", "site-packages", "dist-packages", "__pycache__"}
     return sorted(p for p in root.rglob("*.py") if not skip & set(p.relative_to(root).parts))
@@ -289,10 +291,11 @@ class TokenDataModule(pl.LightningDataModule):
     `train.eval_interval` steps within it."""
 
     def __init__(self, data: DataConfig, seq_len: int, vocab_size: int, batch_size: int,
-                 steps: int, seed: int, eval_batches: int):
+                 steps: int, seed: int, eval_batches: int, curve_batches: int | None = None):
         super().__init__()
         self.seq_len, self.batch_size, self.steps, self.seed = seq_len, batch_size, steps, seed
         self.eval_batches = eval_batches
+        self.curve_batches = curve_batches or eval_batches  # the validations within fit
         if Path(data.source).is_dir():
             self.train_arrays, self.val_arrays, self.test_arrays = open_prepared(
                 data, seq_len, vocab_size)
@@ -329,7 +332,7 @@ class TokenDataModule(pl.LightningDataModule):
         """The data module a run config trains and validates on."""
         t, m = cfg.train, cfg.model
         return cls(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
-                   t.eval_batches)
+                   t.eval_batches, t.curve_batches)
 
     def eval_digest(self) -> str:
         """A digest of the validation and test tokens: their values and type, not the paths
@@ -348,7 +351,11 @@ class TokenDataModule(pl.LightningDataModule):
         return StepLoader(ds, lambda: self.trainer.global_step)
 
     def val_dataloader(self) -> DataLoader:
-        ds = FixedWindows(self.val_arrays, self.seq_len, self.batch_size, self.eval_batches)
+        """Within fit, the curve's windows (curve_batches, evenly spaced too); else all of
+        eval_batches (the final validation)."""
+        fitting = self.trainer is not None and self.trainer.state.fn == "fit"
+        n = self.curve_batches if fitting else self.eval_batches
+        ds = FixedWindows(self.val_arrays, self.seq_len, self.batch_size, n)
         return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
 
     def test_dataloader(self) -> DataLoader | None:

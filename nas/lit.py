@@ -115,6 +115,9 @@ class LitDecoder(pl.LightningModule):
         self.log("val_loss", result["loss"], prog_bar=True)
         self.log("val_ppl", math.exp(min(result["loss"], 50.0)))
         if not self.trainer.sanity_checking:
+            # the final, full validation replaces a curve point at the same step
+            if self.curve and self.curve[-1][0] == self.global_step:
+                self.curve.pop()
             self.curve.append((self.global_step, result["loss"]))
             self.last_val = result
 

@@ -45,7 +45,7 @@ class Objective:
         self.lease_interval, self.echo = lease_interval, echo  # echo: the lease's lines
         self.started = 0  # trials this objective was called for
         self.trial: optuna.Trial | None = None  # the last of them, until it is dropped
-        self.space = spec.merged_space
+        self.space = spec.trial_space
         self.pareto = pareto_pruner(spec)
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
@@ -153,6 +153,8 @@ class Objective:
         def on_validation(step: int, loss: float) -> None:
             CTRL_C.check()
             lease.check()
+            if curve and curve[-1][0] == step:  # the final validation, on every batch
+                curve.pop()
             curve.append([step, round(loss, 6)])
             # The latest point only: the whole curve is written once, when the trial ends.
             write_record(trial, last_validation=curve[-1])

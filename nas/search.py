@@ -50,8 +50,8 @@ def worker_seed_offset(study_storage_has_running: bool, worker_id: int | None) -
 
 
 class SearchError(RuntimeError):
-    """A worker stopped short of its target: its trials kept failing, --timeout ran out, or the
-    lr_sweep grid ended first (the CLI exits with status 1 and says which)."""
+    """A worker stopped short of its target: its trials kept failing, --timeout ran out, or its
+    storage was lost (the CLI exits with status 1 and says which)."""
 
 
 class Gate:
@@ -63,8 +63,8 @@ class Gate:
     trials. While running trials of other workers hold the remaining slots it waits, as long as
     their leases live: each such trial finishes (the study may be done), fails (this worker
     takes its slot) or loses its worker (its lease expires, and this worker runs its retry). A
-    worker that stops short of the target sets `short` to why: --timeout ran out, the lr_sweep
-    grid ended, or MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
+    worker that stops short of the target sets `short` to why: --timeout ran out, or
+    MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
 
     def __init__(self, target: int | None, lease: dict[str, int], timeout: float | None,
                  echo: Callable[[str], None],
@@ -75,9 +75,11 @@ class Gate:
         self.reclaimer = Reclaimer(lease["grace_period"], lease["max_retry"])
         self.failures: list[str] = []
         self.short: str | None = None
-        # A queue-driven study (lr_sweep first_seed) trains only queued trials: `queue` adds
-        # what has become due, and a worker with nothing queued waits for running trials.
+        # A queue-driven study (an lr sweep, nas.lr_sweep) trains only queued trials: `queue`
+        # adds what has become due, a worker with nothing queued waits for running trials, and
+        # the study is done when nothing is queued or running (n_trials is then a bound).
         self.queue = queue
+        self.done_said = False
 
     def ready(self, study: optuna.Study) -> bool:
         """True when this worker should start a trial now; may wait (see the class)."""
@@ -102,8 +104,11 @@ class Gate:
             if finished + running < self.target and (queued or not self.queue):
                 return True
             if not running:  # under a queue: nothing queued, and no running trial to queue more
-                return self._stop_short(finished, "the lr_sweep grid is done; it holds fewer "
-                                        "trials than n_trials")
+                if not self.done_said:
+                    self.echo(f"the lr_sweep is done: {finished} finished trial(s), every arm's "
+                              "choice interior to its rates or at the extension's limit")
+                    self.done_said = True
+                return False
             if not waiting:
                 self.echo(f"waiting for {running} running trial(s) of other workers to end (a "
                           "dead worker's trial is failed and retried here within grace_period "
@@ -180,8 +185,8 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
         lease = {**HEARTBEAT, **spec.heartbeat}
         target = spec.n_trials if n_trials is None else None
         queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space,
-                                   seed=spec.seed)
-                 if spec.lr_sweep == "first_seed" else None)
+                                   sweep=spec.lr_sweep, seed=spec.seed)
+                 if spec.queue_driven else None)
         gate = Gate(target, lease, timeout, echo, queue)
         done = finished_count(study)
         echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "

@@ -13,7 +13,7 @@ import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import field
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any
 
 import optuna
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -24,6 +24,7 @@ from . import lr_sweep, overrides
 from . import space as spaces
 from .config import ConfigError, RunConfig, from_dict
 from .lease import HEARTBEAT
+from .lr_sweep import Sweep
 from .parsing import STRICT, Refusal, first_non_finite, parse, read_yaml, refuse, unknown
 from .trials import OBJECTIVES, PLANNED
 
@@ -32,13 +33,11 @@ if TYPE_CHECKING:
 
 SAMPLERS = ("tpe", "gp", "nsga2", "random", "bruteforce", "auto")  # auto: nas.samplers.auto_kind
 PRUNERS = ("none", "pareto", "median", "hyperband")
-LrSweep = Literal[lr_sweep.PROTOCOLS]  # the protocols nas.lr_sweep knows
 
 # The lines bad values of some spec keys get: those used twice or built from the names they list
 # (the others are written at their keys).
 NOT_A_SPACE = Refusal("a search space must be a mapping of run-config sections")
 NOT_A_HEARTBEAT = Refusal(f"must be a mapping with keys {', '.join(HEARTBEAT)}")
-NOT_A_PROTOCOL = Refusal(f"must be one of {', '.join(lr_sweep.PROTOCOLS)}, got {{value!r}}")
 NOT_OBJECTIVES = Refusal(f"must be a non-empty list of {', '.join(OBJECTIVES)}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a study name (see StudySpec._plain_name)
 # Budgets: spec key -> the objective, known before training (trials.PLANNED), it bounds, and
@@ -61,7 +60,8 @@ class StudySpec:
     base: Annotated[dict, NOT_A_SPACE] = field(default_factory=dict)
     baselines: Annotated[bool, Refusal("must be true or false, got {value!r}")] = True
     heartbeat: Annotated[dict, NOT_A_HEARTBEAT] = field(default_factory=dict)  # overrides
-    lr_sweep: Annotated[LrSweep, NOT_A_PROTOCOL] = "all_seeds"
+    # the learning-rate protocol of a named-variant sweep (nas.lr_sweep)
+    lr_sweep: Sweep = field(default_factory=Sweep)
     max_kv_bytes: Annotated[int | None, Refusal("must be a positive integer (bytes of KV cache "
                                                 "per token)")] = Field(None, ge=1)
     max_params: Annotated[int | None, Refusal("must be a positive integer")] = Field(None, ge=1)
@@ -92,6 +92,11 @@ class StudySpec:
                 if isinstance(key, str) and key.startswith("max_") and key not in CONSTRAINTS:
                     raise refuse(unknown("constraint", key, CONSTRAINTS), key=key)
         return raw
+
+    @field_validator("lr_sweep", mode="before")
+    @classmethod
+    def _sweep_shorthand(cls, raw: Any) -> Any:
+        return lr_sweep.sweep_section(raw)
 
     @field_validator("name")
     @classmethod
@@ -190,6 +195,21 @@ class StudySpec:
     def merged_space(self) -> dict:
         return spaces.merge(self.base, self.space)
 
+    @property
+    def queue_driven(self) -> bool:
+        """A learning-rate sweep whose trials all come from nas.lr_sweep's queue."""
+        return self.sampler["type"] == "bruteforce" and lr_sweep.is_sweep(self.merged_space)
+
+    @property
+    def trial_space(self) -> dict:
+        """The space trials draw from: a sweep's rate list with the rates its extension may add
+        (the grid of `merged_space` is what the sweep starts with)."""
+        space = self.merged_space
+        if self.queue_driven and self.lr_sweep.extend:
+            space["train"]["lr"] = lr_sweep.candidates(space["train"]["lr"],
+                                                       self.lr_sweep.extend)
+        return space
+
     def default_storage(self) -> str:
         return f"sqlite:///runs/{self.name}.db"
 
@@ -230,22 +250,21 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
 
 
 def _check_lr_grid(spec: StudySpec, where: str) -> None:
-    """A named-variant study's learning-rate list is a grid the analysis chooses from; the
-    first_seed protocol needs a grid, seeds and the queue it fills."""
+    """A named-variant study's learning-rate list is a grid the analysis chooses from; a
+    protocol other than the default's needs a sweep (variants, rates, seeds) run by its queue,
+    and a grid that suits it (nas.lr_sweep.check_grid)."""
     space = spec.merged_space
-    lr, seed = space.get("train", {}).get("lr"), space.get("train", {}).get("seed")
+    lr = space.get("train", {}).get("lr")
     if space.get("variants") and isinstance(lr, list) and len(lr) < 2:
         raise ConfigError(f"{where}: train.lr: a learning-rate grid needs at least 2 values "
                           f"for the analysis to choose among, got {lr}; give one number to fix it")
-    if spec.lr_sweep == "first_seed":
-        for key, value, need in (("variants", space.get("variants"), "named variants"),
-                                 ("train.lr", lr, "a list of at least 2 learning rates"),
-                                 ("train.seed", seed, "a list of at least 2 seeds")):
-            if not value or (isinstance(value, list) and len(value) < 2) or (
-                    key != "variants" and not isinstance(value, list)):
-                raise ConfigError(f"{where}: {key}: lr_sweep first_seed needs {need}")
-        if spec.sampler.get("type") != "bruteforce":
-            raise ConfigError(f"{where}: sampler.type: lr_sweep first_seed needs bruteforce")
+    if (refused := lr_sweep.refusal(spec.lr_sweep, space)) is not None:
+        raise ConfigError(f"{where}: {refused[0]}: {refused[1]}")
+    if not spec.lr_sweep.default and spec.sampler.get("type") != "bruteforce":
+        raise ConfigError(f"{where}: sampler.type: lr_sweep {spec.lr_sweep.protocol} needs "
+                          "bruteforce (its queue decides every trial)")
+    if spec.queue_driven and (problem := lr_sweep.check_grid(lr, spec.lr_sweep)):
+        raise ConfigError(f"{where}: train.lr: {problem}")
 
 
 def draw_configs(spec: StudySpec, where: str, draws: int = 32) -> list[RunConfig]:

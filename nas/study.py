@@ -82,8 +82,8 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             # Last of the attributes: a worker that finds it finds the others.
             study.set_user_attr(FINGERPRINT, fingerprint(spec, data))
             enqueue_baselines(study, spec)
-            if spec.lr_sweep == "first_seed":
-                lr_sweep.enqueue_pending(study, spec.merged_space, spec.seed)
+            if spec.queue_driven:
+                lr_sweep.enqueue_pending(study, spec.merged_space, spec.lr_sweep, spec.seed)
             if warm:
                 warm_start.seed(study, spec, source, warm_start.source_url(spec, url), echo)
             return study
@@ -104,7 +104,10 @@ def fingerprint(spec: StudySpec, data: str | None) -> dict[str, str]:
              # the budgets newer than max_params only where set: studies from before them
              # resume unchanged
              **{key: getattr(spec, key) for key in CONSTRAINTS
-                if key != "max_params" and getattr(spec, key) is not None}}
+                if key != "max_params" and getattr(spec, key) is not None},
+             # the extension decides which trials run (the protocols differ in how the same
+             # trials are read, except first_seed, whose studies predate this part)
+             **({"lr_extend": spec.lr_sweep.extend} if spec.lr_sweep.extend else {})}
     digests = {part: _digest(value) for part, value in parts.items()}
     return digests if data is None else {**digests, "data": data}
 

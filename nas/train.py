@@ -306,7 +306,8 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         if t.max_time is not None and trainer.global_step < t.steps:  # Lightning's Timer ended it
             raise TimeLimitError(f"train.max_time {t.max_time:g} s reached at step "
                                  f"{trainer.global_step} of {t.steps}")
-        if not lit.curve or lit.curve[-1][0] != trainer.global_step:
+        if (t.curve_batches is not None or not lit.curve
+                or lit.curve[-1][0] != trainer.global_step):  # the last point, on every batch
             trainer.validate(lit, datamodule=data, verbose=False)
         if data.test_dataloader() is not None:
             trainer.test(lit, datamodule=data, verbose=False)

@@ -199,7 +199,7 @@ CASES = [
      space(variants={"vanilla": {"mode": "vanilla"}}, train={"lr": [0.003]}), [],
      ["study.yaml", "train.lr", "at least 2 values"]),
     ("lr-sweep-unknown", "search", spec(lr_sweep="every_seed"), [],
-     ["study.yaml", "lr_sweep", "all_seeds, first_seed"]),
+     ["study.yaml", "lr_sweep.protocol", "all_seeds, crossfit, first_seed"]),
     ("lr-sweep-without-seeds", "search",
      spec(lr_sweep="first_seed", sampler={"type": "bruteforce"},
           space={**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
