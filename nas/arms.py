@@ -2,11 +2,14 @@
 
 An *arm* is one plan: a variant at one model shape and training budget, with every run-config
 key but the seed and the learning rate fixed. Where an arm ran several learning rates, the rate
-is chosen on validation loss alone: the rate with the lowest mean `val_loss` over the seeds
-that ran at every rate of the grid. A choice at either end of the grid is flagged (the best rate
-may lie outside it: widen the grid). What an arm reports is its *test* loss, the mean over its
-seeds at the chosen rate, which no choice, pruner or sampler reads; a study without a test split
-reports validation loss and says so.
+is chosen on validation loss alone, by the study's protocol (`nas.lr_sweep`): under `all_seeds`
+(and `first_seed`, whose first seed alone ran every rate) the rate with the lowest mean
+`val_loss` over the seeds that ran at every rate; under `crossfit` each half of those seeds is
+reported at the rate the other half chose. A choice at either end of the grid is flagged (the
+best rate may lie outside it), and so is a choice whose margin over the next-best rate is within
+its own noise (a coin flip). What an arm reports is its *test* loss, the mean over its seeds at
+the chosen rate, which no choice, pruner or sampler reads; a study without a test split reports
+validation loss and says so.
 
 Paired differences compare an arm with vanilla's arm of the same shape and budget on the same
 seed (the same initialisation seed and data order): per shape a 95% interval over seeds
@@ -23,8 +26,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from .lr_sweep import best_rate, choosing_halves
 from .stats import Interval, mean_interval, sign_flip_p
 from .trials import TrialRecord
+
+COIN_FLIP_Z = 1.96  # a margin under this many standard errors is a coin flip
 
 BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")
 
@@ -57,11 +63,43 @@ class Arm:
     missing: list[float] = field(default_factory=list)  # rates others ran, this arm not yet
     val_by_lr: dict[float, float] = field(default_factory=dict)  # mean over the common seeds
     choice_seeds: list[int] = field(default_factory=list)  # the seeds the choice averaged
+    runs: dict[float, dict[int, TrialRecord]] = field(default_factory=dict)  # by rate and seed
+    # crossfit: (the seeds that chose, the rate they chose), one per half
+    halves: list[tuple[list[int], float]] = field(default_factory=list)
+
+    @property
+    def chosen_rates(self) -> list[float]:
+        return [lr for _, lr in self.halves] or [self.lr]
 
     @property
     def at_edge(self) -> bool:
-        """The chosen rate is the lowest or highest of a grid of 2 or more."""
-        return len(self.grid) > 1 and self.lr in (self.grid[0], self.grid[-1])
+        """A chosen rate is the lowest or highest of a grid of 2 or more."""
+        return len(self.grid) > 1 and any(lr in (self.grid[0], self.grid[-1])
+                                          for lr in self.chosen_rates)
+
+    @property
+    def margin(self) -> tuple[float, float] | None:
+        """How far the next-best rate's mean validation loss is above the chosen one's, and
+        the standard error of that gap: over the choosing seeds' paired differences, or for
+        one seed over the validation windows both runs were scored on. None without a
+        second rate."""
+        if len(self.val_by_lr) < 2 or not self.choice_seeds:
+            return None
+        best, second = sorted(self.val_by_lr, key=self.val_by_lr.get)[:2]
+        gap = self.val_by_lr[second] - self.val_by_lr[best]
+        pairs = [(self.runs[second][s], self.runs[best][s]) for s in self.choice_seeds]
+        if len(pairs) > 1:
+            se = float(np.std([a.val_loss - b.val_loss for a, b in pairs], ddof=1)
+                       / math.sqrt(len(pairs)))
+        else:
+            se = paired_window_se(*pairs[0], split="val") or math.nan
+        return gap, se
+
+    @property
+    def coin_flip(self) -> bool:
+        """The choice's margin is within COIN_FLIP_Z standard errors of its noise."""
+        m = self.margin
+        return m is not None and not math.isnan(m[1]) and m[0] < COIN_FLIP_Z * m[1]
 
     @property
     def first(self) -> TrialRecord:
@@ -112,8 +150,9 @@ class Arm:
         return min(values), max(values)
 
 
-def choose_arms(trials: Iterable[TrialRecord]) -> list[Arm]:
-    """Every plan of completed `trials` as an Arm at its chosen learning rate."""
+def choose_arms(trials: Iterable[TrialRecord], protocol: str = "all_seeds") -> list[Arm]:
+    """Every plan of completed `trials` as an Arm at its chosen learning rate, under the study's
+    lr_sweep `protocol` (see the module docstring)."""
     plans: dict[tuple[str, str], dict[float, dict[int, TrialRecord]]] = {}
     for r in trials:
         if r.val_loss is None:
@@ -126,21 +165,29 @@ def choose_arms(trials: Iterable[TrialRecord]) -> list[Arm]:
     for (name, _), by_lr in plans.items():
         grid = sorted(by_lr)
         common = sorted(set.intersection(*(set(runs) for runs in by_lr.values())))
-        val_by_lr = {lr: float(np.mean([by_lr[lr][s].val_loss for s in common]))
-                     for lr in grid} if common else {}
+        val = {lr: {s: by_lr[lr][s].val_loss for s in common} for lr in grid}
+        val_by_lr = ({lr: float(np.mean(list(v.values()))) for lr, v in val.items()}
+                     if common else {})
         lr = min(val_by_lr, key=val_by_lr.get) if val_by_lr else grid[0]
-        runs = by_lr[lr]
+        reported = [by_lr[lr][s] for s in sorted(by_lr[lr])]
+        halves: list[tuple[list[int], float]] = []
+        if protocol == "crossfit" and len(common) >= 2:
+            first, second = choosing_halves(common)
+            rate_1, rate_2 = best_rate(val, first), best_rate(val, second)
+            halves = [(first, rate_1), (second, rate_2)]
+            # each half reported at the rate the other chose
+            reported = sorted([by_lr[rate_2][s] for s in first]
+                              + [by_lr[rate_1][s] for s in second], key=lambda r: r.seed)
         missing = [r for r in every_rate if r not in by_lr] if len(grid) > 1 else []
-        arms.append(Arm(name, [runs[s] for s in sorted(runs)], lr, grid, missing, val_by_lr,
-                        common))
+        arms.append(Arm(name, reported, lr, grid, missing, val_by_lr, common, by_lr, halves))
     return arms
 
 
-def best_arms(trials: Iterable[TrialRecord]) -> list[Arm]:
+def best_arms(trials: Iterable[TrialRecord], protocol: str = "all_seeds") -> list[Arm]:
     """Per (variant, shape, budget) the arm with the lowest validation loss (a search study
     holds many plans per shape), sorted by variant, then parameters, then tokens."""
     best: dict[tuple[str, str, str], Arm] = {}
-    for arm in choose_arms(trials):
+    for arm in choose_arms(trials, protocol):
         key = (arm.variant, arm.first.shape_key, budget_key(arm.first))
         if key not in best or arm.val < best[key].val:
             best[key] = arm
@@ -182,10 +229,9 @@ class Difference:
         return self.arm.shape
 
 
-def paired_differences(trials: Iterable[TrialRecord]) -> dict[str, list[Difference]]:
-    """Per variant (vanilla aside), one Difference per shape and budget that vanilla ran too,
-    over the seeds both ran, smallest model first."""
-    arms = best_arms(trials)
+def paired_differences(arms: list[Arm]) -> dict[str, list[Difference]]:
+    """Per variant (vanilla aside) of `arms` (best_arms), one Difference per shape and budget
+    that vanilla ran too, over the seeds both report, smallest model first."""
     vanilla = {level_key(a): a for a in arms if a.variant == "vanilla"}
     out: dict[str, list[Difference]] = {}
     for arm in arms:

@@ -101,6 +101,7 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .lr_sweep import stored_protocol
     from .report import write_report
     from .spec import load_spec
     from .study import open_existing
@@ -110,7 +111,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec = load_spec(args.study)
     study = open_existing(spec, args.storage)
     figures = write_report(study, args.out, source=spec.path, image=args.image)
-    print(summary_markdown(completed(study)))
+    print(summary_markdown(completed(study), stored_protocol(study)))
     print(f"\nwrote {args.out}: {', '.join(figures)}")
     return 0
 

@@ -29,6 +29,7 @@ from optuna.trial import TrialState
 from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .figures import build_figures
+from .lr_sweep import stored_protocol
 from .spec import StudySpec
 from .storage import make_storage, redact
 from .study import FINISHED, open_existing, resolve_storage
@@ -94,7 +95,8 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
         "### " + ("Pareto front" if len(study.directions) > 1 else "Best trials"),
         *_md_table(front_rows(study)),
         "",
-        *(line for sec in sections(completed(study)) if sec.key in NOTE_SECTIONS
+        *(line for sec in sections(completed(study), stored_protocol(study))
+          if sec.key in NOTE_SECTIONS
           for line in (f"### {sec.title}", *_md_table(sec.rows), *sec.notes, "")),
         "Each trial carries `config.yaml` (train it again: `nas train config.yaml`) and "
         "`curve.csv` as artifacts, and its parameter counts, coefficients and curve as user "

@@ -22,8 +22,10 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .arms import best_arms, choose_arms, profiled_trials, reports_test
+from .lr_sweep import stored_protocol
 from .modes import MODES
 from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
+from .stats import mean_interval
 from .summary import budget_notes
 from .trials import TrialRecord, completed, front, nondominated, records
 
@@ -189,7 +191,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
     trials = completed(study)
     if not trials:
         return message_figure(title, "no completed trials yet")
-    arms = best_arms(trials)
+    arms = best_arms(trials, stored_protocol(study))
     levels = parameter_levels(arms)
     base, savings = parameter_savings(arms)
     fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
@@ -231,7 +233,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
 
 def savings_figure(study: optuna.Study) -> go.Figure:
     title = "Equivalent parameter saving against vanilla, per size and per seed"
-    arms = best_arms(completed(study))
+    arms = best_arms(completed(study), stored_protocol(study))
     _, savings = parameter_savings(arms)
     savings = [s for s in savings if s.levels]
     if not savings:
@@ -265,7 +267,8 @@ def savings_figure(study: optuna.Study) -> go.Figure:
 
 def lr_figure(study: optuna.Study) -> go.Figure:
     title = "Validation loss against learning rate, per variant and size"
-    arms = [a for a in choose_arms(completed(study)) if len(a.grid) > 1 and a.val_by_lr]
+    arms = [a for a in choose_arms(completed(study), stored_protocol(study))
+            if len(a.grid) > 1 and a.val_by_lr]
     if not arms:
         return message_figure(title, "no arm ran a learning-rate grid")
     shapes = sorted({a.shape for a in arms}, key=lambda s: min(a.n_params for a in arms
@@ -275,17 +278,23 @@ def lr_figure(study: optuna.Study) -> go.Figure:
     for col, shape in enumerate(shapes, start=1):
         for a in sorted((a for a in arms if a.shape == shape), key=lambda a: a.variant):
             rates = [lr for lr in a.grid if lr in a.val_by_lr]
+            ivs = [mean_interval([a.runs[lr][s].val_loss for s in a.choice_seeds])
+                   for lr in rates]
             fig.add_trace(go.Scatter(
-                x=rates, y=[a.val_by_lr[lr] for lr in rates], mode="lines+markers",
+                x=rates, y=[iv.mean for iv in ivs], mode="lines+markers",
+                error_y={"type": "data", "symmetric": False,
+                         "array": [0 if iv.n < 2 else iv.high - iv.mean for iv in ivs],
+                         "arrayminus": [0 if iv.n < 2 else iv.mean - iv.low for iv in ivs]},
                 name=a.variant, legendgroup=a.variant, showlegend=a.variant not in shown,
-                marker={"color": _color(a.variant), "size": [12 if lr == a.lr else 6
-                                                             for lr in rates]},
+                marker={"color": _color(a.variant),
+                        "size": [12 if lr in a.chosen_rates else 6 for lr in rates]},
                 line={"color": _color(a.variant)},
                 hovertemplate=f"{a.variant}, lr %{{x:g}}: %{{y:.4f}}<extra></extra>"),
                 row=1, col=col)
             shown.add(a.variant)
         fig.update_xaxes(type="log", title_text="lr", row=1, col=col)
-    fig.update_layout(title=title + " (large marker: the chosen rate)", height=HEIGHT,
+    fig.update_layout(title=title + " (mean and 95% interval over the choosing seeds; large "
+                      "marker: a chosen rate)", height=HEIGHT,
                       legend={"orientation": "h", "y": -0.25})
     return fig
 
@@ -293,7 +302,7 @@ def lr_figure(study: optuna.Study) -> go.Figure:
 def tokens_figure(study: optuna.Study) -> go.Figure:
     title = "Loss against training tokens per variant (each budget its own schedule)"
     trials = completed(study)
-    by_shape = token_levels(best_arms(trials))
+    by_shape = token_levels(best_arms(trials, stored_protocol(study)))
     if not by_shape:
         return message_figure(title, "no model shape was trained at two or more budgets")
     shape, by_name = next(iter(by_shape.items()))
@@ -319,7 +328,7 @@ def tokens_figure(study: optuna.Study) -> go.Figure:
 
 def analysis_figure(study: optuna.Study) -> go.Figure:
     title = "Per-layer attention entropy and value similarity to layer 0"
-    trials = profiled_trials(best_arms(completed(study)))
+    trials = profiled_trials(best_arms(completed(study), stored_protocol(study)))
     entropy = layer_profile(trials, "attention_entropy")
     cosine = layer_profile(trials, "mixed_value_cosine")
     if not entropy:

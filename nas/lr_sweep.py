@@ -44,6 +44,7 @@ MAX_EXTEND = 8  # rates added beyond one edge: 8 steps of sqrt(2) is a factor of
 MAX_SPACING = math.sqrt(2)  # the widest step between neighbouring rates of a chosen grid
 SPACING_SLACK = 1.02  # rates written with 3-4 significant digits are not exactly geometric
 DIGITS = 4  # significant digits of an extension rate
+PROTOCOL_ATTR = "lr_sweep"  # the study attribute the readers choose arms by
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -220,6 +221,12 @@ def pending(study: optuna.Study, space: dict, sweep: Sweep, seed: int) -> list[d
         if not beyond and sweep.protocol == "first_seed":
             wanted += [{**dict(arm), "train.lr": chosen[0], "train.seed": s} for s in seeds[1:]]
     return [p for p in wanted if _key(p) not in present]
+
+
+def stored_protocol(study: optuna.Study) -> str:
+    """The protocol a study was created with (a study from before the attribute: all_seeds,
+    which reads a first_seed study as it was read then)."""
+    return study.user_attrs.get(PROTOCOL_ATTR, "all_seeds")
 
 
 def enqueue_pending(study: optuna.Study, space: dict, sweep: Sweep, seed: int) -> int:

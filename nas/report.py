@@ -16,6 +16,7 @@ from plotly.offline import get_plotlyjs
 
 from .config import ConfigError
 from .figures import FIGURES, build_figures
+from .lr_sweep import stored_protocol
 from .summary import html_table, sections
 from .trials import OBJECTIVES, completed, front_rows
 
@@ -56,7 +57,7 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
         if key == "scaling":
-            for sec in sections(completed(study)):
+            for sec in sections(completed(study), stored_protocol(study)):
                 parts.append(f"<h3>{html.escape(sec.title)}</h3>"
                              + (html_table(sec.rows) if sec.rows else "")
                              + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes))

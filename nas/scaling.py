@@ -6,8 +6,9 @@ paper's two savings against `vanilla`, with intervals.
 - Equivalent parameter saving: fit loss against non-embedding parameters per variant
   (`fit_scaling`) and read off 1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L
   (the paper's metric). Only readings inside the variant's measured sizes make the headline;
-  the others are listed apart as extrapolated. Its 95% interval refits on seeds resampled
-  within each size (scipy.stats.bootstrap), and every seed is read alone too.
+  the others are listed apart as extrapolated. Every seed is read alone too, and the 95%
+  interval is over those per-seed savings (`nas.stats.mean_interval`: a t-interval over a few
+  seeds), since seeds are the unit of replication.
 - Data saving, primary: the same reading along a tokens axis, from the final losses of runs
   that each had their own full schedule (a study with several budgets at one shape), through
   an interpolation between adjacent budgets (`Interpolation`) rather than a fitted law.
@@ -28,7 +29,7 @@ import numpy as np
 
 from .arms import Arm
 from .fits import FITTERS, Curve, Interpolation, ScalingFit
-from .stats import bootstrap_interval
+from .stats import mean_interval
 from .trials import TrialRecord
 
 # -- levels: one variant's loss at each size (or budget), per seed --------------------------------
@@ -174,10 +175,6 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
 
     labels = list(common)
     if len(labels) == len(base_levels):
-        s.interval = bootstrap_interval(
-            [list(range(len(common[lab]))) for lab in labels],
-            lambda *idx: headline({lab: [common[lab][i] for i in ix]
-                                   for lab, ix in zip(labels, idx, strict=True)}))
         for seed in seeds if len(seeds) > 1 else []:
             alone = {lab: [seed] for lab in labels}
             value = headline(alone)
@@ -186,6 +183,12 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
             s.per_seed_extrapolated[seed] = mine is None or theirs is None or any(
                 r is None or not r[1] for lv in base_levels if lv.label in inside
                 for r in [_read(theirs, mine, lv.x)])
+        # over the per-seed savings (seeds are the unit of replication): a t-interval, a BCa
+        # bootstrap from stats.BOOTSTRAP_MIN seeds on; none from fewer than two
+        readings = [v for v in s.per_seed.values() if v is not None]
+        if len(readings) >= 2:
+            iv = mean_interval(readings)
+            s.interval = (iv.low, iv.high)
     return s
 
 

@@ -4,16 +4,17 @@
   values are few (seeds), scipy's BCa bootstrap from `BOOTSTRAP_MIN` values on.
 - `sign_flip_p`: the exact two-sided permutation p-value of paired differences (every sign
   flip of every difference; a seeded Monte Carlo sample of them beyond 2^16 pairings).
-- `bootstrap_interval`: the percentile interval of any statistic of several groups of
-  resampling units, each group resampled on its own (stratified), by scipy.stats.bootstrap.
+- `holm`: Holm's step-down adjustment of a family of p-values (every p-value a page shows is
+  adjusted across that page's others).
+- `FEW_PAIRS`: below this many pairs a statistic is printed with a warning.
 
-No resampler is written by hand here. Knows nothing of torch or Optuna.
+No resampler is written by hand here: the intervals are scipy's. Knows nothing of torch or Optuna.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -22,6 +23,7 @@ from scipy import stats
 LEVEL = 0.95
 BOOTSTRAP_MIN = 10  # from this many values on, a bootstrap instead of a t-interval
 EXACT_MAX = 16  # exact sign flips up to 2^16 pairings
+FEW_PAIRS = 3  # a statistic over fewer pairs (or seeds) carries a warning
 
 
 @dataclass(frozen=True)
@@ -80,15 +82,13 @@ def sign_flip_p(differences: Sequence[float]) -> float:
     return float(res.pvalue)
 
 
-def bootstrap_interval(groups: Sequence[Sequence[int]],
-                       statistic: Callable[..., float], level: float = LEVEL,
-                       n_resamples: int = 999) -> tuple[float, float]:
-    """The percentile interval of `statistic(*resampled_groups)`, each group of unit indices
-    resampled with replacement on its own; (nan, nan) when too many resamples give NaN."""
-    data = tuple(np.asarray(g) for g in groups)
-    if any(len(g) < 2 for g in data):
-        return math.nan, math.nan
-    res = stats.bootstrap(data, statistic, vectorized=False, paired=False,
-                          confidence_level=level, method="percentile",
-                          n_resamples=n_resamples, rng=np.random.default_rng(0))
-    return float(res.confidence_interval.low), float(res.confidence_interval.high)
+def holm(pvalues: Sequence[float]) -> list[float]:
+    """Holm's step-down adjusted p-values, in the order given (NaN stays NaN, outside the
+    family): the i-th smallest of m is multiplied by m - i, kept monotone, capped at 1."""
+    family = sorted((p, i) for i, p in enumerate(pvalues) if not math.isnan(p))
+    adjusted = [math.nan] * len(pvalues)
+    running = 0.0
+    for rank, (p, i) in enumerate(family):
+        running = max(running, min(1.0, (len(family) - rank) * p))
+        adjusted[i] = running
+    return adjusted

@@ -84,6 +84,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             enqueue_baselines(study, spec)
             if spec.queue_driven:
                 lr_sweep.enqueue_pending(study, spec.merged_space, spec.lr_sweep, spec.seed)
+                study.set_user_attr(lr_sweep.PROTOCOL_ATTR, spec.lr_sweep.protocol)
             if warm:
                 warm_start.seed(study, spec, source, warm_start.source_url(spec, url), echo)
             return study

@@ -18,6 +18,7 @@ from typing import Any
 import numpy as np
 
 from .arms import (
+    COIN_FLIP_Z,
     Arm,
     best_arms,
     paired_differences,
@@ -34,7 +35,7 @@ from .scaling import (
     parameter_savings,
     token_savings,
 )
-from .stats import LEVEL
+from .stats import FEW_PAIRS, LEVEL, holm, mean_interval, sign_flip_p
 from .trials import TrialRecord
 
 COMPUTE_OPTIMAL = 20  # tokens per parameter (the compute-optimal rule of thumb)
@@ -87,21 +88,69 @@ def budget_notes(arms: list[Arm]) -> list[str]:
     return notes
 
 
+def _seeds(seeds: list[int]) -> str:
+    return ",".join(map(str, seeds))
+
+
 def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
-    """Per arm that ran a learning-rate grid: the mean validation loss per rate and the choice."""
+    """Per arm that ran a learning-rate grid: the mean validation loss per rate, the choice
+    (per half under crossfit, with what each half reports), and its margin against its noise."""
     rows = []
     for a in arms:
         if len(a.grid) < 2:
             continue
+        if a.halves:
+            reported = {r.seed: r for r in a.trials}
+            chosen = "; ".join(
+                f"seeds {_seeds(mine)} chose {lr:g}, so seeds {_seeds(other)} report "
+                f"{np.mean([reported[s].reported_loss for s in other]):.4f}"
+                for (mine, lr), (other, _) in zip(a.halves, a.halves[::-1], strict=True))
+            chosen += " (halves agree)" if len(set(a.chosen_rates)) == 1 else (
+                " (halves disagree)")
+        else:
+            chosen = f"{a.lr:g}"
+        margin = a.margin
+        notes = []
+        if a.missing:
+            notes.append(f"sweep incomplete: {len(a.grid)} of {len(a.grid) + len(a.missing)} "
+                         "rates")
+        elif a.at_edge:
+            notes.append("at the edge of the grid: widen it (lr_sweep.extend)")
+        if a.coin_flip:
+            notes.append("coin flip: the margin is within its noise")
+        choosing = min((len(seeds) for seeds, _ in a.halves), default=len(a.choice_seeds))
+        if choosing < FEW_PAIRS:
+            notes.append(f"warning: chosen on {choosing} seed(s)")
         rows.append({
             "variant": a.variant, "size": a.shape,
             "tok/param": f"{a.tokens_per_param:.3g}",
-            "val_loss by lr (seeds " + ",".join(map(str, a.choice_seeds)) + ")": "  ".join(
+            f"val_loss by lr (mean over seeds {_seeds(a.choice_seeds)})": "  ".join(
                 f"{lr:g}: {a.val_by_lr[lr]:.4f}" for lr in a.grid if lr in a.val_by_lr),
-            "chosen lr": f"{a.lr:g}",
-            "note": (f"sweep incomplete: {len(a.grid)} of {len(a.grid) + len(a.missing)} rates"
-                     if a.missing else "at the edge of the grid: widen it" if a.at_edge
-                     else "")})
+            "chosen lr": chosen,
+            "margin to next rate [se]": ("-" if margin is None else
+                                         f"{margin[0]:.4f} [{margin[1]:.4f}]"),
+            "note": "; ".join(notes)})
+    return rows
+
+
+def same_rate_rows(arms: list[Arm], split: str) -> list[dict[str, Any]]:
+    """Each variant minus vanilla at every rate both ran, per size: the mean over the seeds
+    both ran with its interval (which part of a gain is a different best rate)."""
+    vanilla = {(a.shape, a.budget): a for a in arms if a.variant == "vanilla"}
+    rows = []
+    for a in sorted(arms, key=lambda a: (a.n_params, a.tokens, a.variant)):
+        base = vanilla.get((a.shape, a.budget))
+        if a.variant == "vanilla" or base is None or len(a.grid) < 2:
+            continue
+        row: dict[str, Any] = {"variant": a.variant, "size": a.shape}
+        for lr in sorted(set(a.runs) & set(base.runs)):
+            mine, theirs = a.runs[lr], base.runs[lr]
+            seeds = sorted(set(mine) & set(theirs))
+            iv = mean_interval([getattr(mine[s], f"{split}_loss") - getattr(theirs[s],
+                                                                             f"{split}_loss")
+                                for s in seeds])
+            row[f"lr {lr:g}"] = iv.format() + (f" (n={iv.n})" if iv.n > 1 else "")
+        rows.append(row)
     return rows
 
 
@@ -126,34 +175,48 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     return rows
 
 
-def difference_rows(trials: list[TrialRecord], several_budgets: bool
+def difference_rows(arms: list[Arm], several_budgets: bool
                     ) -> tuple[list[dict[str, Any]], list[float]]:
-    """Rows of paired differences (one column per size, or size and budget), and the means of
-    those whose interval excludes zero."""
-    by_variant = paired_differences(trials)
+    """Rows of paired differences (one column per size, or size and budget, each with its
+    exact p-value), a pooled p-value per variant, every p-value Holm-adjusted across the
+    table; and the means of those whose interval excludes zero."""
+    by_variant = paired_differences(arms)
     levels = sorted({(d.arm.n_params, d.arm.tokens, _level(d.arm, several_budgets))
                      for diffs in by_variant.values() for d in diffs})
+    cells = {(name, _level(d.arm, several_budgets)): d for name, diffs in by_variant.items()
+             for d in diffs}
+    pooled = {name: pooled_p(diffs) for name, diffs in by_variant.items()}
+    family = [sign_flip_p(list(d.by_seed.values())) for d in cells.values()] + list(
+        pooled.values())
+    adjusted = dict(zip([*cells, *pooled], holm(family), strict=True))
     rows, significant = [], []
     for name, diffs in by_variant.items():
-        at = {_level(d.arm, several_budgets): d.interval for d in diffs}
         row: dict[str, Any] = {"variant": name}
         for *_, label in levels:
-            iv = at.get(label)
-            row[label] = "-" if iv is None else iv.format() + (
-                f" (n={iv.n})" if iv.n > 1 else "")
-            if iv is not None and iv.n > 1 and iv.excludes_zero():
+            d = cells.get((name, label))
+            if d is None:
+                row[label] = "-"
+                continue
+            iv = d.interval
+            row[label] = iv.format() + (f" (n={iv.n}; Holm p {adjusted[name, label]:.2g})"
+                                        if iv.n > 1 else "")
+            if iv.n < FEW_PAIRS:
+                row[label] += f" warning: {iv.n} pair(s)"
+            if iv.n > 1 and iv.excludes_zero():
                 significant.append(abs(iv.mean))
         values = [v for d in diffs for v in d.by_seed.values()]
-        row["exact p, all pairs"] = f"{pooled_p(diffs):.3g}"
+        row["all pairs: exact p (Holm)"] = f"{pooled[name]:.3g} ({adjusted[name]:.3g})" + (
+            f" warning: {len(values)} pair(s)" if len(values) < FEW_PAIRS else "")
         row["pairs below vanilla"] = f"{sum(v < 0 for v in values)}/{len(values)}"
         rows.append(row)
     return rows, significant
 
 
-def noise_notes(trials: list[TrialRecord], significant: list[float], split: str) -> list[str]:
+def noise_notes(arms: list[Arm], significant: list[float], split: str) -> list[str]:
     """The per-trial standard error against the smallest significant difference, and the
     paired standard error over the same windows, which is what a paired difference carries."""
-    ses = [se for t in trials if (se := getattr(t, f"{split}_loss_se")) is not None]
+    ses = [se for a in arms for t in a.trials
+           if (se := getattr(t, f"{split}_loss_se")) is not None]
     if not ses:
         return [f"Noise: trials store no standard error of their {split} loss (older runs)."]
     worst = max(ses)
@@ -170,7 +233,7 @@ def noise_notes(trials: list[TrialRecord], significant: list[float], split: str)
                "train.eval_batches. Paired differences are scored on the same windows, so "
                "their own error is smaller (next line)."))
     paired = []
-    for diffs in paired_differences(trials).values():
+    for diffs in paired_differences(arms).values():
         for d in diffs:
             mine = {t.seed: t for t in d.arm.trials}
             for t in d.vanilla.trials:
@@ -195,10 +258,12 @@ def saving_rows(savings: list[Saving]) -> list[dict[str, Any]]:
         seeds = ", ".join(
             f"seed {k}: {_pct(v)}" + (" (extrapolated)" if s.per_seed_extrapolated.get(k)
                                       else "") for k, v in s.per_seed.items())
+        if len(s.per_seed) < FEW_PAIRS:
+            headline += f" warning: {len(s.per_seed)} seed(s)"
         fit = s.fit
         rows.append({
             "variant": s.variant,
-            f"saving ({LEVEL:.0%} interval), interpolated": headline,
+            f"saving ({LEVEL:.0%} t-interval over per-seed savings), interpolated": headline,
             "per level (interpolated)": ", ".join(f"{lv.label}: {_pct(lv.saving)}"
                                                   for lv in inside) or "-",
             "extrapolated (not in the headline)": ", ".join(
@@ -227,9 +292,10 @@ def profile_rows(trials: Iterable[TrialRecord], read: str,
     return rows
 
 
-def sections(trials: list[TrialRecord]) -> list[Section]:
-    """Every table the study's completed trials support, in reading order."""
-    arms = best_arms(trials)
+def sections(trials: list[TrialRecord], protocol: str = "all_seeds") -> list[Section]:
+    """Every table the study's completed trials support, in reading order; `protocol` is the
+    study's lr_sweep protocol (how arms choose their rate, nas.arms)."""
+    arms = best_arms(trials, protocol)
     if not arms:
         return []
     chosen = [t for a in arms for t in a.trials]
@@ -238,21 +304,33 @@ def sections(trials: list[TrialRecord]) -> list[Section]:
                                                                              for a in arms})
     out = [Section("budget", "Training budget", [], budget_notes(arms))]
     if rows := lr_rows(arms):
+        how = ("Each half of the seeds chooses the rate (lowest mean validation loss) at which "
+               "the other half is reported (lr_sweep crossfit)" if protocol == "crossfit" else
+               "The rate with the lowest mean validation loss over the seeds run at every "
+               "rate")
         out.append(Section("lr", "Learning rate per variant and size (chosen on validation "
-                           "loss)", rows, ["The rate with the lowest mean validation loss over "
-                                           "the seeds run at every rate; the test split plays "
-                                           "no part in the choice."]))
+                           "loss)", rows, [
+                               f"{how}; the test split plays no part in the choice. A coin "
+                               f"flip: the margin over the next-best rate is under "
+                               f"{COIN_FLIP_Z} standard errors of the paired differences "
+                               "between the two rates."]))
+    if rows := same_rate_rows(arms, split):
+        out.append(Section("same_rate", f"{split.capitalize()} loss minus vanilla's at the "
+                           f"same rate (mean [{LEVEL:.0%} t-interval over seeds])", rows,
+                           ["Every rate both ran, whether or not either chose it: a variant "
+                            "that gains only at its own best rate gains by tolerating it."]))
     out.append(Section("loss", f"{split.capitalize()} loss per variant and size (mean over "
                        "seeds at the chosen rate; min-max)", loss_rows(arms, several),
                        [] if split == "test" else [
                            "No test split: these are validation losses, the same numbers "
                            "the choices were made on."]))
-    diffs, significant = difference_rows(chosen, several)
+    diffs, significant = difference_rows(arms, several)
     if diffs:
         out.append(Section(
             "differences", f"{split.capitalize()} loss minus vanilla's on the same seed "
-            f"(mean [{LEVEL:.0%} t-interval over seeds]; negative: better than vanilla)", diffs,
-            noise_notes(chosen, significant, split)))
+            f"(mean [{LEVEL:.0%} t-interval over seeds]; negative: better than vanilla; "
+            "exact sign-flip p-values, Holm-adjusted across every p-value of this table)",
+            diffs, noise_notes(arms, significant, split)))
     base, savings = parameter_savings(arms)
     if savings and base is not None:  # vanilla at two sizes or more: a curve to read against
         notes = [f"vanilla: {base.describe()}, {len(base.residuals)} points / {base.n_free} "
@@ -289,9 +367,9 @@ def sections(trials: list[TrialRecord]) -> list[Section]:
     return out
 
 
-def summary_markdown(trials: list[TrialRecord]) -> str:
+def summary_markdown(trials: list[TrialRecord], protocol: str = "all_seeds") -> str:
     lines: list[str] = []
-    for s in sections(trials):
+    for s in sections(trials, protocol):
         lines += [f"### {s.title}", ""]
         if s.rows:
             lines += [*markdown_table(s.rows), ""]

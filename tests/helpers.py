@@ -9,8 +9,10 @@ import subprocess
 import sys
 from pathlib import Path
 
+import optuna
 import torch
 import yaml
+from optuna.trial import FrozenTrial, create_trial
 
 from nas.config import SOURCES, RunConfig, from_dict
 from nas.modes import MODES
@@ -107,3 +109,25 @@ def randomize_coefficients(model):
         for name, p in model.residual.named_parameters():
             if "value_embedding" not in name:
                 p.add_(torch.randn_like(p) * 0.3)
+
+
+SWEEP_RATES = [0.001, 0.0014, 0.002, 0.002828, 0.003, 0.004, 0.01]
+
+
+def sweep_trial(variant: str, d: int, lr: float, seed: int, val: float, test: float,
+                curve: list | None = None, val_batches: list | None = None) -> FrozenTrial:
+    """A completed trial of a named-variant sweep with the given losses (no training), as
+    nas.objective would have stored it, for an in-memory study or `records`."""
+    cat = optuna.distributions.CategoricalDistribution
+    return create_trial(
+        values=[val, 1000.0 * d], user_attrs={
+            "variant": variant, "mode": "vanilla" if variant == "vanilla" else "resformer",
+            "n_params": 1000 * d, "n_params_non_embedding": 900 * d, "tokens": 20 * 900 * d,
+            "val_loss": val, "test_loss": test, "curve": curve or [[10, val]],
+            **({"val_batch_losses": val_batches} if val_batches else {}),
+            "config": {"model": {"n_layer": 4, "d_model": d},
+                       "train": {"lr": lr, "seed": seed, "steps": 10}}},
+        params={"variant": variant, "model.d_model": d, "train.lr": lr, "train.seed": seed},
+        distributions={"variant": cat(["vanilla", "identity"]),
+                       "model.d_model": cat([16, 24, 32, 40]),
+                       "train.lr": cat(SWEEP_RATES), "train.seed": cat(list(range(16)))})

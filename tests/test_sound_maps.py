@@ -8,7 +8,7 @@ import numpy as np
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState, create_trial
+from optuna.trial import TrialState
 
 from nas import lr_sweep
 from nas.arms import best_arms, choose_arms, paired_differences
@@ -21,7 +21,7 @@ from nas.scaling import Level, equivalent_saving, parameter_savings
 from nas.stats import mean_interval, sign_flip_p
 from nas.train import train
 from nas.trials import TrialRecord, records
-from tests.helpers import env_for_cli, nas_cmd, tiny
+from tests.helpers import env_for_cli, nas_cmd, sweep_trial, tiny
 
 # -- budgets -----------------------------------------------------------------------------------
 
@@ -72,7 +72,7 @@ def test_the_test_split_is_the_tail_and_never_trained_on(tmp_path):
     cfg = from_dict({"model": {"seq_len": 16, "n_layer": 2, "d_model": 32},
                      "data": {"source": str(corpus), "val_fraction": 0.1,
                               "test_fraction": 0.2}})
-    dm = TokenDataModule.for_run(cfg)
+    dm = TokenDataModule.forsweep_trial(cfg)
     (train_part,), (val,), (test,) = dm.train_arrays, dm.val_arrays, dm.test_arrays
     assert len(train_part) == 7168 and len(val) == 1024 and len(test) == 2048
     assert len(train_part) + len(val) + len(test) == 10240
@@ -80,42 +80,33 @@ def test_the_test_split_is_the_tail_and_never_trained_on(tmp_path):
     held.write_bytes(b"held out " * 100)
     cfg = from_dict({"model": {"seq_len": 16, "n_layer": 2, "d_model": 32},
                      "data": {"source": str(corpus), "test_source": str(held)}})
-    dm = TokenDataModule.for_run(cfg)
+    dm = TokenDataModule.forsweep_trial(cfg)
     assert len(dm.train_arrays[0]) == 9216  # no test tail: the test set is the other file
     assert bytes(dm.test_arrays[0][:9]) == b"held out "
 
 
 # -- selection reads validation loss only ------------------------------------------------------
 
-
-def _run(variant, d, lr, seed, val, test, number=0, curve=None):
-    return create_trial(
-        values=[val, 1000.0 * d], user_attrs={
-            "variant": variant, "mode": "vanilla" if variant == "vanilla" else "resformer",
-            "n_params": 1000 * d, "n_params_non_embedding": 900 * d, "tokens": 20 * 900 * d,
-            "val_loss": val, "test_loss": test, "curve": curve or [[10, val]],
-            "config": {"model": {"n_layer": 4, "d_model": d},
-                       "train": {"lr": lr, "seed": seed, "steps": 10}}},
-        params={"variant": variant, "model.d_model": d, "train.lr": lr, "train.seed": seed},
-        distributions={"variant": optuna.distributions.CategoricalDistribution(
-            ["vanilla", "identity"]),
-            "model.d_model": optuna.distributions.CategoricalDistribution([16, 24, 32, 40]),
-            "train.lr": optuna.distributions.CategoricalDistribution([0.001, 0.003, 0.01]),
-            "train.seed": optuna.distributions.CategoricalDistribution([0, 1, 2, 3])})
+FIRST_SEED = lr_sweep.Sweep(protocol="first_seed")
 
 
 def test_learning_rate_choice_uses_common_seeds_and_flags_the_edge():
     trials = [
         # lr 0.003 is best on seeds 0 and 1 (the seeds every rate ran); seed 2 only at 0.01
-        _run("identity", 16, 0.001, 0, 2.30, 9.0), _run("identity", 16, 0.001, 1, 2.32, 9.0),
-        _run("identity", 16, 0.003, 0, 2.10, 9.0), _run("identity", 16, 0.003, 1, 2.14, 9.0),
-        _run("identity", 16, 0.01, 0, 2.20, 1.0), _run("identity", 16, 0.01, 1, 2.22, 1.0),
-        _run("identity", 16, 0.01, 2, 1.00, 1.0),
+        sweep_trial("identity", 16, 0.001, 0, 2.30, 9.0),
+        sweep_trial("identity", 16, 0.001, 1, 2.32, 9.0),
+        sweep_trial("identity", 16, 0.003, 0, 2.10, 9.0),
+        sweep_trial("identity", 16, 0.003, 1, 2.14, 9.0),
+        sweep_trial("identity", 16, 0.01, 0, 2.20, 1.0),
+        sweep_trial("identity", 16, 0.01, 1, 2.22, 1.0),
+        sweep_trial("identity", 16, 0.01, 2, 1.00, 1.0),
         # vanilla's best is the highest rate: at the edge
-        _run("vanilla", 16, 0.001, 0, 2.5, 2.5), _run("vanilla", 16, 0.003, 0, 2.4, 2.4),
-        _run("vanilla", 16, 0.01, 0, 2.3, 2.3),
+        sweep_trial("vanilla", 16, 0.001, 0, 2.5, 2.5),
+        sweep_trial("vanilla", 16, 0.003, 0, 2.4, 2.4),
+        sweep_trial("vanilla", 16, 0.01, 0, 2.3, 2.3),
         # a sweep still running: two of the three rates so far
-        _run("identity", 32, 0.001, 0, 2.0, 2.0), _run("identity", 32, 0.003, 0, 1.9, 1.9),
+        sweep_trial("identity", 32, 0.001, 0, 2.0, 2.0),
+        sweep_trial("identity", 32, 0.003, 0, 1.9, 1.9),
     ]
     trials = records(trials)
     partial = [a for a in choose_arms(trials) if a.shape == "4L d32"]
@@ -140,7 +131,7 @@ def test_test_loss_is_never_read_by_selection_pruning_or_queueing():
                 (v, d, lr) for v in ("vanilla", "identity") for d in (16, 32)
                 for lr in (0.001, 0.003, 0.01)):
             val = 2.0 + rng.random() if test_of is None else VALS[i]
-            study.add_trial(_run(variant, d, lr, 0, val, test_of(i, val) if test_of else val,
+            study.add_trial(sweep_trial(variant, d, lr, 0, val, test_of(i, val) if test_of else val,
                                  curve=[[5, val + 0.3], [10, val]]))
         return study
 
@@ -155,12 +146,13 @@ def test_test_loss_is_never_read_by_selection_pruning_or_queueing():
         arms = sorted((a.variant, a.shape, a.lr, [t.number for t in a.trials])
                       for a in best_arms(trials))
         curve = [[5, 2.6], [10, 2.5]]
-        return (arms, lr_sweep.pending(study, space, 0),
+        return (arms, lr_sweep.pending(study, space, FIRST_SEED, 0),
                 pruner.reason_to_prune(study, {"n_params": 40_000}, curve, 10),
                 sorted(t.number for t in study.best_trials))
 
     assert decisions(honest) == decisions(adversarial)
-    assert [len(lr_sweep.pending(honest, space, 0))] == [2 * 2 * 2]  # seeds 1, 2 at the choice
+    # seeds 1 and 2 at the choice
+    assert [len(lr_sweep.pending(honest, space, FIRST_SEED, 0))] == [2 * 2 * 2]
 
 
 # -- intervals -----------------------------------------------------------------------------------
@@ -194,7 +186,7 @@ def _saving_study(rng, seeds=4, saving=0.2, noise=0.003):
     for seed in range(seeds):
         for d, n in zip((16, 24, 32, 40), (1e5, 2e5, 4e5, 8e5), strict=True):
             for name, loss in (("vanilla", vanilla(n)), ("identity", vanilla(n / (1 - saving)))):
-                t = _run(name, d, 0.003, seed, loss + noise * rng.standard_normal(), 0.0)
+                t = sweep_trial(name, d, 0.003, seed, loss + noise * rng.standard_normal(), 0.0)
                 t.user_attrs.update(n_params_non_embedding=n, tokens=20 * n,
                                     test_loss=t.user_attrs["val_loss"])
                 trials.append(TrialRecord.from_trial(t))
@@ -214,7 +206,7 @@ def test_parameter_saving_interval_covers_a_known_saving_under_seed_noise():
         widths.append(high - low)
         if draw == 0:
             assert set(s.per_seed) == {0, 1, 2, 3}
-            diffs = paired_differences(trials)["identity"]
+            diffs = paired_differences(best_arms(trials))["identity"]
             assert [len(d.by_seed) for d in diffs] == [4, 4, 4, 4]
             assert all(d.interval.high < 0 for d in diffs)  # better at every size
     assert covered / 20 >= 0.75, covered
@@ -252,7 +244,7 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
     assert proc.returncode == 0, proc.stderr
     text = proc.stdout
     assert "Test loss minus vanilla's on the same seed" in text and "95% t-interval" in text
-    assert "exact p, all pairs" in text and "(n=3)" in text
+    assert "all pairs: exact p (Holm)" in text and "(n=3; Holm p" in text
     assert "Learning rate per variant and size" in text and "at the edge of the grid" in text
     assert "below 20 tokens per parameter" in text
     assert "Paired over the same test windows" in text
