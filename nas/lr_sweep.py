@@ -251,3 +251,31 @@ def refusal(sweep: Sweep, space: dict) -> tuple[str, str] | None:
         return "train.seed", f"lr_sweep {sweep.protocol} needs a list of at least 2 seeds"
     return None
 
+
+
+def halving_choice(curves: dict[float, list[list[list[float]]]], total_steps: int,
+                   fractions: Sequence[float], keep: float) -> tuple[float, float]:
+    """Successive halving of one arm's rates, replayed on their validation curves (one curve
+    per choosing seed and rate, `[[step, loss], ...]`, the last point the final validation):
+    at each fraction of `total_steps` the rates are ranked by their mean loss over the seeds
+    at the first validation at or past that step, and the best `keep` share of them (at least
+    one) trains on; the survivors' final losses choose. Returns the chosen rate and the share
+    of the full sweep's training steps it spent."""
+    alive = sorted(curves)
+    full = sum(total_steps for runs in curves.values() for _ in runs)
+    spent = 0.0
+    for fraction in fractions:
+        if len(alive) == 1:
+            break
+        at = fraction * total_steps
+        score, stopped = {}, {}
+        for lr in alive:
+            points = [next((p for p in curve if p[0] >= at), curve[-1]) for curve in curves[lr]]
+            score[lr] = sum(p[1] for p in points) / len(points)
+            stopped[lr] = sum(p[0] for p in points)
+        survivors = sorted(alive, key=score.get)[:max(1, math.ceil(keep * len(alive)))]
+        spent += sum(stopped[lr] for lr in alive if lr not in survivors)
+        alive = survivors
+    spent += sum(total_steps for lr in alive for _ in curves[lr])
+    final = {lr: sum(c[-1][1] for c in curves[lr]) / len(curves[lr]) for lr in alive}
+    return min(final, key=final.get), spent / full

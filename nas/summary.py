@@ -35,7 +35,7 @@ from .scaling import (
     parameter_savings,
     token_savings,
 )
-from .stats import FEW_PAIRS, LEVEL, holm, mean_interval, sign_flip_p
+from .stats import FEW_PAIRS, LEVEL, Interval, holm, mean_interval, sign_flip_p
 from .trials import TrialRecord
 
 COMPUTE_OPTIMAL = 20  # tokens per parameter (the compute-optimal rule of thumb)
@@ -133,6 +133,15 @@ def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
     return rows
 
 
+def _paired(iv: Interval, *also: str) -> str:
+    """A paired difference's interval with its number of pairs (and `also`), warned under
+    FEW_PAIRS pairs."""
+    if iv.n < 2:
+        return iv.format() + " warning: one pair"
+    text = iv.format() + f" ({'; '.join([f'n={iv.n}', *also])})"
+    return text + (f" warning: {iv.n} pairs" if iv.n < FEW_PAIRS else "")
+
+
 def same_rate_rows(arms: list[Arm], split: str) -> list[dict[str, Any]]:
     """Each variant minus vanilla at every rate both ran, per size: the mean over the seeds
     both ran with its interval (which part of a gain is a different best rate)."""
@@ -149,7 +158,7 @@ def same_rate_rows(arms: list[Arm], split: str) -> list[dict[str, Any]]:
             iv = mean_interval([getattr(mine[s], f"{split}_loss") - getattr(theirs[s],
                                                                              f"{split}_loss")
                                 for s in seeds])
-            row[f"lr {lr:g}"] = iv.format() + (f" (n={iv.n})" if iv.n > 1 else "")
+            row[f"lr {lr:g}"] = _paired(iv)
         rows.append(row)
     return rows
 
@@ -198,10 +207,7 @@ def difference_rows(arms: list[Arm], several_budgets: bool
                 row[label] = "-"
                 continue
             iv = d.interval
-            row[label] = iv.format() + (f" (n={iv.n}; Holm p {adjusted[name, label]:.2g})"
-                                        if iv.n > 1 else "")
-            if iv.n < FEW_PAIRS:
-                row[label] += f" warning: {iv.n} pair(s)"
+            row[label] = _paired(iv, f"Holm p {adjusted[name, label]:.2g}")
             if iv.n > 1 and iv.excludes_zero():
                 significant.append(abs(iv.mean))
         values = [v for d in diffs for v in d.by_seed.values()]

@@ -11,6 +11,7 @@ import yaml
 from nas import lr_sweep
 from nas.arms import best_arms, choose_arms, paired_differences
 from nas.cli import main
+from nas.lr_sweep import halving_choice
 from nas.stats import holm
 from nas.summary import summary_markdown
 from nas.trials import completed, records
@@ -210,3 +211,22 @@ def test_a_crossfit_study_extends_its_grid_and_reports_both_halves(tmp_path, cap
     assert "Holm" in text and "at the same rate" in text
     assert "warning: chosen on 1 seed(s)" in text  # a crossfit half of one seed
     assert summary_markdown(done, "crossfit") in text
+
+
+def test_halving_replay_keeps_the_best_share_and_counts_the_steps_it_spends():
+    # three rates, two seeds, 100 steps, validations at 25, 50, 100
+    def curve(a, b, c):
+        return [[25, a], [50, b], [100, c]]
+
+    curves = {0.001: [curve(3.0, 2.8, 2.0), curve(3.2, 2.9, 2.1)],   # slow start, best end
+              0.0014: [curve(2.9, 2.6, 2.3), curve(2.9, 2.6, 2.3)],
+              0.002: [curve(2.5, 2.4, 2.4), curve(2.6, 2.5, 2.5)]}   # fast start, worst end
+    # at 25%: mean 3.1, 2.9, 2.55 -> keep the best half (ceil(1.5) = 2): 0.002 and 0.0014;
+    # 0.001 stops after 25 steps on both seeds
+    chosen, spent = halving_choice(curves, 100, (0.25,), 0.5)
+    assert chosen == 0.0014 and spent == pytest.approx((2 * 25 + 4 * 100) / 600)
+    # then at 50%: 0.002 (mean 2.45) ranks above 0.0014 (2.6), which stops after 50 steps
+    chosen, spent = halving_choice(curves, 100, (0.25, 0.5), 0.5)
+    assert chosen == 0.002 and spent == pytest.approx((2 * 25 + 2 * 50 + 2 * 100) / 600)
+    # keeping everything is the full sweep
+    assert halving_choice(curves, 100, (0.25, 0.5), 1.0) == (0.001, 1.0)
