@@ -24,6 +24,7 @@ from nas.arms import best_arms
 from nas.config import dump_config
 from nas.model import build_model
 from nas.scaling import data_saving, parameter_savings, tokens_to_reach
+from nas.stats import mean_interval
 from nas.summary import summary_markdown
 from nas.trials import TrialRecord
 from tests.helpers import TINY_BASE, run_cli, tiny
@@ -144,10 +145,13 @@ def test_parameter_saving_has_a_spread_across_seeds():
     assert s.per_seed[0] == pytest.approx(0.1, abs=2e-3)
     assert s.per_seed[1] == pytest.approx(0.3, abs=2e-3)
     assert 0.1 < s.headline < 0.3  # the fit of the seed means lies between
-    low, high = s.interval
-    assert 0.1 - 2e-3 <= low <= s.headline <= high <= 0.3 + 2e-3
+    # a t-interval over the two per-seed savings (1 degree of freedom: 12.7 standard errors)
+    iv = mean_interval([s.per_seed[0], s.per_seed[1]])
+    assert s.interval == pytest.approx((iv.low, iv.high))
+    assert s.interval[0] < 0.1 and s.interval[1] > 0.3
     text = summary_markdown(trials)
     assert "2 seeds" in text and "seed 0: +10.0%" in text
+    assert "warning: 2 seed(s)" in text  # a saving over fewer than 3 seeds
 
 
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------

@@ -72,7 +72,7 @@ def test_the_test_split_is_the_tail_and_never_trained_on(tmp_path):
     cfg = from_dict({"model": {"seq_len": 16, "n_layer": 2, "d_model": 32},
                      "data": {"source": str(corpus), "val_fraction": 0.1,
                               "test_fraction": 0.2}})
-    dm = TokenDataModule.forsweep_trial(cfg)
+    dm = TokenDataModule.for_run(cfg)
     (train_part,), (val,), (test,) = dm.train_arrays, dm.val_arrays, dm.test_arrays
     assert len(train_part) == 7168 and len(val) == 1024 and len(test) == 2048
     assert len(train_part) + len(val) + len(test) == 10240
@@ -80,7 +80,7 @@ def test_the_test_split_is_the_tail_and_never_trained_on(tmp_path):
     held.write_bytes(b"held out " * 100)
     cfg = from_dict({"model": {"seq_len": 16, "n_layer": 2, "d_model": 32},
                      "data": {"source": str(corpus), "test_source": str(held)}})
-    dm = TokenDataModule.forsweep_trial(cfg)
+    dm = TokenDataModule.for_run(cfg)
     assert len(dm.train_arrays[0]) == 9216  # no test tail: the test set is the other file
     assert bytes(dm.test_arrays[0][:9]) == b"held out "
 
