@@ -69,11 +69,14 @@ def test_sigkill_mid_trial_keeps_finished_trials_and_a_restart_finishes(tmp_path
             states = by_state(load(pg_url))
         except KeyError:  # the study is not created yet
             return None
-        if states[TrialState.COMPLETE] and states[TrialState.RUNNING]:
+        # a running trial that has drawn all its parameters (its config is written after the
+        # last draw): killed earlier, its retry would draw the rest anew
+        if states[TrialState.COMPLETE] and any(
+                "config" in t.user_attrs for t in states[TrialState.RUNNING]):
             return states
         return None
 
-    wait_for(running_after_a_complete, 180, "a RUNNING trial after a COMPLETE one")
+    wait_for(running_after_a_complete, 180, "a RUNNING trial with its config after a COMPLETE one")
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
     before = by_state(load(pg_url))
