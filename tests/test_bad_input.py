@@ -28,6 +28,11 @@ SPACE = {"model": {"n_layer": [2, 3]},
                                                                           "high": 2.0}}}
 
 
+# a named-variant sweep: variants, a sqrt(2)-spaced learning-rate grid and seeds
+SWEEP_SPACE = {**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
+               "train": {"lr": [0.001, 0.0014, 0.002], "seed": [0, 1]}}
+
+
 def spec_dict(tmp_path, **overrides):
     spec = {"name": "held", "space": SPACE, "objectives": ["val_loss", "n_params"],
             "n_trials": 1, "storage": f"sqlite:///{tmp_path}/held.db", "base": TINY_BASE}
@@ -210,6 +215,34 @@ CASES = [
           space={**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
                  "train": {"lr": [0.001, 0.003], "seed": [0, 1]}}), [],
      ["study.yaml", "sampler.type", "first_seed needs bruteforce"]),
+    # the learning-rate protocols of a sweep (nas.lr_sweep)
+    *((f"lr-sweep-{name}", "search", spec(**{"sampler": {"type": "bruteforce"},
+                                              "space": SWEEP_SPACE, **kw}), [], expected)
+      for name, kw, expected in (
+          ("extend-negative", {"lr_sweep": {"extend": -1}},
+           ["study.yaml", "lr_sweep.extend", "an integer in 0..8", "got -1"]),
+          ("extend-too-far", {"lr_sweep": {"protocol": "crossfit", "extend": 9}},
+           ["study.yaml", "lr_sweep.extend", "an integer in 0..8", "got 9"]),
+          ("unknown-key", {"lr_sweep": {"protocol": "crossfit", "halving": 0.5}},
+           ["study.yaml", "lr_sweep.halving", "unknown key", "protocol, extend"]),
+          ("not-a-mapping", {"lr_sweep": 5},
+           ["study.yaml", "lr_sweep", "all_seeds, crossfit, first_seed or a mapping"]),
+          ("crossfit-one-seed", {"lr_sweep": "crossfit",
+                                 "space": {**SWEEP_SPACE, "train": {**SWEEP_SPACE["train"],
+                                                                    "seed": [0]}}},
+           ["study.yaml", "train.seed", "crossfit needs a list of at least 2 seeds"]),
+          ("crossfit-needs-bruteforce", {"lr_sweep": "crossfit", "sampler": {"type": "tpe"}},
+           ["study.yaml", "sampler.type", "crossfit needs bruteforce"]),
+          ("coarse-grid", {"space": {**SWEEP_SPACE, "train": {**SWEEP_SPACE["train"],
+                                                             "lr": [0.001, 0.002, 0.004]}}},
+           ["study.yaml", "train.lr", "at most sqrt(2) apart", "2x"]),
+          ("extend-uneven-grid", {"lr_sweep": {"protocol": "first_seed", "extend": 1},
+                                  "space": {**SWEEP_SPACE, "train": {
+                                      **SWEEP_SPACE["train"], "lr": [0.001, 0.0014, 0.0028]}}},
+           ["study.yaml", "train.lr", "lr_sweep.extend needs a geometric grid"]),
+      )),
+    ("curve-batches-zero", "train", raw(yaml.safe_dump({"train": {"curve_batches": 0}})), [],
+     ["study.yaml", "train.curve_batches", "must be > 0"]),
     ("export-unknown-study", "export", spec(name="other"), ["--pareto", "--out", "{tmp}/x"],
      ["study.yaml: name", "no study 'other'", "held"]),
     ("report-unknown-study", "report", spec(name="other"), ["--out", "{tmp}/r.html"],
