@@ -110,9 +110,11 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     spec = load_spec(args.study)
     study = open_existing(spec, args.storage)
-    figures = write_report(study, args.out, source=spec.path, image=args.image)
+    figures, left_out = write_report(study, args.out, source=spec.path, image=args.image)
     print(summary_markdown(completed(study), stored_protocol(study)))
     print(f"\nwrote {args.out}: {', '.join(figures)}")
+    for key, why in left_out.items():
+        print(f"left out {key}: {why}")
     return 0
 
 

@@ -109,7 +109,8 @@ def study_note(study: optuna.Study, spec: StudySpec) -> str:
 def publish(study: optuna.Study, spec: StudySpec) -> None:
     """Write the note and the report's figures into the study (they show in the dashboard)."""
     optuna_dashboard.save_note(study, study_note(study, spec))
-    for key, fig in build_figures(study).items():
+    figures, _ = build_figures(study)  # the note's tables stand where a figure is left out
+    for key, fig in figures.items():
         optuna_dashboard.save_plotly_graph_object(study, fig, graph_object_id=f"nas-{key}")
 
 

@@ -55,14 +55,9 @@ def _color(name: str) -> str:
     return qualitative.Dark24[zlib.crc32(name.encode()) % len(qualitative.Dark24)]
 
 
-def message_figure(title: str, text: str) -> go.Figure:
-    """A figure that says why there is nothing to plot."""
-    fig = go.Figure()
-    fig.add_annotation(text=text, showarrow=False, x=0.5, y=0.5, xref="paper", yref="paper",
-                       font={"size": 15})
-    fig.update_layout(title=title, height=260, xaxis={"visible": False},
-                      yaxis={"visible": False})
-    return fig
+class NothingToShow(Exception):
+    """What a builder raises when the study holds nothing for its figure: the figure is left
+    out, and the report says why in one line."""
 
 
 def _params_axis(values: list[float]) -> dict[str, Any]:
@@ -105,7 +100,7 @@ def pareto_figure(study: optuna.Study) -> go.Figure:
     title = "Pareto front: val_loss against parameters"
     trials = completed(study)
     if not trials:
-        return message_figure(title, "no completed trials yet")
+        raise NothingToShow("no completed trials yet")
     fig = go.Figure(_mode_scatters(trials, "n_params", study_front(study)))
     best = nondominated(trials, ["val_loss", "n_params"])  # the front this plot shows
     fig.add_trace(go.Scatter(
@@ -130,7 +125,7 @@ def inference_figure(study: optuna.Study) -> go.Figure:
     trials = completed(study)
     costs = [c for c in INFERENCE_COSTS if any(t.objective(c) is not None for t in trials)]
     if not costs:
-        return message_figure(title, "no completed trial stores an inference cost (trials "
+        raise NothingToShow("no completed trial stores an inference cost (trials "
                               "from before they were measured)")
     ringed = study_front(study)
     fig = make_subplots(rows=1, cols=len(costs), shared_yaxes=True,
@@ -161,7 +156,7 @@ def coefficients_figure(study: optuna.Study) -> go.Figure:
     title = "Mixing coefficients per layer"
     trials = [t for t in completed(study) if t.coefficients]
     if not trials:
-        return message_figure(title, "no completed trial has residual coefficients "
+        raise NothingToShow("no completed trial has residual coefficients "
                               "(vanilla and svformer have none)")
     keys = sorted({k for t in trials for k in t.coefficients},
                   key=_coefficient_key)
@@ -190,7 +185,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
     title = "Scaling fits per variant and parameter saving vs vanilla"
     trials = completed(study)
     if not trials:
-        return message_figure(title, "no completed trials yet")
+        raise NothingToShow("no completed trials yet")
     arms = best_arms(trials, stored_protocol(study))
     levels = parameter_levels(arms)
     base, savings = parameter_savings(arms)
@@ -237,7 +232,7 @@ def savings_figure(study: optuna.Study) -> go.Figure:
     _, savings = parameter_savings(arms)
     savings = [s for s in savings if s.levels]
     if not savings:
-        return message_figure(title, "no saving to show: needs vanilla and another variant "
+        raise NothingToShow("no saving to show: needs vanilla and another variant "
                               "at two or more model sizes")
     fig = go.Figure()
     for s in savings:
@@ -270,7 +265,7 @@ def lr_figure(study: optuna.Study) -> go.Figure:
     arms = [a for a in choose_arms(completed(study), stored_protocol(study))
             if len(a.grid) > 1 and a.val_by_lr]
     if not arms:
-        return message_figure(title, "no arm ran a learning-rate grid")
+        raise NothingToShow("no arm ran a learning-rate grid")
     shapes = sorted({a.shape for a in arms}, key=lambda s: min(a.n_params for a in arms
                                                                 if a.shape == s))
     fig = make_subplots(rows=1, cols=len(shapes), subplot_titles=shapes, shared_yaxes=False)
@@ -304,7 +299,7 @@ def tokens_figure(study: optuna.Study) -> go.Figure:
     trials = completed(study)
     by_shape = token_levels(best_arms(trials, stored_protocol(study)))
     if not by_shape:
-        return message_figure(title, "no model shape was trained at two or more budgets")
+        raise NothingToShow("no model shape was trained at two or more budgets")
     shape, by_name = next(iter(by_shape.items()))
     base = {lv.label: lv for lv in by_name.get("vanilla", [])}
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
@@ -332,7 +327,7 @@ def analysis_figure(study: optuna.Study) -> go.Figure:
     entropy = layer_profile(trials, "attention_entropy")
     cosine = layer_profile(trials, "mixed_value_cosine")
     if not entropy:
-        return message_figure(title, "no completed trial carries an analysis")
+        raise NothingToShow("no completed trial carries an analysis")
     shape = list(entropy)[-1]  # the largest model: the shapes sort by layers, then width
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         "attention entropy (nats)", "cosine(V'_n, V_1) of the values attention uses"))
@@ -356,22 +351,21 @@ def curves_figure(study: optuna.Study) -> go.Figure:
     trials = [t for t in records(study.get_trials(
         deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED))) if t.curve]
     if not trials:
-        return message_figure(title, "no trial has reported a validation loss yet")
+        raise NothingToShow("no trial has reported a validation loss yet")
     fig = go.Figure()
-    shown: set[str] = set()
     for t in trials:
-        name = t.arm_name
         pruned = t.state == TrialState.PRUNED
         curve = t.curve
+        name = f"#{t.number} {_label(t)}" + (" (pruned)" if pruned else "")
         fig.add_trace(go.Scatter(
             x=[s for s, _ in curve], y=[v for _, v in curve], mode="lines+markers", name=name,
-            legendgroup=name, showlegend=name not in shown, opacity=0.5 if pruned else 0.9,
-            line={"color": _color(name), "dash": "dot" if pruned else "solid"},
-            marker={"size": 5}, text=[_label(t) + (" (pruned)" if pruned else "")] * len(curve),
+            opacity=0.5 if pruned else 0.9,
+            line={"color": _color(t.arm_name), "dash": "dot" if pruned else "solid"},
+            marker={"size": 5}, text=[name] * len(curve),
             hovertemplate="%{text}<br>step %{x}<br>val_loss %{y:.4f}<extra></extra>"))
-        shown.add(name)
-    fig.update_layout(title=title + " (dotted: pruned)", height=HEIGHT, xaxis_title="step",
-                      yaxis_title="validation loss", legend_title="mode")
+    fig.update_layout(title=title + " (one line per trial, coloured by mode; dotted: pruned)",
+                      height=HEIGHT, xaxis_title="step", yaxis_title="validation loss",
+                      legend_title="trial")
     return fig
 
 
@@ -388,7 +382,7 @@ def importances_figure(study: optuna.Study) -> go.Figure:
         if not importances:
             raise ValueError("no parameter varies across the completed trials")
     except (ValueError, RuntimeError) as exc:
-        return message_figure(title, f"no importances: {exc}")
+        raise NothingToShow(f"no importances: {exc}") from None
     names = list(importances)[::-1]
     fig = go.Figure(go.Bar(x=[importances[k] for k in names], y=names, orientation="h",
                            marker_color="#636efa",
@@ -416,7 +410,7 @@ def reference_point(study: optuna.Study) -> list[float]:
 
 def hypervolume_figure(study: optuna.Study) -> go.Figure:
     if not completed(study):
-        return message_figure("Hypervolume history", "no completed trials yet")
+        raise NothingToShow("no completed trials yet")
     if len(study.directions) == 1:
         fig = optuna.visualization.plot_optimization_history(study, target_name="val_loss")
         fig.update_layout(title="Best validation loss history (single objective: "
@@ -424,9 +418,22 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
         return fig
     ref = reference_point(study)
     fig = optuna.visualization.plot_hypervolume_history(study, reference_point=ref)
+    # the front changes only when a trial completes: a step, as a share of the box between
+    # the reference point and the best value seen of each objective
+    values = np.array([t.values for t in study.get_trials(deepcopy=False,
+                                                          states=(TrialState.COMPLETE,))])
+    best = [values[:, i].min() if d == optuna.study.StudyDirection.MINIMIZE
+            else values[:, i].max() for i, d in enumerate(study.directions)]
+    box = float(np.prod([abs(r - b) for r, b in zip(ref, best, strict=True)])) or 1.0
+    for trace in fig.data:
+        trace.y = [y / box for y in trace.y]
+        trace.line.shape = "hv"
     names = study.metric_names or [f"objective {i}" for i in range(len(ref))]
     where = ", ".join(f"{n} {v:,.4g}" for n, v in zip(names, ref, strict=True))
-    fig.update_layout(title=f"Hypervolume history (reference point: {where})", height=HEIGHT)
+    fig.update_layout(title=f"Hypervolume history (reference point: {where})", height=HEIGHT,
+                      yaxis={"title": "hypervolume, share of the box from the reference point "
+                                      "to the best values", "range": [0, 1.02],
+                             "tickformat": ".0%"})
     return fig
 
 
@@ -466,8 +473,8 @@ FIGURES: dict[str, Figure] = {
         "1 - N_variant(L) / N_vanilla(L) at vanilla's fitted losses L.")),
     "savings": Figure("Equivalent parameter saving", savings_figure, (
         "The equivalent parameter saving per variant: the bar averages the readings made "
-        "inside the variant's measured sizes, with its 95% interval from refitting on seeds "
-        "resampled within each size; dots are the per-size readings, crosses the extrapolated "
+        "inside the variant's measured sizes, with the 95% t-interval over the savings read "
+        "seed by seed; dots are the per-size readings, crosses the extrapolated "
         "ones (outside the bar). The tables below the scaling figure give every number, seed "
         "by seed.")),
     "lr": Figure("Learning-rate sensitivity", lr_figure, (
@@ -488,18 +495,27 @@ FIGURES: dict[str, Figure] = {
         "first layer's V_1, on the first validation windows. `nas analyze` prints the same "
         "for one run.")),
     "curves": Figure("Validation curves", curves_figure, (
-        "Validation loss against training step for every trial that reported one; pruned "
-        "trials are dotted and stop where they were pruned.")),
+        "Validation loss against training step for every trial that reported one, one line per "
+        "trial (named in the legend, coloured by mode); pruned trials are dotted and stop where "
+        "they were pruned.")),
     "importances": Figure("Parameter importances", importances_figure, (
         "How much each searched parameter explains the validation loss (optuna.importance, "
         "PED-ANOVA).")),
     "hypervolume": Figure("Hypervolume history", hypervolume_figure, (
         "The hypervolume dominated by the Pareto front after each trial, against a reference "
-        "point 10% beyond the worst observed value of each objective; it rises whenever a "
+        "point 10% beyond the worst observed value of each objective, as a share of the box "
+        "between that point and the best value seen of each objective; it steps up whenever a "
         "trial improves the front.")),
 }
 
 
-def build_figures(study: optuna.Study) -> dict[str, go.Figure]:
-    """Every report figure, keyed as in FIGURES."""
-    return {key: figure.build(study) for key, figure in FIGURES.items()}
+def build_figures(study: optuna.Study) -> tuple[dict[str, go.Figure], dict[str, str]]:
+    """The report's figures that have something to show, keyed as in FIGURES, and why each
+    of the others was left out."""
+    figures, left_out = {}, {}
+    for key, figure in FIGURES.items():
+        try:
+            figures[key] = figure.build(study)
+        except NothingToShow as why:
+            left_out[key] = str(why)
+    return figures, left_out

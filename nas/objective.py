@@ -158,6 +158,8 @@ class Objective:
             curve.append([step, round(loss, 6)])
             # The latest point only: the whole curve is written once, when the trial ends.
             write_record(trial, last_validation=curve[-1])
+            if step >= cfg.train.steps:
+                return  # fully trained: nothing left to save by stopping it; it completes
             if reports_to_optuna:
                 # At the global step: the median and hyperband pruners compare trials at equal
                 # training progress (optuna-integration's Lightning callback reports the epoch,

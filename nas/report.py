@@ -29,8 +29,11 @@ th { background: #f4f4f4; }
 """
 
 
-def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str = "") -> str:
-    """One self-contained page: plotly.js inlined once in the head, then every figure."""
+def render_html(study: optuna.Study, figures: dict[str, go.Figure],
+                left_out: dict[str, str] | None = None, source: str = "") -> str:
+    """One self-contained page: plotly.js inlined once in the head, then every figure with
+    something to show, the tables (after the scaling figure, or after the last figure), and a
+    line for each figure left out saying why."""
     trials = study.get_trials(deepcopy=False)
     counts = {s.name.lower(): sum(t.state == s for t in trials) for s in TrialState}
     objectives = study.metric_names or study.user_attrs.get("objectives") or []
@@ -50,40 +53,49 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
         f"{counts['running']} running · generated {now}</p>",
         f"<h3>{title}</h3>", html_table(front_rows(study)),
     ]
+    tables = "".join(f"<h3>{html.escape(sec.title)}</h3>"
+                     + (html_table(sec.rows) if sec.rows else "")
+                     + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes)
+                     for sec in sections(completed(study), stored_protocol(study)))
+    after = "scaling" if "scaling" in figures else next(reversed(figures), None)
+    if after is None:
+        parts.append(f"<section id='tables'>{tables}</section>")
     for key, fig in figures.items():
         heading = FIGURES[key].title if key in FIGURES else key
         parts.append(f"<section id='{key}'><h2>{html.escape(heading)}</h2>"
                      f"<p>{html.escape(FIGURES[key].explain if key in FIGURES else '')}</p>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
-        if key == "scaling":
-            for sec in sections(completed(study), stored_protocol(study)):
-                parts.append(f"<h3>{html.escape(sec.title)}</h3>"
-                             + (html_table(sec.rows) if sec.rows else "")
-                             + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes))
+        if key == after:
+            parts.append(tables)
         parts.append("</section>")
+    if left_out:
+        parts.append("<section id='left-out'><h2>Figures left out</h2>" + "".join(
+            f"<p>{html.escape(FIGURES[key].title)}: {html.escape(why)}</p>"
+            for key, why in left_out.items()) + "</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
 
 
 def write_report(study: optuna.Study, out: str | Path, source: str = "",
-                 image: str | Path | None = None) -> dict[str, go.Figure]:
+                 image: str | Path | None = None) -> tuple[dict[str, go.Figure], dict[str, str]]:
     """Write the HTML report to `out` (and, with `image` = X.png or X.svg, one static image
-    per figure as X-<figure>.png, which needs plotly's image backend, kaleido)."""
+    per figure as X-<figure>.png, which needs plotly's image backend, kaleido); returns the
+    figures drawn and why each other one was left out."""
     if not completed(study):
         raise ConfigError(f"study {study.study_name!r} has no completed trials yet; "
                           "nothing to report")
     if image is not None:
         _check_image(Path(image))
-    figures = build_figures(study)
+    figures, left_out = build_figures(study)
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(render_html(study, figures, source), encoding="utf-8")
+    out.write_text(render_html(study, figures, left_out, source), encoding="utf-8")
     if image is not None:
         image = Path(image)
         for key, fig in figures.items():
             fig.write_image(image.with_name(f"{image.stem}-{key}{image.suffix}"), width=1100)
-    return figures
+    return figures, left_out
 
 
 def _check_image(image: Path) -> None:

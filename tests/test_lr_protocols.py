@@ -211,6 +211,8 @@ def test_a_crossfit_study_extends_its_grid_and_reports_both_halves(tmp_path, cap
     assert "Holm" in text and "at the same rate" in text
     assert "warning: chosen on 1 seed(s)" in text  # a crossfit half of one seed
     assert summary_markdown(done, "crossfit") in text
+    # one size at one budget: the tokens figure has nothing to show and says so
+    assert "left out tokens: no model shape was trained at two or more budgets" in text
 
 
 def test_halving_replay_keeps_the_best_share_and_counts_the_steps_it_spends():

@@ -173,3 +173,4 @@ def test_replay_counts_steps_and_keeps_what_the_pruner_lets_complete(study):
     assert outcome.saved == pytest.approx(1 - 220 / 400)
     assert outcome.hv_change == 0.0  # the two dropped trials were off the front
     assert all(t.state == TrialState.COMPLETE for t in kept)
+

@@ -131,3 +131,24 @@ def test_cli_search_prints_front_and_refuses_bad_specs(tmp_path):
     assert len(proc.stderr.strip().splitlines()) == 1
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/tiny.db")
     assert len(study.trials) == 2
+
+
+def test_a_trial_at_its_last_step_is_never_pruned_and_completes(tmp_path):
+    # vanilla at 2 layers learns; at 3 layers and a rate too small to learn it is beaten on
+    # both objectives at its one validation, which is its last step
+    path = write_spec(tmp_path, n_trials=2, baselines=False, sampler={"type": "bruteforce"},
+                      pruner={"type": "pareto", "margin": 0.0, "min_progress": 0.0,
+                              "patience": 1, "trend": 0},
+                      space={"model": {"n_layer": [2, 3]}, "value_residual": {"mode": "vanilla"},
+                             "train": {"eval_every": 12, "lr": [3e-3, 1e-7]}})
+    spec = load_spec(path)
+    study = open_study(spec, echo=lambda *_: None)
+    study.enqueue_trial({"model.n_layer": 2, "train.lr": 3e-3})
+    study.enqueue_trial({"model.n_layer": 3, "train.lr": 1e-7})
+    quiet(spec, n_trials=2, threads=1)
+    first, second = study.get_trials()
+    assert first.values[0] < second.values[0]
+    assert second.user_attrs["n_params"] > first.user_attrs["n_params"]
+    # fully trained, it completes and counts, however it compares
+    assert second.state == TrialState.COMPLETE and second.user_attrs["steps_trained"] == 12
+    assert "pruned_reason" not in second.user_attrs
