@@ -93,10 +93,11 @@ def _export_hf(args: argparse.Namespace) -> int:
     if chosen:
         raise ConfigError(f"--hf exports one `nas train` run folder; {', '.join(chosen)} "
                           "choose(s) trials of a study")
-    cfg, model = _load_run(Path(args.study))
-    out = export_hf(cfg, model, Path(args.out))
-    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
-          "trust_remote_code=True)")
+    run, out = Path(args.study), Path(args.out)
+    cfg, model = _load_run(run)
+    tokenizer = export_hf(cfg, model, out, run)
+    print(f"wrote {out}: with {tokenizer}; use it with pipeline('text-generation', "
+          f"model={str(out)!r}, trust_remote_code=True)")
     return 0
 
 
