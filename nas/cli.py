@@ -102,6 +102,9 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("report", "nas report")
     from .report import write_report
     from .spec import load_spec
     from .study import open_existing
@@ -256,6 +259,9 @@ def _codec(folder: Path, vocab_size: int
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("dashboard", "nas dashboard")
     from .dashboard import serve
     from .spec import load_spec
 
