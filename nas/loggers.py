@@ -50,6 +50,8 @@ RESULTS = ("val_loss", "test_loss", "n_params", "kv_bytes_per_token", "decode_to
 # The files of a run folder an MLflow run carries as artifacts.
 ARTIFACTS = ("config.yaml", "metrics.json")
 
+log = logging.getLogger(__name__)
+
 
 def mlflow_uri() -> str | None:
     """$MLFLOW_TRACKING_URI (None: it is set), else a SQLite file under runs/: a local file,
@@ -115,23 +117,28 @@ def flat_config(cfg: RunConfig) -> dict[str, bool | int | float | str]:
 def log_results(logger: Logger, cfg: RunConfig, metrics: dict[str, Any], folder: Path,
                 step: int) -> None:
     """Give the run's logger its results (`RESULTS` of `metrics`, at `step`) once the run
-    folder holds config.yaml and metrics.json, and close it (see the module docstring)."""
+    folder holds config.yaml and metrics.json, and close it (see the module docstring). The
+    run is whole by then: a store that fails now costs a warning, never the run."""
     results = {name: float(metrics[name]) for name in RESULTS if metrics.get(name) is not None}
-    if isinstance(logger, TensorBoardLogger):
-        # The HParams tab: the config beside these results, in the run's own folder ("."),
-        # whose scalars add_hparams writes too.
-        logger.experiment.add_hparams(flat_config(cfg), results, run_name=".",
-                                      global_step=step)
-        logger.experiment.close()
-        return
-    logger.log_metrics(results, step)
-    if isinstance(logger, MLFlowLogger):
-        for name in ARTIFACTS:
-            logger.experiment.log_artifact(logger.run_id, str(folder / name))
-    elif isinstance(logger, WandbLogger):
-        logger.experiment.summary.update(results)
-        logger.experiment.finish()  # Lightning leaves a wandb run open until the process ends
-    logger.save()
+    try:
+        if isinstance(logger, TensorBoardLogger):
+            # The HParams tab: the config beside these results, in the run's own folder
+            # ("."), whose scalars add_hparams writes too.
+            logger.experiment.add_hparams(flat_config(cfg), results, run_name=".",
+                                          global_step=step)
+            logger.experiment.close()
+            return
+        logger.log_metrics(results, step)
+        if isinstance(logger, MLFlowLogger):
+            for name in ARTIFACTS:
+                logger.experiment.log_artifact(logger.run_id, str(folder / name))
+        elif isinstance(logger, WandbLogger):
+            logger.experiment.summary.update(results)
+            logger.experiment.finish()  # Lightning leaves a wandb run open until the exit
+        logger.save()
+    except Exception as exc:  # each logger's own errors: they share no base class
+        log.warning("train.logger: %s: the run's results did not reach it (%s); they are in "
+                    "its metrics.json", cfg.train.logger, first_line(exc))
 
 
 class Throughput(pl.Callback):

@@ -5,6 +5,7 @@ logger whose package is missing is one line, before anything trains."""
 
 import csv
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -103,6 +104,22 @@ def test_mlflow_logs_curves_results_config_and_artifacts_to_a_local_store(tmp_pa
     for name in loggers.ARTIFACTS:
         copy = client.download_artifacts(logged.info.run_id, name, str(tmp_path))
         assert open(copy, "rb").read() == (folder / name).read_bytes()
+
+
+def test_a_store_that_fails_at_the_end_costs_a_warning_not_the_run(tmp_path, monkeypatch,
+                                                                   caplog):
+    """runs/mlartifacts is a file: MLflow takes the parameters and curves, then cannot store
+    the artifacts; the trained run is kept whole all the same."""
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "mlartifacts").write_text("not a folder")
+    with caplog.at_level(logging.WARNING, logger="nas.loggers"):
+        folder = run(tmp_path, "mlflow")
+    assert {"config.yaml", "metrics.json", "model.pt"} <= {p.name for p in folder.iterdir()}
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "nas.loggers"]
+    assert warning.startswith("train.logger: mlflow: the run's results did not reach it (")
+    assert warning.endswith("); they are in its metrics.json")
 
 
 def test_mlflows_own_ui_reads_the_store_it_wrote(tmp_path, monkeypatch):
