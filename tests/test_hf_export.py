@@ -250,6 +250,26 @@ def test_a_pipeline_continues_text_as_nas_generate_does(auto_model, bpe_run, tmp
         nas_generate(capsys, run, prompt, 4) for prompt in prompts]
 
 
+def test_a_tokenizer_without_an_end_of_text_token_leaves_eos_unset(auto_model, tmp_path,
+                                                                   capsys):
+    """`nas prepare --vocab-size 256` learns the bytes alone, with no <|endoftext|>: the
+    export carries that tokenizer and says that eos, bos and pad are unset."""
+    from transformers import AutoTokenizer
+
+    from nas.prepare import train_tokenizer
+
+    run, _ = run_folder(tmp_path)
+    train_tokenizer(iter(["value residual " * 50]), 256).save(str(run / "tokenizer.json"))
+    out = tmp_path / "hf"
+    code, printed = export(capsys, run, "--hf", "--out", out)
+    assert code == 0, printed.err
+    assert printed.out.startswith(f"wrote {out}: with the run's tokenizer.json (no "
+                                  "<|endoftext|>: eos, bos and pad unset); use it with ")
+    tokenizer = AutoTokenizer.from_pretrained(out, trust_remote_code=True)
+    assert tokenizer.eos_token_id is None and tokenizer.pad_token_id is None
+    assert json.loads((out / "config.json").read_text()).get("eos_token_id") is None
+
+
 def test_the_byte_level_tokenizer_is_the_utf8_bytes():
     """Every character round-trips through its UTF-8 bytes as ids, the NUL byte is the special
     end-of-text token (dropped by skip_special_tokens), and the vocabulary is the 256 bytes."""
@@ -270,12 +290,15 @@ def test_the_byte_level_tokenizer_is_the_utf8_bytes():
     (["{run}", "--hf", "--out", "{full}"], "exists and is not an empty folder"),
     (["{run}", "--hf", "--best", "2"], "--best choose(s) trials of a study"),
     (["{run}"], "a folder; to export a `nas train` run as a Hugging Face model pass --hf"),
+    (["{bad_tokenizer}", "--hf"], "tokenizer.json: not a tokenizer file: "),
 ])
 def test_bad_input_is_one_line(auto_model, tmp_path, capsys, args, fragment):
     folders = {"{run}": run_folder(tmp_path)[0],
                "{no_weights}": run_folder(tmp_path, name="no_weights")[0],
                "{unknown_mode}": run_folder(tmp_path, name="unknown_mode")[0],
-               "{full}": tmp_path / "full"}
+               "{full}": tmp_path / "full",
+               "{bad_tokenizer}": run_folder(tmp_path, name="bad_tokenizer")[0]}
+    (folders["{bad_tokenizer}"] / "tokenizer.json").write_text("{}")
     (folders["{no_weights}"] / "model.pt").unlink()
     config = folders["{unknown_mode}"] / "config.yaml"
     config.write_text(config.read_text().replace("mode: svformer", "mode: nope"))
