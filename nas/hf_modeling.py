@@ -166,7 +166,7 @@ class ResFormerForCausalLM(PreTrainedModel, GenerationMixin):
             held = cache.get_seq_length()
             if held + inputs["input_ids"].shape[1] > window:
                 if held:
-                    cache.crop(-held)  # drop the last `held` (every version reads this so)
+                    cache.crop(-held)  # a negative count: remove that many (transformers 5)
                 inputs["input_ids"] = input_ids[:, -(window if held == 0
                                                      else max(1, window // 2)):]
         return inputs

@@ -20,15 +20,15 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .config import ConfigError
+from .config import TOKENIZER_FILE, ConfigError
 from .errors import first_line
+from .prepare import EOT
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerFast
 
 BYTES = 256
 NUL = "\x00"  # the byte-level end-of-text token, id 0
-END_OF_TEXT = "<|endoftext|>"  # nas.prepare.EOT, not imported: nas.prepare imports numpy, tqdm
 
 
 def byte_characters() -> dict[int, str]:
@@ -46,8 +46,9 @@ def byte_tokenizer() -> PreTrainedTokenizerFast:
     from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
-    vocab = {char: b for b, char in byte_characters().items()}
-    vocab[NUL] = vocab.pop(byte_characters()[0])  # NUL is matched before the bytes are mapped
+    characters = byte_characters()
+    vocab = {char: b for b, char in characters.items()}
+    vocab[NUL] = vocab.pop(characters[0])  # NUL is matched before the bytes are mapped
     backend = Tokenizer(models.BPE(vocab=vocab, merges=[]))
     backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
     backend.decoder = decoders.ByteLevel()
@@ -68,9 +69,9 @@ def file_tokenizer(path: Path, vocab_size: int) -> PreTrainedTokenizerFast:
     if len(tokenizer) > vocab_size:
         raise ConfigError(f"{path}: {len(tokenizer)} tokens, more than the model's "
                           f"vocab_size {vocab_size}")
-    if END_OF_TEXT in tokenizer.get_vocab():
-        tokenizer.add_special_tokens({"eos_token": END_OF_TEXT, "bos_token": END_OF_TEXT,
-                                      "pad_token": END_OF_TEXT})
+    if EOT in tokenizer.get_vocab():
+        tokenizer.add_special_tokens({"eos_token": EOT, "bos_token": EOT,
+                                      "pad_token": EOT})
     return tokenizer
 
 
@@ -78,7 +79,7 @@ def run_tokenizer(folder: Path, vocab_size: int, seq_len: int
                   ) -> tuple[PreTrainedTokenizerFast | None, str]:
     """The tokenizer of a `nas train` run folder, and what it is in a few words (None: the run
     has none to give, no tokenizer.json and not byte-level)."""
-    path = folder / "tokenizer.json"
+    path = folder / TOKENIZER_FILE
     if path.is_file():
         tokenizer, what = file_tokenizer(path, vocab_size), "the run's tokenizer.json"
     elif vocab_size == BYTES:
@@ -88,5 +89,5 @@ def run_tokenizer(folder: Path, vocab_size: int, seq_len: int
                       f"(vocab_size {vocab_size})")
     tokenizer.model_max_length = seq_len  # the longest input one forward takes
     if tokenizer.eos_token_id is None:
-        what += f" (no {END_OF_TEXT}: eos, bos and pad unset)"
+        what += f" (no {EOT}: eos, bos and pad unset)"
     return tokenizer, what
