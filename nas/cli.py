@@ -95,8 +95,8 @@ def _export_hf(args: argparse.Namespace) -> int:
                           "choose(s) trials of a study")
     run, out = Path(args.study), Path(args.out)
     cfg, model = _load_run(run)
-    tokenizer = export_hf(cfg, model, out, run)
-    print(f"wrote {out}: with {tokenizer}; use it with pipeline('text-generation', "
+    carried = export_hf(cfg, model, out, run)  # what tokenizer the folder carries
+    print(f"wrote {out}: with {carried}; use it with pipeline('text-generation', "
           f"model={str(out)!r}, trust_remote_code=True)")
     return 0
 

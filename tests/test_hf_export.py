@@ -222,7 +222,7 @@ def test_a_pipeline_continues_text_as_nas_generate_does(auto_model, bpe_run, tmp
     (offline) gives `nas generate`'s greedy text, past the 16-token context too, one prompt or
     a left-padded batch of them; eos, bos and pad are set in the tokenizer, config.json and
     generation_config.json."""
-    from transformers import AutoTokenizer, pipeline
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast, pipeline
 
     run = run_folder(tmp_path)[0] if kind == "byte-level" else bpe_run
     out = tmp_path / "hf"
@@ -235,6 +235,11 @@ def test_a_pipeline_continues_text_as_nas_generate_does(auto_model, bpe_run, tmp
     assert (tokenizer.eos_token, tokenizer.eos_token_id) == eos
     assert tokenizer.pad_token_id == tokenizer.bos_token_id == eos[1]
     assert tokenizer.padding_side == "left"
+    # without trust_remote_code: the tokenizer's own class reads the folder (AutoTokenizer
+    # first builds the model's config, the folder's own code; see the README)
+    plain = PreTrainedTokenizerFast.from_pretrained(out)
+    assert plain("The value residual").input_ids == tokenizer("The value residual").input_ids
+    assert plain.eos_token_id == tokenizer.eos_token_id
     for name in ("config.json", "generation_config.json"):
         saved = json.loads((out / name).read_text())
         assert {k: saved[k] for k in ("eos_token_id", "bos_token_id", "pad_token_id")} == {

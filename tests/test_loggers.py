@@ -201,6 +201,7 @@ def test_wandb_logs_offline_curves_results_and_config(tmp_path, monkeypatch):
     monkeypatch.delenv("WANDB_DIR", raising=False)
     monkeypatch.setenv("WANDB_CONFIG_DIR", str(tmp_path / "wandb-config"))
     monkeypatch.setenv("WANDB_CACHE_DIR", str(tmp_path / "wandb-cache"))
+    monkeypatch.setenv("WANDB_DATA_DIR", str(tmp_path / "wandb-data"))
     monkeypatch.chdir(tmp_path)  # the default: runs/wandb under the working folder
     folder = run(tmp_path, "wandb")
     [path] = (tmp_path / "runs" / "wandb").glob("offline-run-*/run-*.wandb")
