@@ -17,6 +17,8 @@ GPU_WHEELS ?= optuna==5.0.0 optuna-dashboard==0.21.0 plotly==7.1.0 pydantic==2.1
 
 .PHONY: quickstart test lint bench setup clean gpu-smoke gpu-wheels
 
+# `.[test]` is every extra (`all`: report, dashboard, hf, loggers...) and the test tools, so
+# the quickstart's report and every test run after this one install.
 $(BIN)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip

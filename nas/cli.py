@@ -93,14 +93,18 @@ def _export_hf(args: argparse.Namespace) -> int:
     if chosen:
         raise ConfigError(f"--hf exports one `nas train` run folder; {', '.join(chosen)} "
                           "choose(s) trials of a study")
-    cfg, model = _load_run(Path(args.study))
-    out = export_hf(cfg, model, Path(args.out))
-    print(f"wrote {out}: load it with AutoModelForCausalLM.from_pretrained({str(out)!r}, "
-          "trust_remote_code=True)")
+    run, out = Path(args.study), Path(args.out)
+    cfg, model = _load_run(run)
+    carried = export_hf(cfg, model, out, run)  # what tokenizer the folder carries
+    print(f"wrote {out}: with {carried}; use it with pipeline('text-generation', "
+          f"model={str(out)!r}, trust_remote_code=True)")
     return 0
 
 
 def cmd_report(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("report", "nas report")
     from .lr_sweep import stored_protocol
     from .report import write_report
     from .spec import load_spec
@@ -258,6 +262,9 @@ def _codec(folder: Path, vocab_size: int
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
+    from .extras import require
+
+    require("dashboard", "nas dashboard")
     from .dashboard import serve
     from .spec import load_spec
 

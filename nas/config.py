@@ -227,9 +227,10 @@ class TrainConfig:
     # repay the compilation (nas.compiling).
     compile: Annotated[bool | Literal["auto"],
                        Refusal("must be auto, true or false, got {value!r}")] = "auto"
-    # Where `nas train` logs losses, learning rate, throughput and every coefficient
-    # (nas.loggers): metrics.csv in the run folder, or the tensorboard or mlflow extra.
-    logger: Literal["csv", "tensorboard", "mlflow"] = "csv"
+    # Where `nas train` logs losses, learning rate, throughput, every coefficient and its
+    # results (nas.loggers): metrics.csv in the run folder, or the tensorboard, mlflow or
+    # wandb extra.
+    logger: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv"
 
     @field_validator("tokens_per_param")
     @classmethod

@@ -166,34 +166,44 @@ def plan_section(cfg: RunConfig) -> dict[str, Any]:
             "reads": [f.name for f in dataclasses.fields(vr) if vr.reads(f.name)]}
 
 
-def export_hf(cfg: RunConfig, model: Decoder, out: Path) -> Path:
-    """Write the Hugging Face folder of a trained run (its config and model) to `out`, which
-    must not exist or be empty, and check that it loads as the run's model."""
+def export_hf(cfg: RunConfig, model: Decoder, out: Path, run: Path) -> str:
+    """Write the Hugging Face folder of a trained run (its config and model, and the tokenizer
+    of its folder `run`, nas.hf_tokenizer) to `out`, which must not exist or be empty, and
+    check that it loads as the run's model. Returns what the tokenizer is, in a few words."""
     try:
         import safetensors  # noqa: F401  (save_pretrained writes through it)
         import transformers  # noqa: F401
     except ImportError as exc:
         raise ConfigError(f"--hf needs transformers and safetensors ({exc.name} is missing): "
                           "pip install 'resformer-nas[hf]'") from None
+    from transformers import GenerationConfig
+
     from .hf_configuration import ResFormerConfig
     from .hf_modeling import ResFormerForCausalLM
+    from .hf_tokenizer import run_tokenizer
 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} exists and is not an empty folder")
+    tokenizer, what = run_tokenizer(run, cfg.model.vocab_size, cfg.model.seq_len)
+    special = {f"{name}_token_id": getattr(tokenizer, f"{name}_token_id", None)
+               for name in ("bos", "eos", "pad")}
     code = {f"{MODELING}.py": modeling_source(),
             f"{CONFIGURATION[1]}.py": configuration_source()}
     config = ResFormerConfig(
         model=model_section(cfg.model), value_residual=dataclasses.asdict(cfg.value_residual),
         plan=plan_section(cfg), architectures=[MODEL_CLASS],
         auto_map={"AutoConfig": f"{CONFIGURATION[1]}.{CONFIG_CLASS}",
-                  "AutoModelForCausalLM": f"{MODELING}.{MODEL_CLASS}"})
+                  "AutoModelForCausalLM": f"{MODELING}.{MODEL_CLASS}"}, **special)
     hf = ResFormerForCausalLM(config)
     hf.model.load_state_dict(model.state_dict())
     hf.to(model.lm_head.weight.dtype)
+    hf.generation_config = GenerationConfig(**special)
     created = not out.exists()
     try:
         with _quiet():
             hf.save_pretrained(out)
+            if tokenizer is not None:
+                tokenizer.save_pretrained(out)
             for name, text in code.items():
                 (out / name).write_text(text, encoding="utf-8")
             _check(out, model)
@@ -202,7 +212,7 @@ def export_hf(cfg: RunConfig, model: Decoder, out: Path) -> Path:
         if not created:
             out.mkdir()  # empty, as it was
         raise
-    return out
+    return what
 
 
 @contextlib.contextmanager

@@ -126,17 +126,47 @@ class ResFormerForCausalLM(PreTrainedModel, GenerationMixin):
                 cache: Cache | None = None, past_key_values: Cache | None = None,
                 labels: Tensor | None = None, **kwargs: Any) -> CausalLMOutputWithPast:
         """Logits of every position of input_ids (B, T), as `Decoder.forward` computes them;
-        with a cache, input_ids follow the tokens it holds. With labels (input_ids, or -100 to
-        skip), the mean next-token cross-entropy as the tool trains it. Sequences are not
-        padded (the decoder has no attention mask): an attention_mask must be all ones."""
+        with a cache, input_ids follow the tokens it holds. attention_mask (B, cached + T),
+        0 at padding, lets left-padded rows give the logits of each row alone. With labels
+        (input_ids, or -100 to skip), the mean next-token cross-entropy as the tool trains it.
+        Without a cache the context is at most seq_len tokens; `generate` goes past it with
+        its cache (see prepare_inputs_for_generation)."""
         if input_ids is None:
             raise ValueError("input_ids are required (inputs_embeds are not supported)")
-        if attention_mask is not None and not bool(attention_mask.all()):
-            raise ValueError("padded batches are not supported: the decoder attends over every "
-                             "earlier position; pass sequences of one length")
         cache = cache if cache is not None else past_key_values  # its older name
-        view = None if cache is None else CacheView(cache, self.config.model["seq_len"])
-        logits = self.model(input_ids, cache=view)
+        seq_len = self.config.model["seq_len"]
+        if cache is None and input_ids.shape[1] > seq_len:
+            raise ValueError(f"{input_ids.shape[1]} tokens exceed the model's context of "
+                             f"{seq_len} (max_position_embeddings); generate() continues past "
+                             "it through its cache (use_cache=True, the default)")
+        view = None if cache is None else CacheView(cache, seq_len)
+        if attention_mask is not None:
+            # after a context shift the cache holds the window only: the mask's last columns
+            held = 0 if cache is None else cache.get_seq_length()
+            attention_mask = attention_mask[:, -(held + input_ids.shape[1]):]
+            if bool(attention_mask.all()):
+                attention_mask = None  # no padding: the decoder's own causal path
+        logits = self.model(input_ids, cache=view, attention_mask=attention_mask)
         loss = None if labels is None else F.cross_entropy(
             logits[:, :-1].flatten(0, 1), labels[:, 1:].flatten(), ignore_index=-100)
         return CausalLMOutputWithPast(loss=loss, logits=logits, **{CACHE_FIELD: cache})
+
+    def prepare_inputs_for_generation(self, input_ids: Tensor, *args: Any,
+                                      **kwargs: Any) -> dict[str, Any]:
+        """transformers' inputs for the next step of `generate`, with `Decoder.generate`'s
+        context shift: where the cache is full (seq_len tokens: the rotary tables end there)
+        it is emptied and refilled by one forward over the last seq_len / 2 tokens, so that
+        positions start at 0 again; a prompt longer than seq_len is read from its last seq_len
+        tokens. Greedy decoding therefore gives `nas generate --top-k 1`'s tokens at any
+        length. In a padded batch the window is the batch's, not each row's."""
+        inputs = super().prepare_inputs_for_generation(input_ids, *args, **kwargs)
+        cache = inputs.get(CACHE_FIELD)
+        if cache is not None:
+            window = self.config.model["seq_len"]
+            held = cache.get_seq_length()
+            if held + inputs["input_ids"].shape[1] > window:
+                if held:
+                    cache.crop(-held)  # a negative count: remove that many (transformers 5)
+                inputs["input_ids"] = input_ids[:, -(window if held == 0
+                                                     else max(1, window // 2)):]
+        return inputs

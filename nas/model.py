@@ -42,15 +42,30 @@ def heads(x: Tensor, n_head: int) -> Tensor:
     return x.view(B, T, n_head, -1).transpose(1, 2)
 
 
-def causal_attention(q: Tensor, k: Tensor, v: Tensor) -> Tensor:
+def causal_attention(q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None = None) -> Tensor:
     """Each query attends over the keys at or before its position. The queries are the last
-    q.shape[-2] of the key positions: all of them in training, the new ones with a cache."""
+    q.shape[-2] of the key positions: all of them in training, the new ones with a cache.
+    `mask` (B, 1, n_q, n_k), from `padding_mask`, replaces that rule for a padded batch."""
     n_q, n_k = q.shape[-2], k.shape[-2]
-    if n_q == n_k:
+    if mask is None and n_q == n_k:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    # is_causal aligns the mask to the first key; query i sits at key position n_k - n_q + i
-    mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
+    if mask is None:
+        # is_causal aligns the mask to the first key; query i sits at key position n_k - n_q + i
+        mask = torch.ones(n_q, n_k, dtype=torch.bool, device=q.device).tril(n_k - n_q)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+
+
+def padding_mask(tokens: Tensor, n_q: int) -> Tensor:
+    """tokens (B, n_k): True (or 1) where a position holds a token, False at padding (the
+    `attention_mask` of transformers) -> (B, 1, n_q, n_k): what each of the last n_q positions
+    attends to, the tokens at or before it, and itself. A padding query's row must not be
+    empty: its output is never read, but a NaN from an empty softmax would reach the real
+    tokens through the values the later layers read at its position."""
+    n_k = tokens.shape[1]
+    ones = torch.ones(n_q, n_k, dtype=torch.bool, device=tokens.device)
+    causal = ones.tril(n_k - n_q)
+    itself = causal & ~ones.tril(n_k - n_q - 1)
+    return (causal & (tokens.bool()[:, None, None, :] | itself)).contiguous()
 
 
 class Attention(nn.Module):
@@ -66,11 +81,13 @@ class Attention(nn.Module):
     def forward(self, x: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
                 residual: ValueResidual, layer: int,
                 trace: list[dict[str, Tensor]] | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
+                cache: KVCache | None = None, mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
         """Returns the block output and this layer's values (a source for later layers).
         With `trace`, appends this layer's rotated queries and keys, own values V_n and the
         values attention uses V'_n (for `nas.analysis`). With `cache`, x holds the new
-        positions only and attention also reads the cached ones."""
+        positions only and attention also reads the cached ones. `mask`: see
+        `causal_attention`."""
         B, T, C = x.shape
         H = self.n_head
         v = self.wv(x) if self.wv is not None else None
@@ -80,7 +97,7 @@ class Attention(nn.Module):
         v_heads = heads(v_mixed, H)
         # with a cache: the keys and values of every position so far, the new ones last
         keys, values = (k, v_heads) if cache is None else cache.append(layer, k, v_heads)
-        u = causal_attention(q, keys, values).transpose(1, 2).reshape(B, T, C)
+        u = causal_attention(q, keys, values, mask).transpose(1, 2).reshape(B, T, C)
         own = v if v is not None else v_mixed
         if trace is not None:
             trace.append({"q": q.detach(), "k": k.detach(), "values": own.detach(),
@@ -110,8 +127,10 @@ class Block(nn.Module):
     def forward(self, h: Tensor, cos: Tensor, sin: Tensor, sources: list[Tensor],
                 residual: ValueResidual, layer: int,
                 trace: list[dict[str, Tensor]] | None = None,
-                cache: KVCache | None = None) -> tuple[Tensor, Tensor]:
-        a, v = self.attn(self.attn_norm(h), cos, sin, sources, residual, layer, trace, cache)
+                cache: KVCache | None = None, mask: Tensor | None = None
+                ) -> tuple[Tensor, Tensor]:
+        a, v = self.attn(self.attn_norm(h), cos, sin, sources, residual, layer, trace, cache,
+                         mask)
         h = h + a
         return h + self.mlp(self.mlp_norm(h)), v
 
@@ -145,21 +164,35 @@ class Decoder(nn.Module):
                 nn.init.normal_(p, mean=0.0, std=std)
 
     def forward(self, idx: Tensor, trace: list[dict[str, Tensor]] | None = None,
-                cache: KVCache | None = None) -> Tensor:
+                cache: KVCache | None = None, attention_mask: Tensor | None = None) -> Tensor:
         """idx (B, T) int64 -> logits (B, T, vocab_size). `trace`, a list, receives one entry
         per layer (see Attention.forward). With `cache`, idx are the tokens that follow the
-        ones it holds: they attend over those too, and the cache then holds them as well."""
-        T = idx.shape[1]
+        ones it holds: they attend over those too, and the cache then holds them as well.
+
+        `attention_mask` (B, cached + T), 1 where a position holds a token and 0 at padding
+        (transformers' convention; left padding, as for generation): padding is attended by
+        no token, and each row's positions count its own tokens only, so a padded row's
+        logits at its tokens are those of the row alone."""
+        B, T = idx.shape
         if T > self.cfg.seq_len:
             raise ValueError(f"sequence length {T} exceeds model.seq_len={self.cfg.seq_len}")
         start = 0 if cache is None else cache.advance(idx)
-        cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        mask = None
+        if attention_mask is None:
+            cos, sin = self.rope_cos[start:start + T], self.rope_sin[start:start + T]
+        else:
+            if attention_mask.shape != (B, start + T):
+                raise ValueError(f"attention_mask of shape {tuple(attention_mask.shape)}: must "
+                                 f"be {(B, start + T)}, the cached and new positions")
+            positions = (attention_mask.long().cumsum(1) - 1).clamp(min=0)[:, start:]
+            cos, sin = self.rope_cos[positions][:, None], self.rope_sin[positions][:, None]
+            mask = padding_mask(attention_mask, T)
         h = self.tok_emb(idx)
         # Every mix reads other layers' values at the same position only: the sources of the
         # new positions, computed here, are all a cached forward needs.
         sources = self.residual.initial_sources(idx)
         for i, block in enumerate(self.blocks):
-            h, v = block(h, cos, sin, sources, self.residual, i, trace, cache)
+            h, v = block(h, cos, sin, sources, self.residual, i, trace, cache, mask)
             sources.append(v)
         return self.lm_head(self.norm(h))
 

@@ -249,6 +249,7 @@ def prepare(files: Sequence[str | Path], out: str | Path, *, vocab_size: int | N
     found late, Ctrl+C) leaves no half-written corpus. `shard_tokens` None: SHARD_TOKENS."""
     shard_tokens = SHARD_TOKENS if shard_tokens is None else shard_tokens
     check_options(vocab_size, tokenizer, val_fraction, test_fraction, shard_tokens)
+    _tokenizers()  # a missing extra is one line, before any progress bar
     paths = check_inputs(files)
     out = Path(out).resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):

@@ -99,10 +99,9 @@ def write_report(study: optuna.Study, out: str | Path, source: str = "",
 
 
 def _check_image(image: Path) -> None:
-    import importlib.util
+    from .extras import require
 
     if image.suffix.lower() not in (".png", ".svg"):
         raise ConfigError(f"--image: {image}: must end in .png or .svg")
-    if importlib.util.find_spec("kaleido") is None:
-        raise ConfigError("--image: static images need plotly's image backend; "
-                          "`pip install kaleido` (it drives a local Chrome or Chromium)")
+    # kaleido, plotly's image backend, drives a local Chrome or Chromium
+    require("image", "--image: static images")

@@ -28,7 +28,7 @@ from .config import TOKENIZER_FILE, ConfigError, RunConfig, dump_config, shard_t
 from .data import TokenDataModule
 from .interrupt import lightning_interrupts
 from .lit import LitDecoder
-from .loggers import logging_callbacks, run_logger
+from .loggers import log_results, logging_callbacks, run_logger
 from .model import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
 
 ValidationHook = Callable[[int, float], None]
@@ -273,6 +273,8 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         if tokenizer := shard_tokenizer(cfg.data.source):
             shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
         extra += logging_callbacks(lambda: timer.seconds, cfg.tokens_per_step)
+    logger = (run_logger(cfg, folder, folder.name.partition(INCOMPLETE)[0])
+              if folder is not None else None)
     trainer = pl.Trainer(
         max_steps=t.steps,
         max_epochs=1,  # the one training loader holds all `steps` batches
@@ -286,8 +288,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         strategy=t.strategy,
         precision=t.precision,
         deterministic="warn",
-        logger=(run_logger(cfg, folder, folder.name.partition(INCOMPLETE)[0])
-                if folder is not None else False),
+        logger=logger if logger is not None else False,
         log_every_n_steps=max(1, min(50, t.steps // 20)),
         enable_checkpointing=False,  # no default ModelCheckpoint: PeriodicCheckpoint saves
         plugins=[AtomicCheckpointIO()],
@@ -347,6 +348,8 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
             checkpoints.rename(folder / "checkpoints")  # kept with the run it belongs to
         # Last: a folder with metrics.json holds a whole run.
         (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+    if logger is not None:
+        log_results(logger, cfg, metrics, folder, trainer.global_step)
     del trainer, lit, data
     gc.collect()
     if torch.cuda.is_available():
