@@ -98,7 +98,9 @@ def main() -> None:
             spent.clear()
             study = run_search(spec, url, n_trials=1, progress=False, echo=lambda _: None,
                                threads=args.threads)
-            t = study.trials[-1]
+            # the trial this call ran (a sweep's queue holds others, waiting)
+            t = max(study.get_trials(states=(optuna.trial.TrialState.COMPLETE,)),
+                    key=lambda t: t.datetime_complete)
             wall = (t.datetime_complete - t.datetime_start).total_seconds()
             steps = t.user_attrs.get("train_seconds", 0.0)
             row = {"trial": t.number, "wall": wall, "steps": steps, **spent}
