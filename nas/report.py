@@ -15,9 +15,10 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from .config import ConfigError
+from .confirmation import load_confirmations
 from .figures import FIGURES, build_figures
 from .lr_sweep import stored_protocol
-from .summary import html_table, sections
+from .summary import confirmation_sections, html_table, sections
 from .trials import OBJECTIVES, completed, front_rows
 
 STYLE = """
@@ -56,11 +57,13 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure], source: str 
                      f"<p>{html.escape(FIGURES[key].explain if key in FIGURES else '')}</p>")
         parts.append(fig.to_html(full_html=False, include_plotlyjs=False, div_id=f"fig-{key}",
                                  config={"responsive": True, "displaylogo": False}))
-        if key == "scaling":
-            for sec in sections(completed(study), stored_protocol(study)):
-                parts.append(f"<h3>{html.escape(sec.title)}</h3>"
-                             + (html_table(sec.rows) if sec.rows else "")
-                             + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes))
+        tables = (sections(completed(study), stored_protocol(study)) if key == "scaling" else
+                  [sec for c in load_confirmations(study) for sec in confirmation_sections(c)]
+                  if key == "confirmation" else [])
+        for sec in tables:
+            parts.append(f"<h3>{html.escape(sec.title)}</h3>"
+                         + (html_table(sec.rows) if sec.rows else "")
+                         + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes))
         parts.append("</section>")
     parts.append("</body></html>")
     return "\n".join(parts)
