@@ -64,7 +64,7 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 def cmd_confirm(args: argparse.Namespace) -> int:
     from .confirm import prepare, run_confirm
-    from .confirmation import read
+    from .confirmation import CONFIRM_ATTR, read
     from .search import SearchError
     from .spec import load_spec
     from .summary import confirmation_sections, sections_markdown
@@ -80,7 +80,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     except SearchError as exc:
         print(f"nas confirm: {exc}", file=sys.stderr)
         return 1
-    confirmation = read(study.study_name, study.user_attrs["confirm"], completed(study))
+    confirmation = read(study.study_name, study.user_attrs[CONFIRM_ATTR], completed(study))
     print(sections_markdown(confirmation_sections(confirmation)))
     return 0
 

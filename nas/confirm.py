@@ -83,8 +83,8 @@ def study_seeds(study: optuna.Study, space: dict) -> set[int]:
         for params in (t.params, t.system_attrs.get("fixed_params") or {}):
             if "train.seed" in params:
                 used.add(int(params["train.seed"]))
-        if t.state != TrialState.WAITING:
-            used.add(TrialRecord.from_trial(t).seed)
+        if (r := TrialRecord.from_trial(t)).config:
+            used.add(r.seed)
     return used
 
 
@@ -149,7 +149,7 @@ def _entry(name: str, config: dict, rates: list[float], arm: Arm | None, trial: 
 
 
 def _with(config: dict, vanilla: bool = False, lr: float | None = None) -> dict:
-    """`config` with vanilla's plan and/or another rate, as the run config records it."""
+    """`config` (with vanilla's plan, another rate) as a run config records it today."""
     raw = json.loads(json.dumps(config))
     if vanilla:
         raw["value_residual"] = {"mode": VANILLA}
@@ -177,7 +177,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
         return len(entries) - 1
 
     for number, arm in chosen:
-        config = _best_run(arm).config
+        config = _with(_best_run(arm).config)
         rates = sorted(set(grid) | set(arm.grid)) if sweep else [arm.lr]
         level = (arm.first.shape_key, budget_key(arm.first))
         vanillas = [a for a in arms if a.first.mode == VANILLA
@@ -192,7 +192,8 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
                      else [best.lr if best else arm.lr])
         ref_config = _with(config, vanilla=True, lr=ref_rates[0])
         # the study's vanilla arm speaks for the reference only where it ran the same config
-        speaks = best is not None and plan_key(_best_run(best).config) == plan_key(ref_config)
+        speaks = best is not None and plan_key(_with(_best_run(best).config)) == plan_key(
+            ref_config)
         ref = add(_entry(VANILLA, ref_config, ref_rates, best if speaks else None,
                          _best_run(best).number if speaks else None, front_arms))
         if plan_key(config) == plan_key(ref_config) and rates == ref_rates:

@@ -6,6 +6,7 @@ training."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import re
@@ -16,19 +17,20 @@ from pathlib import Path
 import optuna
 import pytest
 import yaml
-from optuna.trial import TrialState, create_trial
+from optuna.trial import FixedTrial, TrialState, create_trial
 
-from nas.arms import plan_key
+from nas.arms import choose_arms, plan_key
 from nas.cli import main
-from nas.config import ConfigError
-from nas.confirm import fresh_seeds, study_seeds
+from nas.config import ConfigError, from_dict
+from nas.confirm import choose_plans, confirmation_spec, fresh_seeds, plan_entries, study_seeds
 from nas.confirmation import Plan, read
-from nas.spec import load_spec
+from nas.space import sample
+from nas.spec import StudySpec, load_spec
 from nas.storage import make_storage
 from nas.study import open_study
 from nas.summary import confirmation_sections, sections_markdown
-from nas.trials import TrialRecord
-from tests.helpers import TINY_BASE, quiet, run_cli, tiny
+from nas.trials import TrialRecord, records
+from tests.helpers import TINY_BASE, quiet, run_cli, sweep_trial, tiny
 from tests.processes import start, trials, wait_for
 
 WORDS = "the a value residual layer learns mixes keys queries attention model token".split()
@@ -96,6 +98,74 @@ def test_fresh_seeds_lie_above_every_seed_the_study_declares_or_ran():
         fresh_seeds(used, 3, first=6)
     with pytest.raises(ConfigError, match="--seeds: must be at least 2"):
         fresh_seeds(used, 1)
+
+
+# -- the rate rule -------------------------------------------------------------------------------
+
+
+def _sweep_spec(tmp_path: Path, train: dict) -> StudySpec:
+    spec = {"name": "sweep", "space": {
+        "variants": {"vanilla": {"mode": "vanilla"},
+                     "identity": {"mode": "resformer", "lambda1": 0.5}},
+        "model": {"d_model": [16]}, "train": train},
+        "base": {"model": {"n_layer": 4}, "train": {"steps": 10}},
+        "sampler": {"type": "bruteforce"}}
+    path = tmp_path / "sweep.yaml"
+    path.write_text(yaml.safe_dump(spec))
+    return load_spec(path)
+
+
+def _numbered(frozen: list) -> list[TrialRecord]:
+    """The records of sweep trials as a study numbers them, each config with its plan."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for t in frozen:
+        study.add_trial(t)
+    return [dataclasses.replace(r, config={**r.config, "value_residual": {"mode": r.mode}})
+            for r in records(study.trials)]
+
+
+def test_a_sweep_confirms_every_plan_and_vanilla_over_its_rates_on_every_fresh_seed(tmp_path):
+    grid = [0.001, 0.0014, 0.002]
+    spec = _sweep_spec(tmp_path, {"lr": grid, "seed": [0, 1]})
+    # identity's arm chose the edge and its extension ran 0.002828 too
+    runs = _numbered([sweep_trial(v, 16, lr, s, 2.0 + lr, 3.0) for v in ("vanilla", "identity")
+                      for lr in grid for s in (0, 1)]
+                     + [sweep_trial("identity", 16, 0.002828, s, 1.9, 3.0) for s in (0, 1)])
+    arms = choose_arms(runs)
+    chosen = choose_plans(optuna.create_study(), arms, 1, False, None)
+    entries = plan_entries(spec, arms, chosen)
+    assert [(e["name"], e["rates"]) for e in entries] == [
+        ("vanilla", grid), (f"#{chosen[0][0]} identity", [*grid, 0.002828])]
+    derived = confirmation_spec(spec, "sqlite:///x.db", "sweep-confirm", entries, [2, 3], "")
+    assert derived.queue_driven and derived.n_trials == (3 + 4) * 2
+    assert sorted((p["variant"], p["train.lr"], p["train.seed"]) for p in derived.queue) == \
+        sorted((e["name"], lr, s) for e in entries for lr in e["rates"] for s in (2, 3))
+    # each queued trial draws its plan's run config, on its rate and seed
+    for params in derived.queue:
+        cfg = from_dict(sample(derived.merged_space, FixedTrial(params))).to_dict()
+        entry = next(e for e in entries if e["name"] == params["variant"])
+        assert plan_key(cfg) == plan_key(entry["config"])
+        assert (cfg["train"]["lr"], cfg["train"]["seed"]) == (params["train.lr"],
+                                                              params["train.seed"])
+
+
+def test_a_searched_rate_gives_vanilla_the_rate_of_its_best_run_at_the_plan_s_shape(tmp_path):
+    spec = _sweep_spec(tmp_path, {"lr": {"low": 1e-4, "high": 1e-2, "log": True}, "seed": 0})
+    runs = _numbered([sweep_trial("vanilla", 16, 0.001, 0, 2.0, 3.0),
+                      sweep_trial("vanilla", 16, 0.004, 0, 2.2, 3.0),
+                      sweep_trial("vanilla", 24, 0.004, 0, 1.8, 3.0),  # another shape
+                      sweep_trial("identity", 16, 0.002, 0, 1.9, 3.0)])
+    arms = choose_arms(runs)
+    entries = plan_entries(spec, arms, choose_plans(optuna.create_study(), arms, 1, False,
+                                                    None))
+    assert [(e["name"], e["rates"], e["trial"], e["search_val"]) for e in entries] == [
+        ("vanilla", [0.001], 0, 2.0), ("#3 identity", [0.002], 3, 1.9)]
+    # a fixed rate gives vanilla that rate where the study ran no vanilla at the shape
+    fixed = _sweep_spec(tmp_path, {"lr": 0.002, "seed": 0})
+    alone = choose_arms(runs[3:])
+    entries = plan_entries(fixed, alone, [(3, alone[0])])
+    assert [(e["name"], e["rates"], e["search_val"]) for e in entries] == [
+        ("vanilla", [0.002], None), ("#3 identity", [0.002], 1.9)]
 
 
 # -- the reading, on known numbers ---------------------------------------------------------------
