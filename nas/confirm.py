@@ -39,7 +39,7 @@ from .confirmation import CONFIRM_ATTR
 from .export import choose_trials
 from .spec import NAME, StudySpec
 from .study import open_existing, resolve_storage
-from .trials import TrialRecord, completed, nondominated
+from .trials import TrialRecord, completed, front_indices
 
 VANILLA = "vanilla"  # the references' variant (nas.arms pairs every plan with it)
 MIN_SEEDS = 2  # an interval over seeds needs two
@@ -205,12 +205,8 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
 
 
 def nondominated_arms(arms: list[Arm]) -> set[int]:
-    """The ids of the arms on the study's (validation loss, n_params) front, read as arms."""
-    stand_ins = {id(a): TrialRecord(number=i, state=TrialState.COMPLETE, val_loss=a.val,
-                                    n_params=a.first.n_params)
-                 for i, a in enumerate(arms)}
-    front = {r.number for r in nondominated(list(stand_ins.values()), ["val_loss", "n_params"])}
-    return {id(a) for i, a in enumerate(arms) if i in front}
+    """The ids of the arms on the study's (validation loss, n_params) front."""
+    return {id(arms[i]) for i in front_indices([(a.val, a.first.n_params) for a in arms])}
 
 
 def _filled(config: dict, section: str, key: str) -> Any:

@@ -24,7 +24,7 @@ import optuna
 
 from .arms import Arm, Difference, choose_arms, plan_key, reports_test
 from .stats import Interval, holm, mean_interval, sign_flip_p
-from .trials import TrialRecord, completed, nondominated
+from .trials import TrialRecord, completed, front_indices
 
 CONFIRM_ATTR = "confirm"  # the user attribute nas.confirm stores its plans in
 
@@ -94,11 +94,8 @@ def read(name: str, record: dict[str, Any], trials: list[TrialRecord]) -> Confir
     for p, adjusted in zip(c.chosen, holm([p.p for p in c.chosen]), strict=True):
         p.p_holm = adjusted
     done = [p for p in c.plans if p.arm is not None]
-    stand_ins = [TrialRecord(number=i, state=optuna.trial.TrialState.COMPLETE,
-                             val_loss=p.arm.loss, n_params=p.arm.first.n_params)
-                 for i, p in enumerate(done)]
-    for r in nondominated(stand_ins, ["val_loss", "n_params"]):
-        done[r.number].stays = True
+    for i in front_indices([(p.arm.loss, p.arm.first.n_params) for p in done]):
+        done[i].stays = True
     return c
 
 

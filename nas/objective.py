@@ -86,8 +86,8 @@ class Objective:
                 return self._run(trial, lease)
             except UpdateFinishedTrialError:  # a write found the trial failed by another worker
                 raise lease.lost_trial() from None
-            except optuna.TrialPruned:
-                raise
+            except (optuna.TrialPruned, SurplusTrial):
+                raise  # a surplus trial keeps its `surplus:` failure, which the gate skips
             except KeyboardInterrupt as exc:  # Interrupted names its signal; bare is Ctrl+C
                 write_record(trial, failure=str(exc) or "interrupted (Ctrl+C)")
                 raise

@@ -24,6 +24,7 @@ from nas.cli import main
 from nas.config import ConfigError, from_dict
 from nas.confirm import choose_plans, confirmation_spec, fresh_seeds, plan_entries, study_seeds
 from nas.confirmation import Plan, read
+from nas.objective import Objective, SurplusTrial
 from nas.space import sample
 from nas.spec import StudySpec, load_spec
 from nas.storage import make_storage
@@ -147,6 +148,23 @@ def test_a_sweep_confirms_every_plan_and_vanilla_over_its_rates_on_every_fresh_s
         assert plan_key(cfg) == plan_key(entry["config"])
         assert (cfg["train"]["lr"], cfg["train"]["seed"]) == (params["train.lr"],
                                                               params["train.seed"])
+
+
+def test_a_trial_of_a_confirmation_that_no_queue_entry_made_is_failed_as_surplus(tmp_path):
+    grid = [0.001, 0.0014]
+    spec = _sweep_spec(tmp_path, {"lr": grid, "seed": [0, 1]})
+    arms = choose_arms(_numbered([sweep_trial(v, 16, lr, 0, 2.0 + lr, 3.0)
+                                  for v in ("vanilla", "identity") for lr in grid]))
+    chosen = choose_plans(optuna.create_study(), arms, 1, False, None)
+    derived = confirmation_spec(spec, "sqlite:///x.db", "sweep-confirm",
+                                plan_entries(spec, arms, chosen), [2, 3], "")
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    # two workers, one queued trial: the second's ask began a trial of Optuna's own
+    trial = study.ask()
+    with pytest.raises(SurplusTrial):
+        Objective(derived, derived.n_trials, echo=lambda *_: None)(trial)
+    assert trial.user_attrs["failure"] == "surplus: nothing left in the study's queue"
+    assert not trial.params  # nothing sampled, nothing trained
 
 
 def test_a_searched_rate_gives_vanilla_the_rate_of_its_best_run_at_the_plan_s_shape(tmp_path):
