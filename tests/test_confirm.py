@@ -351,6 +351,24 @@ def test_a_confirmation_killed_half_way_is_finished_by_the_same_command(searched
     assert "| #" in again.stdout and "Traceback" not in log.read_text() + again.stderr
 
 
+def test_two_workers_on_one_confirmation_run_every_queued_trial_once(searched, tmp_path):
+    spec, url = _copy(searched, tmp_path)
+    command = ["confirm", spec, "--storage", url, "--pareto", "--seeds", "2", "--threads", "1",
+               "--no-progress"]
+    workers = [start(*command, log=tmp_path / f"{name}.log") for name in "ab"]
+    for worker, name in zip(workers, "ab", strict=True):
+        assert worker.wait(timeout=900) == 0, (tmp_path / f"{name}.log").read_text()
+    confirm = optuna.load_study(study_name="tiny-confirm", storage=make_storage(url))
+    queued = len(confirm.user_attrs["confirm"]["plans"]) * 2
+    complete = [t for t in confirm.trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == queued
+    assert len({tuple(sorted(t.params.items())) for t in complete}) == queued
+    # a race for the last queued trial ends as a surplus trial, never as a second run
+    assert all(t.user_attrs["failure"].startswith("surplus") for t in confirm.trials
+               if t.state == TrialState.FAIL)
+    assert {t.state for t in confirm.trials} <= {TrialState.COMPLETE, TrialState.FAIL}
+
+
 # -- bad input -----------------------------------------------------------------------------------
 
 
