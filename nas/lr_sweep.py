@@ -21,6 +21,9 @@ geometric spacing, for that arm alone, on every seed that chooses, until the opt
 interior or N rates were added at that side. The extension rates are fixed by the grid and N
 (`candidates`), so every trial draws its rate from one categorical list.
 
+A derived study (`nas confirm`) is queue-driven too, by a fixed list (`StudySpec.queue`):
+`enqueue_missing` queues what of it the study neither holds nor has queued, as `pending` does.
+
 Knows nothing of torch.
 """
 

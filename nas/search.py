@@ -75,7 +75,8 @@ class Gate:
         self.reclaimer = Reclaimer(lease["grace_period"], lease["max_retry"])
         self.failures: list[str] = []
         self.short: str | None = None
-        # A queue-driven study (an lr sweep, nas.lr_sweep) trains only queued trials: `queue`
+        # A queue-driven study (an lr sweep, nas.lr_sweep; a derived study's fixed list,
+        # `listed`: nas confirm) trains only queued trials: `queue`
         # adds what has become due, a worker with nothing queued waits for running trials, and
         # the study is done when nothing is queued or running (n_trials is then a bound).
         self.queue = queue
