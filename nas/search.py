@@ -76,9 +76,9 @@ class Gate:
         self.failures: list[str] = []
         self.short: str | None = None
         # A queue-driven study (an lr sweep, nas.lr_sweep; a derived study's fixed list,
-        # `listed`: nas confirm) trains only queued trials: `queue`
-        # adds what has become due, a worker with nothing queued waits for running trials, and
-        # the study is done when nothing is queued or running (n_trials is then a bound).
+        # `listed`: nas confirm) trains only queued trials: `queue` adds what has become due,
+        # a worker with nothing queued waits for running trials, and the study is done when
+        # nothing is queued or running (n_trials is then a bound).
         self.queue = queue
         self.listed = listed  # the queue is a fixed list (a derived study's), not a protocol's
         self.done_said = False
