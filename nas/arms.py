@@ -40,9 +40,9 @@ def budget_key(r: TrialRecord) -> str:
                       sort_keys=True)
 
 
-def _plan_key(r: TrialRecord) -> str:
-    """The run config but its seed, learning rate and data paths: one arm's trials."""
-    cfg = json.loads(json.dumps(r.config))
+def plan_key(config: dict) -> str:
+    """A run config but its seed, learning rate and data paths: one arm's trials."""
+    cfg = json.loads(json.dumps(config))
     cfg.get("train", {}).pop("seed", None)
     cfg.get("train", {}).pop("lr", None)
     for key in ("source", "test_source"):  # the same data at another path
@@ -157,7 +157,7 @@ def choose_arms(trials: Iterable[TrialRecord], protocol: str = "all_seeds") -> l
     for r in trials:
         if r.val_loss is None:
             continue
-        by_seed = plans.setdefault((r.arm_name, _plan_key(r)), {}).setdefault(r.lr, {})
+        by_seed = plans.setdefault((r.arm_name, plan_key(r.config)), {}).setdefault(r.lr, {})
         if r.seed not in by_seed or r.val_loss < by_seed[r.seed].val_loss:
             by_seed[r.seed] = r
     every_rate = sorted({lr for by_lr in plans.values() for lr in by_lr})

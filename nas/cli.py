@@ -1,7 +1,7 @@
-"""The `nas` command line: train, search, export, report, analyze, generate, dashboard,
-prepare. Each command is a small function that parses, calls the module that owns the work and
-prints; the parser is one piece (about 430 lines with it) so `nas --help` and every option's
-help text live in one place.
+"""The `nas` command line: train, search, confirm, export, report, analyze, generate,
+dashboard, prepare. Each command is a small function that parses, calls the module that owns
+the work and prints; the parser is one piece (about 480 lines with it) so `nas --help` and every
+option's help text live in one place.
 """
 
 from __future__ import annotations
@@ -62,6 +62,29 @@ def cmd_search(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_confirm(args: argparse.Namespace) -> int:
+    from .confirm import prepare, run_confirm
+    from .confirmation import CONFIRM_ATTR, read
+    from .search import SearchError
+    from .spec import load_spec
+    from .summary import confirmation_sections, sections_markdown
+    from .trials import completed
+
+    if args.threads is not None and args.threads <= 0:
+        raise ConfigError(f"--threads: must be > 0, got {args.threads}")
+    derived = prepare(load_spec(args.study), args.storage, top=args.top, pareto=args.pareto,
+                      trials=args.trials, seeds=args.seeds, first_seed=args.first_seed,
+                      name=args.name)
+    try:
+        study = run_confirm(derived, threads=args.threads, progress=not args.no_progress)
+    except SearchError as exc:
+        print(f"nas confirm: {exc}", file=sys.stderr)
+        return 1
+    confirmation = read(study.study_name, study.user_attrs[CONFIRM_ATTR], completed(study))
+    print(sections_markdown(confirmation_sections(confirmation)))
+    return 0
+
+
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_choice, choose_trials, export_trials, summary_files
     from .spec import load_spec
@@ -105,6 +128,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .extras import require
 
     require("report", "nas report")
+    from .confirmation import load_confirmations
     from .lr_sweep import stored_protocol
     from .report import write_report
     from .spec import load_spec
@@ -115,7 +139,7 @@ def cmd_report(args: argparse.Namespace) -> int:
     spec = load_spec(args.study)
     study = open_existing(spec, args.storage)
     figures, left_out = write_report(study, args.out, source=spec.path, image=args.image)
-    print(summary_markdown(completed(study), stored_protocol(study)))
+    print(summary_markdown(completed(study), stored_protocol(study), load_confirmations(study)))
     print(f"\nwrote {args.out}: {', '.join(figures)}")
     for key, why in left_out.items():
         print(f"left out {key}: {why}")
@@ -341,6 +365,25 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_search)
 
     storage_help = "the study's storage (default: the spec's, else sqlite:///runs/<name>.db)"
+    p = sub.add_parser("confirm", help="train a study's chosen plans, and vanilla at their "
+                       "shapes and budgets, again on fresh seeds, and report what they are worth")
+    p.add_argument("study", help="study spec YAML")
+    p.add_argument("--top", type=int, metavar="K", help="the K plans (vanilla aside) with the "
+                   "lowest validation loss in the study")
+    p.add_argument("--pareto", action="store_true", help="the plans of the study's front")
+    p.add_argument("--trials", metavar="N,M,...", help="the plans of these trials")
+    p.add_argument("--seeds", type=int, required=True, metavar="S", help="fresh seeds per "
+                   "plan (at least 2)")
+    p.add_argument("--first-seed", type=int, metavar="F", help="the seeds F..F+S-1 (default: "
+                   "the S smallest above every seed the study declares or ran; an overlap with "
+                   "those is refused)")
+    p.add_argument("--name", help="the confirmation study (default: <study>-confirm); a new "
+                   "name for other plans or seeds than an existing confirmation's")
+    p.add_argument("--storage", help=storage_help + "; the confirmation is stored there too")
+    p.add_argument("--threads", type=int, help="CPU threads for training (as nas search)")
+    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.set_defaults(func=cmd_confirm)
+
     p = sub.add_parser("export", help="write the chosen trials as run configs for nas train, "
                        "or (--hf) a trained run as a Hugging Face model")
     p.add_argument("study", metavar="STUDY.yaml|RUN_DIR", help="study spec YAML; with --hf, a "

@@ -1,7 +1,7 @@
 """The report's figures: one plotly builder per figure, and one registry (`FIGURES`: title,
 builder, explanation) that the HTML report and the dashboard both read. Adding a figure is one
 builder and one entry. Reads trials (through nas.arms and nas.scaling for the scaling figures);
-knows nothing of torch. One piece (about 500 lines) because the eleven builders share the palette
+knows nothing of torch. One piece (about 560 lines) because the twelve builders share the palette
 and axis helpers and the registry must see them all.
 """
 
@@ -22,10 +22,11 @@ from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
 from .arms import best_arms, choose_arms, profiled_trials, reports_test
+from .confirmation import load_confirmations
 from .lr_sweep import stored_protocol
 from .modes import MODES
 from .scaling import layer_profile, parameter_levels, parameter_savings, token_levels
-from .stats import mean_interval
+from .stats import Interval, mean_interval
 from .summary import budget_notes
 from .trials import TrialRecord, completed, front, nondominated, records
 
@@ -437,6 +438,58 @@ def hypervolume_figure(study: optuna.Study) -> go.Figure:
     return fig
 
 
+# -- confirmation ------------------------------------------------------------------------------
+
+
+def _error(iv: Interval) -> dict[str, Any]:
+    """Error bars of an interval (none for one value)."""
+    if iv.n < 2 or math.isnan(iv.low):
+        return {}
+    return {"type": "data", "symmetric": False, "array": [iv.high - iv.mean],
+            "arrayminus": [iv.mean - iv.low]}
+
+
+def confirmation_figure(study: optuna.Study) -> go.Figure:
+    """Per confirmed plan: the study's validation loss against the fresh seeds' validation and
+    test losses, and its paired difference from vanilla, each with its 95% interval."""
+    title = "Confirmation on fresh seeds"
+    confirmations = load_confirmations(study)
+    plans = [(c, p) for c in confirmations for p in c.plans if p.arm is not None]
+    if not plans:
+        raise NothingToShow("no confirmation yet: `nas confirm` retrains the chosen plans on "
+                            "fresh seeds")
+    several = len(confirmations) > 1
+    fig = make_subplots(rows=1, cols=2, subplot_titles=(
+        "validation loss: study (open) and fresh seeds; fresh test loss (diamond)",
+        "fresh loss minus vanilla's on the same seed"))
+    for c, p in plans:
+        x = [f"{p.label} ({c.name})" if several else p.label]
+        color = _color(p.arm.first.mode)
+        if p.search_val is not None:
+            fig.add_trace(go.Scatter(x=x, y=[p.search_val], mode="markers", showlegend=False,
+                                     marker={"color": color, "size": 11, "symbol": "circle-open"},
+                                     hovertemplate="study val %{y:.4f}<extra></extra>"),
+                          row=1, col=1)
+        for split, symbol in (("val", "circle"), (c.split, "diamond")):
+            iv = mean_interval([getattr(r, f"{split}_loss") for r in p.arm.trials])
+            fig.add_trace(go.Scatter(
+                x=x, y=[iv.mean], mode="markers", showlegend=False, error_y=_error(iv),
+                marker={"color": color, "size": 10, "symbol": symbol},
+                hovertemplate=f"fresh {split} %{{y:.4f}} ({iv.n} seeds)<extra></extra>"),
+                row=1, col=1)
+        if p.difference is not None:
+            iv = p.difference.interval
+            fig.add_trace(go.Scatter(
+                x=x, y=[iv.mean], mode="markers", showlegend=False, error_y=_error(iv),
+                marker={"color": color, "size": 11},
+                hovertemplate=f"%{{y:+.4f}} (n={iv.n}, Holm p {p.p_holm:.2g})<extra></extra>"),
+                row=1, col=2)
+    fig.add_hline(y=0, line={"color": "#404040", "dash": "dot"}, row=1, col=2)
+    fig.update_layout(title=title + " (bars: 95% t-intervals over the fresh seeds)",
+                      height=HEIGHT)
+    return fig
+
+
 # -- the registry ------------------------------------------------------------------------------
 
 class Figure(NamedTuple):
@@ -506,6 +559,13 @@ FIGURES: dict[str, Figure] = {
         "point 10% beyond the worst observed value of each objective, as a share of the box "
         "between that point and the best value seen of each objective; it steps up whenever a "
         "trial improves the front.")),
+    "confirmation": Figure("Confirmation on fresh seeds", confirmation_figure, (
+        "Where `nas confirm` retrained chosen plans on seeds the study never used: each plan's "
+        "validation loss in the study (open circle) against its mean on the fresh seeds "
+        "(circle; the gap is the winner's curse) and its fresh test loss (diamond), and its "
+        "paired difference from vanilla at the same shape and budget on the same seeds, with "
+        "95% t-intervals over the seeds. The tables below give every number, Holm-adjusted "
+        "p-values and whether each front plan stays on the front.")),
 }
 
 

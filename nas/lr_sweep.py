@@ -21,6 +21,9 @@ geometric spacing, for that arm alone, on every seed that chooses, until the opt
 interior or N rates were added at that side. The extension rates are fixed by the grid and N
 (`candidates`), so every trial draws its rate from one categorical list.
 
+A derived study (`nas confirm`) is queue-driven too, by a fixed list (`StudySpec.queue`):
+`enqueue_missing` queues what of it the study neither holds nor has queued, as `pending` does.
+
 Knows nothing of torch.
 """
 
@@ -188,9 +191,7 @@ def pending(study: optuna.Study, space: dict, sweep: Sweep, seed: int) -> list[d
     seeds, grid_rates = space["train"]["seed"], space["train"]["lr"]
     allowed = candidates(grid_rates, sweep.extend)
     trials = study.get_trials(deepcopy=False)
-    held = [t.system_attrs.get("fixed_params") or t.params
-            for t in trials if t.state != TrialState.FAIL]
-    present = {_key(p) for p in held}
+    held = _held(trials)
     rates_run: dict[tuple, set[float]] = {}
     for p in held:
         if "train.lr" in p:
@@ -220,7 +221,29 @@ def pending(study: optuna.Study, space: dict, sweep: Sweep, seed: int) -> list[d
             wanted += [{**dict(arm), "train.lr": lr, "train.seed": s} for s in runs_on]
         if not beyond and sweep.protocol == "first_seed":
             wanted += [{**dict(arm), "train.lr": chosen[0], "train.seed": s} for s in seeds[1:]]
+    return missing(trials, wanted)
+
+
+def _held(trials: Iterable[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
+    """The params of every trial held or queued; a failed one is not (it runs again)."""
+    return [t.system_attrs.get("fixed_params") or t.params
+            for t in trials if t.state != TrialState.FAIL]
+
+
+def missing(trials: Iterable[optuna.trial.FrozenTrial], wanted: Iterable[dict[str, Any]]
+            ) -> list[dict[str, Any]]:
+    """The params of `wanted` that no trial of `trials` holds or has queued."""
+    present = {_key(p) for p in _held(trials)}
     return [p for p in wanted if _key(p) not in present]
+
+
+def enqueue_missing(study: optuna.Study, wanted: list[dict[str, Any]]) -> int:
+    """Queue the trials of a fixed list (a derived study's, `StudySpec.queue`) that the study
+    neither holds nor has queued; returns how many."""
+    todo = missing(study.get_trials(deepcopy=False), wanted)
+    for params in todo:
+        study.enqueue_trial(params, skip_if_exists=False)
+    return len(todo)
 
 
 def stored_protocol(study: optuna.Study) -> str:

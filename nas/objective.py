@@ -49,9 +49,16 @@ class Objective:
         self.pareto = pareto_pruner(spec)
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
-        """With a target, a trial runs only while fewer than `target` trials are finished or
-        ahead of it (RUNNING or WAITING with a lower number). Trial numbers give every pair of
-        workers the same order, so two workers never both take the last slot."""
+        """A derived study's trial runs only from its queue. With a target, a trial runs only
+        while fewer than `target` trials are finished or ahead of it (RUNNING or WAITING with a
+        lower number). Trial numbers give every pair of workers the same order, so two workers
+        never both take the last slot."""
+        if self.spec.queue and "fixed_params" not in trial.storage.get_trial_system_attrs(
+                trial._trial_id):
+            # A derived study runs its queue alone: another worker took the last queued trial
+            # between this worker's check and its ask, and Optuna began a trial of its own.
+            write_record(trial, failure="surplus: nothing left in the study's queue")
+            raise SurplusTrial("nothing left in the study's queue")
         if self.target is None:
             return
         ahead = sum(t.state in FINISHED or (t.state in (TrialState.RUNNING, TrialState.WAITING)
@@ -79,8 +86,8 @@ class Objective:
                 return self._run(trial, lease)
             except UpdateFinishedTrialError:  # a write found the trial failed by another worker
                 raise lease.lost_trial() from None
-            except optuna.TrialPruned:
-                raise
+            except (optuna.TrialPruned, SurplusTrial):
+                raise  # a surplus trial keeps its `surplus:` failure, which the gate skips
             except KeyboardInterrupt as exc:  # Interrupted names its signal; bare is Ctrl+C
                 write_record(trial, failure=str(exc) or "interrupted (Ctrl+C)")
                 raise

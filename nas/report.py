@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import datetime
 import html
+from collections.abc import Iterable
 from pathlib import Path
 
 import optuna
@@ -15,9 +16,10 @@ from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
 from .config import ConfigError
+from .confirmation import load_confirmations
 from .figures import FIGURES, build_figures
 from .lr_sweep import stored_protocol
-from .summary import html_table, sections
+from .summary import Section, confirmation_sections, html_table, sections
 from .trials import OBJECTIVES, completed, front_rows
 
 STYLE = """
@@ -27,6 +29,12 @@ section { margin: 2.5em 0; } table { border-collapse: collapse; margin: 0.8em 0;
 th, td { border: 1px solid #ccc; padding: 0.3em 0.7em; text-align: left; font-size: 0.92em; }
 th { background: #f4f4f4; }
 """
+
+
+def _html_sections(secs: Iterable[Section]) -> str:
+    return "".join(f"<h3>{html.escape(sec.title)}</h3>"
+                   + (html_table(sec.rows) if sec.rows else "")
+                   + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes) for sec in secs)
 
 
 def render_html(study: optuna.Study, figures: dict[str, go.Figure],
@@ -53,10 +61,7 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure],
         f"{counts['running']} running · generated {now}</p>",
         f"<h3>{title}</h3>", html_table(front_rows(study)),
     ]
-    tables = "".join(f"<h3>{html.escape(sec.title)}</h3>"
-                     + (html_table(sec.rows) if sec.rows else "")
-                     + "".join(f"<p>{html.escape(n)}</p>" for n in sec.notes)
-                     for sec in sections(completed(study), stored_protocol(study)))
+    tables = _html_sections(sections(completed(study), stored_protocol(study)))
     after = "scaling" if "scaling" in figures else next(reversed(figures), None)
     if after is None:
         parts.append(f"<section id='tables'>{tables}</section>")
@@ -68,6 +73,9 @@ def render_html(study: optuna.Study, figures: dict[str, go.Figure],
                                  config={"responsive": True, "displaylogo": False}))
         if key == after:
             parts.append(tables)
+        if key == "confirmation":
+            parts.append(_html_sections(
+                sec for c in load_confirmations(study) for sec in confirmation_sections(c)))
         parts.append("</section>")
     if left_out:
         parts.append("<section id='left-out'><h2>Figures left out</h2>" + "".join(

@@ -68,17 +68,19 @@ class Gate:
 
     def __init__(self, target: int | None, lease: dict[str, int], timeout: float | None,
                  echo: Callable[[str], None],
-                 queue: Callable[[optuna.Study], int] | None = None):
+                 queue: Callable[[optuna.Study], int] | None = None, listed: bool = False):
         self.target, self.timeout, self.echo = target, timeout, echo
         self.deadline = time.monotonic() + timeout if timeout else float("inf")
         self.interval = lease["interval"]
         self.reclaimer = Reclaimer(lease["grace_period"], lease["max_retry"])
         self.failures: list[str] = []
         self.short: str | None = None
-        # A queue-driven study (an lr sweep, nas.lr_sweep) trains only queued trials: `queue`
-        # adds what has become due, a worker with nothing queued waits for running trials, and
-        # the study is done when nothing is queued or running (n_trials is then a bound).
+        # A queue-driven study (an lr sweep, nas.lr_sweep; a derived study's fixed list,
+        # `listed`: nas confirm) trains only queued trials: `queue` adds what has become due,
+        # a worker with nothing queued waits for running trials, and the study is done when
+        # nothing is queued or running (n_trials is then a bound).
         self.queue = queue
+        self.listed = listed  # the queue is a fixed list (a derived study's), not a protocol's
         self.done_said = False
 
     def ready(self, study: optuna.Study) -> bool:
@@ -105,8 +107,9 @@ class Gate:
                 return True
             if not running:  # under a queue: nothing queued, and no running trial to queue more
                 if not self.done_said:
-                    self.echo(f"the lr_sweep is done: {finished} finished trial(s), every arm's "
-                              "choice interior to its rates or at the extension's limit")
+                    self.echo(f"the queue is done: {finished} finished trial(s)" if self.listed
+                              else f"the lr_sweep is done: {finished} finished trial(s), every "
+                              "arm's choice interior to its rates or at the extension's limit")
                     self.done_said = True
                 return False
             if not waiting:
@@ -184,10 +187,11 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
             study.sampler = make_sampler(spec, spec.seed + offset)
         lease = {**HEARTBEAT, **spec.heartbeat}
         target = spec.n_trials if n_trials is None else None
-        queue = (functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space,
-                                   sweep=spec.lr_sweep, seed=spec.seed)
+        queue = (functools.partial(lr_sweep.enqueue_missing, wanted=spec.queue) if spec.queue
+                 else functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space,
+                                        sweep=spec.lr_sweep, seed=spec.seed)
                  if spec.queue_driven else None)
-        gate = Gate(target, lease, timeout, echo, queue)
+        gate = Gate(target, lease, timeout, echo, queue, listed=bool(spec.queue))
         done = finished_count(study)
         echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
              + (f"running {n_trials} more" if target is None else f"target {target}")

@@ -80,6 +80,10 @@ class StudySpec:
     # An earlier study whose finished trials seed this one when it is created (nas.warm_start).
     warm_start: dict | None = None
     path: str = field(default="study", init=False)  # the spec's file, set by load_spec
+    # A study derived by code (`nas confirm`), never by a spec file: the params of every trial
+    # it runs (its whole queue), and the user attributes it records when created.
+    queue: list = field(default_factory=list, init=False)
+    attrs: dict = field(default_factory=dict, init=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -197,8 +201,10 @@ class StudySpec:
 
     @property
     def queue_driven(self) -> bool:
-        """A learning-rate sweep whose trials all come from nas.lr_sweep's queue."""
-        return self.sampler["type"] == "bruteforce" and lr_sweep.is_sweep(self.merged_space)
+        """Every trial comes from a queue: a derived study's (`queue`), or a learning-rate
+        sweep's (nas.lr_sweep)."""
+        return bool(self.queue) or (self.sampler["type"] == "bruteforce"
+                                    and lr_sweep.is_sweep(self.merged_space))
 
     @property
     def trial_space(self) -> dict:
@@ -268,8 +274,12 @@ def _check_lr_grid(spec: StudySpec, where: str) -> None:
 
 
 def draw_configs(spec: StudySpec, where: str, draws: int = 32) -> list[RunConfig]:
-    """Sample the space at random (no training) so that impossible shapes fail now."""
+    """Sample the space at random (no training) so that impossible shapes fail now; a derived
+    study's configs are those of its queue."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    if spec.queue:
+        return [from_dict(spaces.sample(spec.merged_space, optuna.trial.FixedTrial(params)),
+                          where=f"{where} (a queued trial)") for params in spec.queue]
     probe = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     merged = spec.merged_space
     configs = []

@@ -75,6 +75,8 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             pass  # another worker created it a moment ago: load it below
         else:
             study.set_metric_names(spec.objectives)
+            for key, value in spec.attrs.items():
+                study.set_user_attr(key, value)
             study.set_user_attr("objectives", spec.objectives)
             study.set_user_attr("space", spec.merged_space)
             for key in CONSTRAINTS:
@@ -82,7 +84,9 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             # Last of the attributes: a worker that finds it finds the others.
             study.set_user_attr(FINGERPRINT, fingerprint(spec, data))
             enqueue_baselines(study, spec)
-            if spec.queue_driven:
+            if spec.queue:
+                lr_sweep.enqueue_missing(study, spec.queue)
+            elif spec.queue_driven:
                 lr_sweep.enqueue_pending(study, spec.merged_space, spec.lr_sweep, spec.seed)
                 study.set_user_attr(lr_sweep.PROTOCOL_ATTR, spec.lr_sweep.protocol)
             if warm:

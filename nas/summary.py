@@ -27,6 +27,7 @@ from .arms import (
     profiled_trials,
     reports_test,
 )
+from .confirmation import Confirmation, mean_values
 from .modes import LEARNED
 from .scaling import (
     Saving,
@@ -298,12 +299,64 @@ def profile_rows(trials: Iterable[TrialRecord], read: str,
     return rows
 
 
-def sections(trials: list[TrialRecord], protocol: str = "all_seeds") -> list[Section]:
-    """Every table the study's completed trials support, in reading order; `protocol` is the
-    study's lr_sweep protocol (how arms choose their rate, nas.arms)."""
+def confirmation_sections(c: Confirmation) -> list[Section]:
+    """A confirmation's two tables (nas.confirmation): the winner's curse and the front per
+    plan, then each plan against vanilla on the same fresh seeds."""
+    seeds = f"seeds {c.seeds[0]}..{c.seeds[-1]}"
+    curse = []
+    for p in c.plans:
+        a, iv = p.arm, p.curse
+        lo, hi = a.spread if a else (math.nan, math.nan)
+        curse.append({
+            "plan": p.label, "size": a.shape if a else "-", "lr": f"{a.lr:g}" if a else "-",
+            "fresh seeds done": f"{len(a.trials) if a else 0}/{len(c.seeds)}",
+            "study val_loss": "-" if p.search_val is None else
+            f"{p.search_val:.4f} ({p.search_seeds} seed(s))",
+            "fresh val_loss": f"{mean_values(a, 'val'):.4f}" if a else "-",
+            f"fresh {c.split}_loss (min-max)": f"{a.loss:.4f} ({lo:.4f}-{hi:.4f})" if a else "-",
+            f"winner's curse: fresh val - study val [{LEVEL:.0%} t]":
+                iv.format() if iv else "-",
+            f"fresh {c.split} - study val": f"{a.loss - p.search_val:+.4f}"
+            if a and p.search_val is not None else "-",
+            "front (study -> confirmed)": f"{'on' if p.on_front else 'off'} -> "
+                                          + ("-" if a is None else 'on' if p.stays else 'off')})
+    versus = []
+    for p in c.chosen:
+        d = p.difference
+        values = list(d.by_seed.values()) if d else []
+        iv = d.interval if d else None
+        versus.append({
+            "plan": p.label, "size": p.arm.shape if p.arm else "-",
+            f"{c.split} loss minus vanilla's [{LEVEL:.0%} t-interval over seeds]":
+                "no pairs yet" if iv is None else iv.format() + f" (n={iv.n})"
+                + (f" warning: {iv.n} pair(s)" if iv.n < FEW_PAIRS else ""),
+            "exact p (Holm)": "-" if d is None else f"{p.p:.3g} ({p.p_holm:.3g})",
+            "pairs below vanilla": f"{sum(v < 0 for v in values)}/{len(values)}"})
+    where = f"{c.name}: {c.choice}, fresh {seeds}"
+    out = [Section("confirm_curse", f"Confirmation ({where}): the study's validation loss "
+                   "against the fresh seeds' (mean at the chosen rate)", curse, [
+                       "The winner's curse is the fresh seeds' mean validation loss minus the "
+                       "study's, on the same split: how optimistic the search's choice was. "
+                       f"The {c.split} loss, which no choice read, is what each plan is worth. "
+                       "Front: on the study's (validation loss, n_params) front -> on the "
+                       f"front of these plans by (fresh {c.split} loss, n_params)."])]
+    if versus:
+        out.append(Section("confirm_vs_vanilla", f"Confirmation ({where}): {c.split} loss "
+                           "minus vanilla's at the same shape and budget, on the same fresh "
+                           "seed (negative: better than vanilla; exact sign-flip p-values, "
+                           "Holm-adjusted across the plans)", versus))
+    return out
+
+
+def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
+             confirmations: Iterable[Confirmation] = ()) -> list[Section]:
+    """Every table the study's completed trials support, in reading order, then those of its
+    confirmations (`nas confirm`); `protocol` is the study's lr_sweep protocol (how arms
+    choose their rate, nas.arms)."""
+    confirmed = [s for c in confirmations for s in confirmation_sections(c)]
     arms = best_arms(trials, protocol)
     if not arms:
-        return []
+        return confirmed
     chosen = [t for a in arms for t in a.trials]
     split = "test" if reports_test(chosen) else "val"
     several = any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape
@@ -370,12 +423,17 @@ def sections(trials: list[TrialRecord], protocol: str = "all_seeds") -> list[Sec
                                f"({what}){at}", rows))
     if rows := profile_rows(profiled, "attention_entropy"):
         out.append(Section("entropy", f"Attention entropy per layer (nats){at}", rows))
-    return out
+    return out + confirmed
 
 
-def summary_markdown(trials: list[TrialRecord], protocol: str = "all_seeds") -> str:
+def summary_markdown(trials: list[TrialRecord], protocol: str = "all_seeds",
+                     confirmations: Iterable[Confirmation] = ()) -> str:
+    return sections_markdown(sections(trials, protocol, confirmations))
+
+
+def sections_markdown(secs: Iterable[Section]) -> str:
     lines: list[str] = []
-    for s in sections(trials, protocol):
+    for s in secs:
         lines += [f"### {s.title}", ""]
         if s.rows:
             lines += [*markdown_table(s.rows), ""]

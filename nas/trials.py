@@ -201,6 +201,14 @@ def nondominated(trials: Sequence[TrialRecord], objectives: Sequence[str]
     return sorted(front, key=lambda r: key(r)[1:] + key(r)[:1])
 
 
+def front_indices(points: Sequence[tuple[float, int]]) -> set[int]:
+    """The indices of the (loss, n_params) points that no other point beats on both, as
+    `nondominated` reads trials (for what is not one trial: an arm, a confirmed plan)."""
+    stand_ins = [TrialRecord(i, TrialState.COMPLETE, val_loss=loss, n_params=n)
+                 for i, (loss, n) in enumerate(points)]
+    return {r.number for r in nondominated(stand_ins, ["val_loss", "n_params"])}
+
+
 def study_objectives(study: optuna.Study) -> list[str]:
     """The objectives a study was created with, in order."""
     return study.user_attrs.get("objectives") or study.metric_names or ["val_loss"]

@@ -1,0 +1,331 @@
+"""`nas confirm`: a study's chosen plans, and vanilla at their shapes and budgets, trained again
+on fresh seeds, as a study of its own in the same storage.
+
+A search ranks single noisy runs, so its best plans are optimistic (the winner's curse). This
+module chooses the plans (`--top K`, `--pareto`, `--trials N,M`: each the arm of its trial,
+nas.arms) and the seeds (the S smallest above every seed the study declares or ran, or from
+`--first-seed`; any overlap is refused), and derives the confirmation's spec: named variants
+(one per plan, `#N variant` after the trial that stands for it, and `vanilla`), the model, train
+and data keys as the plans ran them, and a queue (`StudySpec.queue`) that lists every trial.
+`nas.search.run_search` runs it like any study (resumable, several workers, leases). The plans
+and what the study measured of them are stored with it (the user attribute `confirm`) for
+`nas.confirmation` to read.
+
+Rates, by the study's own rule:
+- a plan retrains at the rate its arm chose in the study (a plan that ran one rate, at that one);
+- vanilla at a plan's shape and budget at the rate of the study's best vanilla arm there, or, in
+  a study that fixes train.lr and ran no vanilla there, at that rate; a study that searched the
+  rate without a vanilla run at that shape and budget has no rate to give it, and is refused;
+- a learning-rate sweep (`nas.lr_sweep.is_sweep`) instead gives every plan and vanilla an
+  all_seeds sweep on the fresh seeds, over the space's grid and any rate its arm added beyond
+  it, so that each chooses its rate on the fresh seeds as the study chose.
+
+Knows nothing of torch.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import optuna
+from optuna.trial import TrialState
+
+from . import lr_sweep
+from .arms import Arm, budget_key, choose_arms, plan_key
+from .config import LATE_TRAIN_KEYS, ConfigError, from_dict
+from .confirmation import CONFIRM_ATTR
+from .export import choose_trials
+from .spec import NAME, StudySpec
+from .study import open_existing, resolve_storage
+from .trials import TrialRecord, completed, front_indices
+
+VANILLA = "vanilla"  # the references' variant (nas.arms pairs every plan with it)
+MIN_SEEDS = 2  # an interval over seeds needs two
+
+
+def confirmation_name(study_name: str) -> str:
+    return f"{study_name}-confirm"
+
+
+def fresh_seeds(used: set[int], n: int, first: int | None = None) -> list[int]:
+    """`n` seeds the study never used: the smallest above all of `used`, or from `first`."""
+    if n < MIN_SEEDS:
+        raise ConfigError(f"--seeds: must be at least {MIN_SEEDS} (an interval over seeds needs "
+                          f"two), got {n}")
+    if first is not None and first < 0:
+        raise ConfigError(f"--first-seed: must be >= 0, got {first}")
+    start = max(used, default=-1) + 1 if first is None else first
+    seeds = list(range(start, start + n))
+    if seeds[-1] >= 2**32:
+        raise ConfigError(f"--first-seed: seeds must be below 2**32, got up to {seeds[-1]}")
+    overlap = sorted(used & set(seeds))
+    if overlap:
+        raise ConfigError(f"--first-seed: seeds {_span(seeds)} overlap the study's own "
+                          f"({', '.join(map(str, overlap))}); confirmation seeds must be fresh: "
+                          f"leave --first-seed out, or choose {max(used) + 1} or above")
+    return seeds
+
+
+def _span(seeds: Sequence[int]) -> str:
+    return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
+
+
+def study_seeds(study: optuna.Study, space: dict) -> set[int]:
+    """Every seed the study's space declares (a list, a range, a number) or any trial ran."""
+    declared = space.get("train", {}).get("seed", 0)
+    if isinstance(declared, dict):
+        used = set(range(declared["low"], declared["high"] + 1, declared.get("step", 1)))
+    else:
+        used = set(declared) if isinstance(declared, list) else {declared}
+    for t in study.get_trials(deepcopy=False):
+        for params in (t.params, t.system_attrs.get("fixed_params") or {}):
+            if "train.seed" in params:
+                used.add(int(params["train.seed"]))
+        if (r := TrialRecord.from_trial(t)).config:
+            used.add(r.seed)
+    return used
+
+
+def parse_trials(text: str) -> list[int]:
+    """`--trials 3,7,12` as trial numbers."""
+    try:
+        numbers = [int(part) for part in text.split(",")]
+    except ValueError:
+        raise ConfigError(f"--trials: expected trial numbers separated by commas, e.g. 3,7,12; "
+                          f"got {text!r}") from None
+    return list(dict.fromkeys(numbers))
+
+
+def _arm_of(arms: list[Arm], r: TrialRecord) -> Arm:
+    key = (r.arm_name, plan_key(r.config))
+    return next(a for a in arms if (a.variant, plan_key(a.first.config)) == key)
+
+
+def _best_run(arm: Arm) -> TrialRecord:
+    return min(arm.trials, key=lambda r: (r.val_loss, r.number))
+
+
+def choose_plans(study: optuna.Study, arms: list[Arm], top: int | None, pareto: bool,
+                 trials: list[int] | None) -> list[tuple[int, Arm]]:
+    """The chosen plans as (the trial that stands for it, its arm), in the order chosen."""
+    if [top is not None, pareto, trials is not None].count(True) != 1:
+        raise ConfigError("choose the plans with exactly one of --top K, --pareto and "
+                          "--trials N,M,...")
+    if top is not None:
+        ranked = sorted((a for a in arms if a.first.mode != VANILLA),
+                        key=lambda a: (a.val, a.n_params, _best_run(a).number))
+        if not 1 <= top <= len(ranked):
+            raise ConfigError(f"--top: must be in 1..{len(ranked)}, the plans (vanilla aside) "
+                              f"with completed trials in study {study.study_name!r}; got {top}")
+        return [(_best_run(a).number, a) for a in ranked[:top]]
+    if pareto:
+        chosen = [_arm_of(arms, r) for r in choose_trials(study, pareto=True)]
+        return list({id(a): (_best_run(a).number, a) for a in chosen}.values())
+    by_number = {t.number: t for t in study.get_trials(deepcopy=False)}
+    out = []
+    for n in trials or []:
+        if n not in by_number:
+            raise ConfigError(f"--trials: no trial {n} in study {study.study_name!r} (trials "
+                              f"0..{len(by_number) - 1})")
+        r = TrialRecord.from_trial(by_number[n])
+        if r.state != TrialState.COMPLETE or not r.measured:
+            raise ConfigError(f"--trials: trial {n} is {r.state.name}; only a completed trial "
+                              "has a plan and a validation loss to confirm")
+        out.append((n, _arm_of(arms, r)))
+    return out
+
+
+def _entry(name: str, config: dict, rates: list[float], arm: Arm | None, trial: int | None,
+           front: set[int]) -> dict[str, Any]:
+    """One plan of the confirmation as stored: its variant's name and its label, what it runs
+    and what the study measured of it."""
+    label = name if trial is None or name == VANILLA else f"#{trial} {arm.first.label}"
+    return {"name": name, "label": label, "trial": trial, "config": config, "rates": rates,
+            "search_val": None if arm is None else arm.val,
+            "search_seeds": 0 if arm is None else len(arm.trials),
+            "on_front": arm is not None and id(arm) in front, "reference": None}
+
+
+def _with(config: dict, vanilla: bool = False, lr: float | None = None) -> dict:
+    """`config` (with vanilla's plan, another rate) as a run config records it today."""
+    raw = json.loads(json.dumps(config))
+    if vanilla:
+        raw["value_residual"] = {"mode": VANILLA}
+    if lr is not None:
+        raw["train"]["lr"] = lr
+    return from_dict(raw, where="confirm").to_dict()
+
+
+def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
+                 ) -> list[dict[str, Any]]:
+    """The chosen plans and their vanilla references (see the module docstring for the rates),
+    each once; a plan's `reference` is its reference's index."""
+    space = spec.merged_space
+    sweep = lr_sweep.is_sweep(space)
+    grid = space["train"]["lr"] if sweep else []
+    lr_fixed = not isinstance(space.get("train", {}).get("lr"), (list, dict))
+    front_arms = nondominated_arms(arms)
+    entries: list[dict[str, Any]] = []
+
+    def add(entry: dict[str, Any]) -> int:
+        for i, e in enumerate(entries):
+            if e["name"] == entry["name"] and plan_key(e["config"]) == plan_key(entry["config"]):
+                return i
+        entries.append(entry)
+        return len(entries) - 1
+
+    for number, arm in chosen:
+        config = _with(_best_run(arm).config)
+        rates = sorted(set(grid) | set(arm.grid)) if sweep else [arm.lr]
+        level = (arm.first.shape_key, budget_key(arm.first))
+        vanillas = [a for a in arms if a.first.mode == VANILLA
+                    and (a.first.shape_key, budget_key(a.first)) == level]
+        best = min(vanillas, key=lambda a: a.val) if vanillas else None
+        if best is None and not (sweep or lr_fixed):
+            raise ConfigError(
+                f"trial {number} ({arm.first.label}, {arm.shape}, {arm.budget}): no vanilla "
+                f"comparison possible: study {spec.name!r} searches train.lr and completed no "
+                "vanilla trial at this shape and budget to take vanilla's rate from")
+        ref_rates = (sorted(set(grid) | set(best.grid if best else [])) if sweep
+                     else [best.lr if best else arm.lr])
+        ref_config = _with(config, vanilla=True, lr=ref_rates[0])
+        # the study's vanilla arm speaks for the reference only where it ran the same config
+        speaks = best is not None and plan_key(_with(_best_run(best).config)) == plan_key(
+            ref_config)
+        ref = add(_entry(VANILLA, ref_config, ref_rates, best if speaks else None,
+                         _best_run(best).number if speaks else None, front_arms))
+        if plan_key(config) == plan_key(ref_config) and rates == ref_rates:
+            continue  # a chosen vanilla plan that is its own reference
+        mine = add(_entry(f"#{number} {arm.variant}", _with(config, lr=rates[0]), rates,
+                          arm, number, front_arms))
+        entries[mine]["reference"] = ref
+    return entries
+
+
+def nondominated_arms(arms: list[Arm]) -> set[int]:
+    """The ids of the arms on the study's (validation loss, n_params) front."""
+    return {id(arms[i]) for i in front_indices([(a.val, a.first.n_params) for a in arms])}
+
+
+def _filled(config: dict, section: str, key: str) -> Any:
+    """A key a config leaves out: a budget it was not given (None), or a later key at its
+    default (`RunConfig.to_dict` leaves those out)."""
+    return config[section].get(key, LATE_TRAIN_KEYS.get(key) if section == "train" else None)
+
+
+def derived_space(entries: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
+    """Named variants, one per plan (vanilla one for every reference), and each model, train
+    and data key fixed where every plan has one value, else a list of their values."""
+    space: dict[str, Any] = {"variants": {e["name"]: e["config"]["value_residual"]
+                                          for e in entries}}
+    for section in ("model", "train", "data"):
+        keys = dict.fromkeys(k for e in entries for k in e["config"][section])
+        space[section] = {}
+        for key in keys:
+            values = list(dict.fromkeys(
+                json.dumps(r) for e in entries
+                for r in (e["rates"] if (section, key) == ("train", "lr")
+                          else [_filled(e["config"], section, key)])))
+            values = [json.loads(v) for v in values]
+            space[section][key] = values[0] if len(values) == 1 else values
+    space["train"]["seed"] = seeds
+    return space
+
+
+def queue(space: dict[str, Any], entries: list[dict[str, Any]], seeds: list[int]
+          ) -> list[dict[str, Any]]:
+    """Every trial's params: each plan at each of its rates on each seed, seed by seed (a
+    confirmation stopped early holds whole seeds of every plan)."""
+    listed = [(s, k) for s in ("model", "train", "data") for k, v in space[s].items()
+              if isinstance(v, list) and (s, k) not in (("train", "seed"), ("train", "lr"))]
+    out = []
+    for seed in seeds:
+        for e in entries:
+            for lr in e["rates"]:
+                params = {"variant": e["name"],
+                          **{f"{s}.{k}": _filled(e["config"], s, k) for s, k in listed},
+                          "train.seed": seed}
+                if isinstance(space["train"]["lr"], list):
+                    params["train.lr"] = lr
+                out.append(params)
+    return out
+
+
+def confirmation_spec(spec: StudySpec, storage: str, name: str, entries: list[dict[str, Any]],
+                      seeds: list[int], choice: str) -> StudySpec:
+    """The confirmation as a study spec derived from the study's: its plans as named
+    variants, every trial queued, nothing pruned, sampled or added."""
+    space = derived_space(entries, seeds)
+    listed = queue(space, entries, seeds)
+    derived = StudySpec(name=name, space=space, objectives=spec.objectives,
+                        n_trials=len(listed), sampler={"type": "random"},
+                        pruner={"type": "none"}, baselines=False, seed=spec.seed,
+                        storage=storage, artifacts=spec.artifacts, heartbeat=spec.heartbeat)
+    derived.path = spec.path
+    derived.queue = listed
+    derived.attrs = {CONFIRM_ATTR: {"study": spec.name, "choice": choice, "seeds": seeds,
+                                    "plans": entries}}
+    return derived
+
+
+def check_resume(storage: optuna.storages.BaseStorage, derived: StudySpec) -> None:
+    """Refuse a confirmation that exists with other plans or seeds (a new one needs --name)."""
+    stored = next((s for s in storage.get_all_studies() if s.study_name == derived.name), None)
+    if stored is None:
+        return
+    mine = derived.attrs[CONFIRM_ATTR]
+    theirs = stored.user_attrs.get(CONFIRM_ATTR)
+    if theirs is None:
+        if stored.user_attrs.get("fingerprint") is not None:
+            raise ConfigError(f"--name: study {derived.name!r} exists and is not a "
+                              "confirmation; pass --name NEW")
+        return  # created a moment ago by another worker: open_study waits for it
+
+    def what(record: dict) -> str:
+        names = ", ".join(e["label"] for e in record["plans"] if e["reference"] is not None)
+        return f"{names or VANILLA} on seeds {_span(record['seeds'])} ({record['choice']})"
+
+    def same(record: dict) -> tuple:
+        return (record["study"], record["seeds"],
+                [(e["name"], plan_key(e["config"]), e["rates"]) for e in record["plans"]])
+
+    if same(json.loads(json.dumps(theirs))) != same(json.loads(json.dumps(mine))):
+        raise ConfigError(f"study {derived.name!r} confirms {what(theirs)}; this command "
+                          f"chooses {what(mine)}: run the first command again to resume it, or "
+                          "pass --name NEW for a new confirmation")
+
+
+def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None = None,
+            pareto: bool = False, trials: str | None = None, seeds: int = 0,
+            first_seed: int | None = None, name: str | None = None) -> StudySpec:
+    """Check everything and derive the confirmation's spec; nothing is written."""
+    numbers = parse_trials(trials) if trials is not None else None
+    fresh_seeds(set(), seeds, first_seed)  # the flags alone, before the study is read
+    name = name or confirmation_name(spec.name)
+    if not NAME.fullmatch(name) or ".." in name or name == spec.name:
+        raise ConfigError(f"--name: must be letters, digits, '_', '-' and '.' (starting with a "
+                          f"letter or digit), other than the study's own name; got {name!r}")
+    study = open_existing(spec, storage_url)
+    done = [r for r in completed(study) if r.config]
+    if not done:
+        raise ConfigError(f"study {spec.name!r} has no completed trials; nothing to confirm")
+    arms = choose_arms(done, lr_sweep.stored_protocol(study))
+    chosen = choose_plans(study, arms, top, pareto, numbers)
+    fresh = fresh_seeds(study_seeds(study, spec.merged_space), seeds, first_seed)
+    entries = plan_entries(spec, arms, chosen)
+    choice = (f"--top {top}" if top is not None else "--pareto" if pareto
+              else f"--trials {','.join(map(str, numbers or []))}")
+    derived = confirmation_spec(spec, resolve_storage(spec, storage_url), name, entries, fresh,
+                                f"{choice} --seeds {seeds}")
+    check_resume(study._storage, derived)
+    return derived
+
+
+def run_confirm(derived: StudySpec, *, threads: int | None = None, progress: bool = True,
+                echo: Callable[[str], None] = print) -> optuna.Study:
+    """Run (or resume, or join) the confirmation until every queued trial is finished."""
+    from .search import run_search
+
+    return run_search(derived, progress=progress, echo=echo, threads=threads)
