@@ -49,14 +49,15 @@ class Objective:
         self.pareto = pareto_pruner(spec)
 
     def _claim_slot(self, trial: optuna.Trial) -> None:
-        """A derived study's trial runs only from its queue. With a target, a trial runs only
-        while fewer than `target` trials are finished or ahead of it (RUNNING or WAITING with a
-        lower number). Trial numbers give every pair of workers the same order, so two workers
-        never both take the last slot."""
-        if self.spec.queue and "fixed_params" not in trial.storage.get_trial_system_attrs(
-                trial._trial_id):
-            # A derived study runs its queue alone: another worker took the last queued trial
-            # between this worker's check and its ask, and Optuna began a trial of its own.
+        """A queue-driven study's trial (a derived study's, an lr sweep's) runs only from its
+        queue. With a target, a trial runs only while fewer than `target` trials are finished
+        or ahead of it (RUNNING or WAITING with a lower number). Trial numbers give every pair
+        of workers the same order, so two workers never both take the last slot."""
+        if self.spec.queue_driven and "fixed_params" not in (
+                trial.storage.get_trial_system_attrs(trial._trial_id)):
+            # Such a study runs its queue alone: another worker took the last queued trial
+            # between this worker's check and its ask, and Optuna began a trial of its own
+            # (an lr sweep's sampler would repeat a run, and its arm would keep the luckier).
             write_record(trial, failure="surplus: nothing left in the study's queue")
             raise SurplusTrial("nothing left in the study's queue")
         if self.target is None:

@@ -138,7 +138,7 @@ def test_report_is_one_plotly_page_with_every_figure(tiny_study, tmp_path):
         "curves": "Validation curves",
         "importances": "Parameter importances for val_loss",
         "hypervolume": "Hypervolume history",
-        "confirmation": "Confirmation on fresh seeds",  # `nas confirm` not run: a message
+        "confirmation": "Confirmation on fresh seeds",  # `nas confirm` not run: left out
     }
     assert list(titles) == list(FIGURES)
     left_out = page.partition("<section id='left-out'>")[2]
