@@ -22,14 +22,20 @@ if TYPE_CHECKING:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .lit import DivergenceError
     from .overrides import load_config as load_with_overrides
-    from .train import TimeLimitError, check_memory, train
 
     cfg = load_with_overrides(args.config, args.set, args.data or None)
+    out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
+    m, vr = cfg.model, cfg.value_residual
+    # at once, before the seconds torch and Lightning take to import
+    print(f"training {args.config} into {out}: {vr.mode}, {m.n_layer} layers, d_model "
+          f"{m.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
+          flush=True)
+    from .lit import DivergenceError
+    from .train import TimeLimitError, check_memory, train
+
     if not args.force:
         check_memory(cfg, args.config)
-    out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
     try:
         m = train(cfg, out, overwrite=args.overwrite, resume=args.resume,
                   progress=show_progress(args))
