@@ -12,11 +12,11 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, RunConfig, load_config
-from .errors import first_line
+from .errors import ConfigError, first_line
 from .interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
+    from .config import RunConfig
     from .model import Decoder
     from .spec import StudySpec
 
@@ -142,6 +142,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
     from .analysis import analysis_table
+    from .config import load_config
     from .parsing import read_yaml
 
     target = Path(args.target)
@@ -171,6 +172,7 @@ def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
     """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
     import torch
 
+    from .config import load_config
     from .model import build_model
 
     if not folder.is_dir():
