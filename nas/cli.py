@@ -26,10 +26,10 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     cfg = load_with_overrides(args.config, args.set, args.data or None)
     out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
-    m, vr = cfg.model, cfg.value_residual
+    size, plan = cfg.model, cfg.value_residual
     # at once, before the seconds torch and Lightning take to import
-    print(f"training {args.config} into {out}: {vr.mode}, {m.n_layer} layers, d_model "
-          f"{m.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
+    print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
+          f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
           flush=True)
     from .lit import DivergenceError
     from .train import TimeLimitError, check_memory, train
