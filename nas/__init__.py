@@ -1,13 +1,18 @@
 """resformer-nas: neural architecture search over value-residual patterns in transformers."""
 
-from .config import ConfigError, RunConfig, load_config
+from .errors import ConfigError
 
 __all__ = ["ConfigError", "RunConfig", "build_model", "load_config"]
 __version__ = "0.1.0"
 
 
 def __getattr__(name: str):
-    # torch loads only when a model is asked for, so `nas --help` and config checks stay fast.
+    # Imported when asked for: `nas --help` (which imports this package first) then needs no
+    # pydantic, and config checks no torch (a model).
+    if name in ("RunConfig", "load_config"):
+        from . import config
+
+        return getattr(config, name)
     if name == "build_model":
         from .model import build_model
 

@@ -10,27 +10,35 @@ import argparse
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
-from .config import ConfigError, RunConfig, load_config
-from .errors import first_line
+from .errors import ConfigError, first_line
 from .interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
+    from .config import RunConfig
     from .model import Decoder
+    from .spec import StudySpec
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .lit import DivergenceError
     from .overrides import load_config as load_with_overrides
-    from .train import TimeLimitError, check_memory, train
 
     cfg = load_with_overrides(args.config, args.set, args.data or None)
+    out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
+    size, plan = cfg.model, cfg.value_residual
+    # at once, before the seconds torch and Lightning take to import
+    print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
+          f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
+          flush=True)
+    from .lit import DivergenceError
+    from .train import TimeLimitError, check_memory, train
+
     if not args.force:
         check_memory(cfg, args.config)
-    out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
     try:
-        m = train(cfg, out, overwrite=args.overwrite, resume=args.resume)
+        m = train(cfg, out, overwrite=args.overwrite, resume=args.resume,
+                  progress=show_progress(args))
     except (DivergenceError, TimeLimitError) as exc:
         print(f"nas train: {exc}", file=sys.stderr)
         return 1
@@ -39,10 +47,24 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+def study_spec(args: argparse.Namespace, path: str | Path, **given: Any) -> StudySpec:
+    """The study spec at `path` with the `--set` overrides its study stored (see
+    `nas.stored_overrides`), saying in one line on stderr which it applies."""
+    from .stored_overrides import load_study_spec
+
+    return load_study_spec(path, args.storage, note=lambda line: print(
+        f"nas {args.command}: {line}", file=sys.stderr, flush=True), **given)
+
+
+def show_progress(args: argparse.Namespace) -> bool:
+    """A progress bar only where someone watches it: not with --no-progress, and not where
+    output goes to a file or a pipe (a log would get every redraw of the bar)."""
+    return not args.no_progress and sys.stdout.isatty() and sys.stderr.isatty()
+
+
 def cmd_search(args: argparse.Namespace) -> int:
     from .console import front_table
     from .search import SearchError, run_search
-    from .spec import load_spec
 
     for flag, zero_ok in (("n_trials", False), ("timeout", False), ("worker_id", True),
                           ("threads", False)):
@@ -50,10 +72,11 @@ def cmd_search(args: argparse.Namespace) -> int:
         if value is not None and (value < 0 if zero_ok else value <= 0):
             raise ConfigError(f"--{flag.replace('_', '-')}: must be "
                               f"{'>= 0' if zero_ok else '> 0'}, got {value}")
-    spec = load_spec(args.study, data=args.data, sets=args.set, warm_start=args.warm_start)
+    spec = study_spec(args, args.study, data=args.data, sets=args.set,
+                      warm_start=args.warm_start)
     try:
         study = run_search(spec, args.storage, n_trials=args.n_trials, timeout=args.timeout,
-                           worker_id=args.worker_id, progress=not args.no_progress,
+                           worker_id=args.worker_id, progress=show_progress(args),
                            threads=args.threads, force=args.force)
     except SearchError as exc:
         print(f"nas search: {exc}", file=sys.stderr)
@@ -66,17 +89,16 @@ def cmd_confirm(args: argparse.Namespace) -> int:
     from .confirm import prepare, run_confirm
     from .confirmation import CONFIRM_ATTR, read
     from .search import SearchError
-    from .spec import load_spec
     from .summary import confirmation_sections, sections_markdown
     from .trials import completed
 
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads: must be > 0, got {args.threads}")
-    derived = prepare(load_spec(args.study), args.storage, top=args.top, pareto=args.pareto,
+    derived = prepare(study_spec(args, args.study), args.storage, top=args.top, pareto=args.pareto,
                       trials=args.trials, seeds=args.seeds, first_seed=args.first_seed,
                       name=args.name)
     try:
-        study = run_confirm(derived, threads=args.threads, progress=not args.no_progress)
+        study = run_confirm(derived, threads=args.threads, progress=show_progress(args))
     except SearchError as exc:
         print(f"nas confirm: {exc}", file=sys.stderr)
         return 1
@@ -87,7 +109,6 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 def cmd_export(args: argparse.Namespace) -> int:
     from .export import check_choice, choose_trials, export_trials, summary_files
-    from .spec import load_spec
     from .study import open_existing
 
     if args.hf:
@@ -96,7 +117,7 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.study}: a folder; to export a `nas train` run as a Hugging "
                           "Face model pass --hf")
     check_choice(args.pareto, args.best)
-    study = open_existing(load_spec(args.study), args.storage)
+    study = open_existing(study_spec(args, args.study), args.storage)
     rows = export_trials(study, choose_trials(study, args.pareto, args.best), args.out)
     for r in rows:
         print(f"{args.out}/{r['file']}  trial {r['trial']:>3}  {r['plan']:<30} "
@@ -131,12 +152,11 @@ def cmd_report(args: argparse.Namespace) -> int:
     from .confirmation import load_confirmations
     from .lr_sweep import stored_protocol
     from .report import write_report
-    from .spec import load_spec
     from .study import open_existing
     from .summary import summary_markdown
     from .trials import completed
 
-    spec = load_spec(args.study)
+    spec = study_spec(args, args.study)
     study = open_existing(spec, args.storage)
     figures, left_out = write_report(study, args.out, source=spec.path, image=args.image)
     print(summary_markdown(completed(study), stored_protocol(study), load_confirmations(study)))
@@ -152,6 +172,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     import json
 
     from .analysis import analysis_table
+    from .config import load_config
     from .parsing import read_yaml
 
     target = Path(args.target)
@@ -160,13 +181,13 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     if target.is_dir():
         result = _analyze_run_folder(target)
     elif isinstance(raw := read_yaml(target), dict) and "space" in raw:  # a study spec
-        result = _analyze_trial(target, args.trial, args.storage)
+        result = _analyze_trial(args, target)
     else:
         from .train import train
 
         cfg = load_config(target)
         out = Path(args.out) if args.out else Path("runs") / "train" / target.stem
-        metrics = train(cfg, out, overwrite=args.overwrite)
+        metrics = train(cfg, out, overwrite=args.overwrite, progress=show_progress(args))
         print(f"trained {target} -> {out} (val_loss {metrics['val_loss']:.4f})")
         result = {k: metrics[k] for k in ("analysis", "coefficients", "receiving_layers")}
     if args.json:
@@ -181,6 +202,7 @@ def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
     """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
     import torch
 
+    from .config import load_config
     from .model import build_model
 
     if not folder.is_dir():
@@ -209,14 +231,14 @@ def _analyze_run_folder(folder: Path) -> dict:
             "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer)}
 
 
-def _analyze_trial(study_path: Path, number: int | None, storage: str | None) -> dict:
-    from .spec import load_spec
+def _analyze_trial(args: argparse.Namespace, study_path: Path) -> dict:
     from .study import open_existing
     from .trials import TrialRecord
 
+    number = args.trial
     if number is None:
         raise ConfigError(f"{study_path}: a study spec; pass --trial N to analyze its trial N")
-    study = open_existing(load_spec(study_path), storage)
+    study = open_existing(study_spec(args, study_path), args.storage)
     trials = {t.number: t for t in study.get_trials(deepcopy=False)}
     if number not in trials:
         raise ConfigError(f"--trial: no trial {number} in study {study.study_name!r} "
@@ -239,8 +261,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         raise ConfigError("--prompt: must be non-empty")
     if args.max_new_tokens < 1:
         raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if not (args.temperature > 0 and math.isfinite(args.temperature)):
-        raise ConfigError(f"--temperature: must be > 0 and finite, got {args.temperature}")
+    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
+        raise ConfigError(f"--temperature: must be >= 0 and finite (0: greedy), got "
+                          f"{args.temperature}")
     if args.top_k is not None and args.top_k < 1:
         raise ConfigError(f"--top-k: must be >= 1, got {args.top_k}")
     folder = Path(args.run_dir)
@@ -290,11 +313,10 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
     require("dashboard", "nas dashboard")
     from .dashboard import serve
-    from .spec import load_spec
 
     if not 0 <= args.port <= 65535:
         raise ConfigError(f"--port: must be in 0..65535, got {args.port}")
-    serve(load_spec(args.study), args.storage, host=args.host, port=args.port,
+    serve(study_spec(args, args.study), args.storage, host=args.host, port=args.port,
           artifacts=args.artifacts, refresh=args.refresh, allow_remote=args.allow_remote)
     return 0
 
@@ -305,7 +327,7 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
     done = prepare(args.files, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, test_fraction=args.test_fraction,
-                   shard_tokens=args.shard_tokens, progress=not args.no_progress)
+                   shard_tokens=args.shard_tokens, progress=show_progress(args))
     counts = ", ".join(f"{name} {n:,} tokens ({done.shards[name]} shard(s))"
                        for name, n in done.tokens.items() if n)
     print(f"wrote {done.out}: vocab {done.vocab_size:,}; {counts}; train on it with "
@@ -313,6 +335,8 @@ def cmd_prepare(args: argparse.Namespace) -> int:
     return 0
 
 
+NO_PROGRESS_HELP = ("no progress bar (there is none anyway where the output is not a "
+                    "terminal)")
 SET_HELP = ("override one key, validated as the file is (repeat it; dotted keys; the value "
             "read as YAML)")
 FORCE_HELP = ("train even where the estimated training memory exceeds the free memory (the "
@@ -336,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "a `nas prepare` folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=SET_HELP + " of the run config, e.g. --set train.lr=1e-3")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_train)
 
@@ -360,7 +385,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="CPU threads for training (torch) (default: "
                    "OMP_NUM_THREADS if set, else this machine's cores / its nas search "
                    "workers, recounted before each trial)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.add_argument("--force", action="store_true", help=FORCE_HELP)
     p.set_defaults(func=cmd_search)
 
@@ -415,6 +440,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overwrite", action="store_true", help="with a run config: replace an "
                    "--out that is not empty")
     p.add_argument("--json", action="store_true", help="print JSON instead of a table")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP + "; with a "
+                   "run config")
     p.set_defaults(func=cmd_analyze)
 
     p = sub.add_parser("generate", help="continue a prompt with text sampled from a trained "
@@ -425,7 +452,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample "
                    "(default: 200)")
     p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before "
-                   "the softmax: below 1 sharper, above 1 flatter (default: 1)")
+                   "the softmax: below 1 sharper, above 1 flatter, 0 the most likely token "
+                   "each time (greedy: the same text as --top-k 1) (default: 1)")
     p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only "
                    "(default: all)")
     p.add_argument("--seed", type=int, help="seed the sampling: the same seed gives the same "
@@ -462,7 +490,7 @@ def build_parser() -> argparse.ArgumentParser:
                    "tests, at its end (default: 0.05; 0: no test set)")
     p.add_argument("--shard-tokens", type=int, help="tokens per shard (default: 100M, as "
                    "modded-nanogpt's)")
-    p.add_argument("--no-progress", action="store_true", help="no progress bar (for logs)")
+    p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_prepare)
     return parser
 

@@ -36,11 +36,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
 from .config import ConfigError, DataConfig, RunConfig, is_shard_glob
-
-SHARD_MAGIC = 20240520
-SHARD_HEADER_INTS = 256
-# A folder `nas prepare` wrote holds <split>_NNNNNN.bin shards of these splits.
-PREPARED_SPLITS = ("train", "val", "test")
+from .shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
 
 
 def cache_dir() -> Path:

@@ -302,7 +302,11 @@ class KVCache:
 
 def sample(logits: Tensor, temperature: float = 1.0, top_k: int | None = None) -> Tensor:
     """One token per row of logits (B, vocab) -> (B, 1), drawn from softmax(logits /
-    temperature) restricted to the `top_k` most likely tokens where given (nanoGPT's rule)."""
+    temperature) restricted to the `top_k` most likely tokens where given (nanoGPT's rule);
+    temperature 0 is its limit, the most likely token (greedy, as in Hugging Face's and
+    llama.cpp's tools)."""
+    if temperature == 0:
+        return logits.argmax(dim=-1, keepdim=True)
     logits = logits / temperature
     if top_k is not None:
         kth = torch.topk(logits, min(top_k, logits.shape[-1])).values[:, -1:]

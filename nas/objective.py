@@ -212,6 +212,6 @@ class Objective:
                 "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
                 "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_param",
                 "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
-                "decode_tokens_per_s")})
+                "decode_tokens_per_s", "numerics")})
         values = tuple(float(metrics[o]) for o in self.spec.objectives)
         return values if self.spec.multi_objective else values[0]

@@ -31,8 +31,8 @@ import numpy as np
 from tqdm import tqdm
 
 from .config import TOKENIZER_FILE, ConfigError
-from .data import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
 from .errors import first_line
+from .shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -84,6 +84,9 @@ class StudySpec:
     # it runs (its whole queue), and the user attributes it records when created.
     queue: list = field(default_factory=list, init=False)
     attrs: dict = field(default_factory=dict, init=False)
+    # The `--set` overrides load_spec applied to the space, as a study stores them
+    # (nas.overrides.as_stored).
+    overrides: list[str] = field(default_factory=list, init=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -217,7 +220,12 @@ class StudySpec:
         return space
 
     def default_storage(self) -> str:
-        return f"sqlite:///runs/{self.name}.db"
+        return default_storage(self.name)
+
+
+def default_storage(name: str) -> str:
+    """Where a study of this name lives when neither --storage nor its spec says."""
+    return f"sqlite:///runs/{name}.db"
 
 
 def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (),
@@ -248,7 +256,11 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
     _check_lr_grid(spec, where)
     draw_configs(spec, where)
     if sets:  # into the space, which the base cannot override: a searched key becomes fixed
-        spec.space = overrides.apply(spec.space, overrides.parse_all(sets))
+        given = overrides.parse_all(sets)
+        spec.space = overrides.apply(spec.space, given)
+        if overrides.sets_preset(given):  # the preset's size, whatever the base says
+            spec.base = overrides.without_preset_sizes(spec.base)
+        spec.overrides = overrides.as_stored(sets)
         spaces.check_space(spec.space, overrides.WHERE)
         _check_lr_grid(spec, overrides.WHERE)
         draw_configs(spec, overrides.WHERE)

@@ -6,8 +6,10 @@ nothing of torch (the data fingerprint imports the data module).
 
 A study stores one fingerprint (the user attribute `fingerprint`): a digest of each thing that
 changes a trial's numbers, namely the objectives, the budgets (`max_params`; `max_kv_bytes`
-where set), the space merged with the base config (less `data.source`, a path that may differ
-per machine) and the validation and test tokens themselves (`nas.spec.data_fingerprint`). A
+where set), the `--set` overrides it was searched with (where there were any; the overrides
+themselves are the attribute `overrides`, which `nas.stored_overrides` applies again), the
+space merged with the base config (less `data.source`, a path that may differ per machine) and
+the validation and test tokens themselves (`nas.spec.data_fingerprint`). A
 search that resumes the study with any of them changed is refused, naming what changed; so a
 corpus moved elsewhere resumes, another corpus does not. Reading commands compare all but the
 data (they add no measurements and may run where the corpus is not) and never write. A study
@@ -27,7 +29,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from . import lr_sweep, warm_start
+from . import lr_sweep, overrides, warm_start
 from . import space as spaces
 from .config import ConfigError
 from .samplers import make_pruner, make_sampler
@@ -54,18 +56,24 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     # Before the storage is touched: a corpus that does not open is refused with nothing written.
     data = data_fingerprint(spec) if create else None
     sampler, pruner = make_sampler(spec, spec.seed + seed_offset), make_pruner(spec)
+    warm = create and spec.warm_start is not None
+    file = storage_file(url)
+    source = None
+    if warm and file is not None and not file.exists():
+        # a new study in a file still to be made: checked before making it, so that a warm
+        # start that fails leaves no file behind
+        source, source_at = warm_start.load_source(spec, url)
     storage = make_storage(url, where=where)
     names = optuna.get_all_study_names(storage)
     if spec.name not in names and not create:
         listed = ", ".join(names) if names else "none"
         raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {redact(url)} "
                           f"(studies there: {listed})")
-    warm = create and spec.warm_start is not None
     if warm and spec.name in names:
         echo(f"warm start: study {spec.name!r} exists already; a warm start seeds only a new "
              "study")
-    elif warm:  # checked before the study is created: bad input writes nothing
-        source = warm_start.load_source(spec, url)
+    elif warm and source is None:  # checked before the study is created: bad input writes nothing
+        source, source_at = warm_start.load_source(spec, url)
     if spec.name not in names:
         try:
             study = optuna.create_study(
@@ -79,6 +87,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
                 study.set_user_attr(key, value)
             study.set_user_attr("objectives", spec.objectives)
             study.set_user_attr("space", spec.merged_space)
+            study.set_user_attr(overrides.STUDY_ATTR, spec.overrides)
             for key in CONSTRAINTS:
                 study.set_user_attr(key, getattr(spec, key))
             # Last of the attributes: a worker that finds it finds the others.
@@ -90,7 +99,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
                 lr_sweep.enqueue_pending(study, spec.merged_space, spec.lr_sweep, spec.seed)
                 study.set_user_attr(lr_sweep.PROTOCOL_ATTR, spec.lr_sweep.protocol)
             if warm:
-                warm_start.seed(study, spec, source, warm_start.source_url(spec, url), echo)
+                warm_start.seed(study, spec, source, source_at, echo)
             return study
     study = optuna.load_study(study_name=spec.name, storage=storage, sampler=sampler,
                               pruner=pruner)
@@ -104,6 +113,7 @@ def fingerprint(spec: StudySpec, data: str | None) -> dict[str, str]:
     """A digest of each part of the spec that changes a trial's numbers (see the module
     docstring); `data` is the data's own digest, None where it is not read."""
     parts = {"objectives": spec.objectives, "max_params": spec.max_params,
+             **({"overrides": overrides.canonical(spec.overrides)} if spec.overrides else {}),
              # data.source is a path: the data digest stands for what it holds
              "space": _without_source(spec.merged_space),
              # the budgets newer than max_params only where set: studies from before them
@@ -134,10 +144,18 @@ def _check_stored(study: optuna.Study, spec: StudySpec, data: str | None,
     else:
         current = fingerprint(spec, data)
         # A part only one side holds changed too (a budget set or dropped); the data is
-        # compared only where it was read.
+        # compared only where it was read, the overrides only where the study stored them
+        # (a study from before it did holds their effect in its space).
         unread = {"data"} if data is None else set()
-        parts = [*current, *(p for p in stored if p not in current and p not in unread)]
+        if overrides.STUDY_ATTR not in study.user_attrs:
+            unread.add("overrides")
+        parts = [*(p for p in current if p not in unread),
+                 *(p for p in stored if p not in current and p not in unread)]
+        # overrides first, set or dropped: the space they change follows
+        parts.sort(key=lambda part: part != "overrides")
         changed = [part for part in parts if stored.get(part) != current.get(part)]
+    if changed and changed[0] == "overrides":  # its line says what to do (and the space follows)
+        raise ConfigError(f"{spec.path}: {_what_changed(study, spec, 'overrides')}")
     if changed:
         also = f" (also changed: {', '.join(changed[1:])})" if changed[1:] else ""
         raise ConfigError(f"{spec.path}: {_what_changed(study, spec, changed[0])}{also}; use "
@@ -168,13 +186,19 @@ def _what_changed(study: optuna.Study, spec: StudySpec, part: str) -> str:
     if part == "objectives":
         return (f"objectives: the stored study {spec.name!r} has {attrs.get('objectives')}, "
                 f"the spec {spec.objectives}")
+    if part == "overrides":
+        return overrides.mismatch(spec.name, attrs.get(overrides.STUDY_ATTR) or [],
+                                  spec.overrides, complete=True) or "--set: differs"
     if part in CONSTRAINTS:
         return (f"{part}: the stored study {spec.name!r} has {attrs.get(part)}, the spec "
                 f"{getattr(spec, part)}")
     if part == "space":
-        key = _first_difference(_without_source(attrs.get("space") or {}),
-                                _without_source(spec.merged_space))
-        return f"{key or 'space'}: differs from the stored study {spec.name!r}"
+        theirs, ours = _without_source(attrs.get("space") or {}), _without_source(spec.merged_space)
+        key = _first_difference(theirs, ours)
+        if key in (None, "space"):  # not a dotted key's value
+            return f"space: differs from the stored study {spec.name!r}"
+        return (f"{key}: differs from the stored study {spec.name!r} ({_at(theirs, key)} "
+                f"there, {_at(ours, key)} here)")
     source = spec.merged_space.get("data", {}).get("source", "builtin")
     return (f"data.source: the validation and test data of {source!r} differ from those the "
             f"stored study {spec.name!r} was measured on")
@@ -217,6 +241,14 @@ def _first_difference(a: Any, b: Any, key: str = "") -> str | None:
                 return found
         return None
     return None if a == b else (key or "space")
+
+
+def _at(space: dict, key: str) -> str:
+    """The value at a dotted key of a space, for a message ("unset" where it has none)."""
+    node: Any = space
+    for part in key.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return "unset" if node is None else json.dumps(node)
 
 
 def baseline_sizes(spec: StudySpec) -> list[dict[str, Any]]:

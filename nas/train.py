@@ -117,6 +117,17 @@ def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
             for k, v in result.items()}
 
 
+def numerics(device: torch.device) -> dict[str, Any]:
+    """What a run's losses depend on beyond its config (README "Determinism"): the torch
+    build and, on the CPU, the instruction set ATen's kernels use (AVX512 and AVX2 round
+    differently) and the thread count; on a GPU, the GPU."""
+    found: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if device.type == "cuda":
+        return {**found, "gpu": torch.cuda.get_device_name(device)}
+    return {**found, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+            "threads": torch.get_num_threads()}
+
+
 def check_memory(cfg: RunConfig, where: str) -> None:
     """Refuse, before anything is built, a run whose estimated training memory
     (`nas.model.training_bytes`) exceeds the free memory it would train in: built, it would
@@ -335,6 +346,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         "steps": trainer.global_step,
         "resumed_step": resumed,  # None: trained from step 0
         "compiled": compiled,
+        "numerics": numerics(trainer.strategy.root_device),
         "mode": cfg.value_residual.mode,
         "source": cfg.value_residual.source,
         "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer),

@@ -66,6 +66,9 @@ class TrialRecord:
     # Tokens a second of cached generation after training (nas.model.decode_tokens_per_s)
     decode_tokens_per_s: float | None = None
     train_seconds: float | None = None
+    # What its losses depend on beyond the config: torch, CPU instruction set, threads
+    # (nas.train.numerics)
+    numerics: dict[str, Any] | None = None
     steps_trained: int | None = None
     # The step this attempt resumed at, from the checkpoint an earlier attempt left when its
     # worker died (None: trained from step 0).

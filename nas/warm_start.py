@@ -1,6 +1,8 @@
 """Warm starts: a new study seeded with the finished trials of an earlier one (`warm_start:
 {study: NAME, storage: URL}` in a spec, or `nas search --warm-start NAME@URL`), so that, say, a
-GPU study's sampler starts from what a CPU study learned.
+GPU study's sampler starts from what a CPU study learned. Without a storage, the earlier study
+is looked for in this study's storage, then in its own default one (`runs/<NAME>.db`, where
+`nas search` put it).
 
 Each completed trial of the earlier study is replayed through this study's space: every
 parameter the space asks for must be among the trial's, with a value this space allows (a
@@ -37,7 +39,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from . import space as spaces
 from .config import ConfigError
-from .spec import CONSTRAINTS, StudySpec
+from .spec import CONSTRAINTS, StudySpec, default_storage
 from .storage import check_access, make_storage, redact, storage_file
 from .trials import TrialRecord, record_attrs
 
@@ -72,28 +74,38 @@ class Replay:
         return self._take(name, FloatDistribution(low, high, log=log, step=step))
 
 
-def source_url(spec: StudySpec, storage_url: str) -> str:
-    """Where the warm-start study is: its own storage, else this study's (`storage_url`)."""
-    return spec.warm_start.get("storage") or storage_url
+def source_urls(spec: StudySpec, storage_url: str) -> list[str]:
+    """Where the warm-start study may be, in order: its storage as given; else this study's
+    (`storage_url`), then the earlier study's own default storage."""
+    if "storage" in spec.warm_start:
+        return [spec.warm_start["storage"]]
+    own = default_storage(spec.warm_start["study"])
+    return [storage_url, *([own] if own != storage_url else [])]
 
 
-def load_source(spec: StudySpec, storage_url: str) -> optuna.Study:
-    """The study the spec warm-starts from (this study's storage is `storage_url`), checked
-    before the new study is created: it exists, holds completed trials, and searched some key
-    this space searches."""
-    name, url = spec.warm_start["study"], source_url(spec, storage_url)
+def load_source(spec: StudySpec, storage_url: str) -> tuple[optuna.Study, str]:
+    """The study the spec warm-starts from and its storage's URL (this study's storage is
+    `storage_url`), checked before the new study is created: it exists, holds completed
+    trials, and searched some key this space searches."""
+    name = spec.warm_start["study"]
     where = f"warm start from {name!r}"
-    path = storage_file(url)
-    if path is not None and not path.is_file():
-        raise ConfigError(f"{where}: storage {redact(url)} does not exist")
-    if url != storage_url:  # this study's was checked before it was opened; opening and
-        # closing an SQLite file this process holds open would drop its locks on it
-        check_access(url, write=False, where=where)
-    storage = make_storage(url, where=where)
-    names = optuna.get_all_study_names(storage)
-    if name not in names:
-        raise ConfigError(f"{where}: no study {name!r} in {redact(url)} (studies there: "
-                          f"{', '.join(names) or 'none'})")
+    missed = []
+    for url in source_urls(spec, storage_url):
+        path = storage_file(url)
+        if path is not None and not path.is_file():
+            missed.append(f"storage {redact(url)} does not exist")
+            continue
+        if url != storage_url:  # this study's was checked before it was opened; opening and
+            # closing an SQLite file this process holds open would drop its locks on it
+            check_access(url, write=False, where=where)
+        storage = make_storage(url, where=where)
+        names = optuna.get_all_study_names(storage)
+        if name in names:
+            break
+        missed.append(f"no study {name!r} in {redact(url)} (studies there: "
+                      f"{', '.join(names) or 'none'})")
+    else:
+        raise ConfigError(f"{where}: {'; '.join(missed)}")
     source = optuna.load_study(study_name=name, storage=storage)
     done = _candidates(source)
     if not done:
@@ -104,7 +116,7 @@ def load_source(spec: StudySpec, storage_url: str) -> optuna.Study:
         raise ConfigError(f"{where}: its trials share no searched key with this space (they "
                           f"set {', '.join(sorted(theirs)) or 'none'}; this space searches "
                           f"{', '.join(sorted(ours)) or 'none'})")
-    return source
+    return source, url
 
 
 def searched_keys(spec: StudySpec, draws: int = 64) -> set[str]:

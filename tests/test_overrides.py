@@ -88,9 +88,11 @@ def test_nas_search_overrides_the_space_and_a_resume_must_repeat_them(tmp_path, 
                            for c in configs)
     capsys.readouterr()
     # resumed with other overrides, the study's space would change: refused before a trial
+    # (tests/test_stored_overrides.py: what a resume without them does)
     assert main(["search", str(spec), "--n-trials", "1", "--no-progress",
                  "--set", "model.n_layer=3"]) == 2
-    assert "differs from the stored study" in capsys.readouterr().err
+    assert ("--set model.n_layer: study 'tiny' was searched with model.n_layer=2, here "
+            "model.n_layer=3") in capsys.readouterr().err
     assert len(optuna.load_study(study_name="tiny",
                                  storage=f"sqlite:///{tmp_path}/tiny.db").trials) == len(
         study.trials)
