@@ -150,19 +150,23 @@ def test_a_sweep_confirms_every_plan_and_vanilla_over_its_rates_on_every_fresh_s
                                                               params["train.seed"])
 
 
-def test_a_trial_of_a_confirmation_that_no_queue_entry_made_is_failed_as_surplus(tmp_path):
+@pytest.mark.parametrize("derived", [True, False], ids=["confirmation", "lr-sweep"])
+def test_a_trial_that_no_queue_entry_made_is_failed_as_surplus(tmp_path, derived):
+    """A confirmation, like the lr sweep it may derive from, runs its queue alone."""
     grid = [0.001, 0.0014]
     spec = _sweep_spec(tmp_path, {"lr": grid, "seed": [0, 1]})
-    arms = choose_arms(_numbered([sweep_trial(v, 16, lr, 0, 2.0 + lr, 3.0)
-                                  for v in ("vanilla", "identity") for lr in grid]))
-    chosen = choose_plans(optuna.create_study(), arms, 1, False, None)
-    derived = confirmation_spec(spec, "sqlite:///x.db", "sweep-confirm",
-                                plan_entries(spec, arms, chosen), [2, 3], "")
+    if derived:
+        arms = choose_arms(_numbered([sweep_trial(v, 16, lr, 0, 2.0 + lr, 3.0)
+                                      for v in ("vanilla", "identity") for lr in grid]))
+        chosen = choose_plans(optuna.create_study(), arms, 1, False, None)
+        spec = confirmation_spec(spec, "sqlite:///x.db", "sweep-confirm",
+                                 plan_entries(spec, arms, chosen), [2, 3], "")
+    assert spec.queue_driven
     study = optuna.create_study(directions=["minimize", "minimize"])
     # two workers, one queued trial: the second's ask began a trial of Optuna's own
     trial = study.ask()
     with pytest.raises(SurplusTrial):
-        Objective(derived, derived.n_trials, echo=lambda *_: None)(trial)
+        Objective(spec, spec.n_trials, echo=lambda *_: None)(trial)
     assert trial.user_attrs["failure"] == "surplus: nothing left in the study's queue"
     assert not trial.params  # nothing sampled, nothing trained
 

@@ -12,8 +12,6 @@ from nas import lr_sweep
 from nas.arms import best_arms, choose_arms, paired_differences
 from nas.cli import main
 from nas.lr_sweep import halving_choice
-from nas.objective import Objective, SurplusTrial
-from nas.spec import load_spec
 from nas.stats import holm
 from nas.summary import summary_markdown
 from nas.trials import completed, records
@@ -235,20 +233,3 @@ def test_halving_replay_keeps_the_best_share_and_counts_the_steps_it_spends():
     # keeping everything is the full sweep
     assert halving_choice(curves, 100, (0.25, 0.5), 1.0) == (0.001, 1.0)
 
-
-def test_a_sweep_trial_that_no_queue_entry_made_ends_as_surplus(tmp_path):
-    space = {"model": {"n_layer": 2, "n_head": 2, "d_model": 16, "seq_len": 16},
-             "train": {"lr": [0.001, 0.0014], "seed": [0, 1]},
-             "variants": {"vanilla": {"mode": "vanilla"}}}
-    path = tmp_path / "s.yaml"
-    path.write_text(yaml.safe_dump({"name": "s", "space": space, "baselines": False,
-                                    "sampler": {"type": "bruteforce"}}))
-    spec = load_spec(path)
-    assert spec.queue_driven
-    study = optuna.create_study(directions=["minimize", "minimize"])
-    # two workers, one queued trial: the second's ask began a trial of Optuna's own
-    trial = study.ask()
-    with pytest.raises(SurplusTrial):
-        Objective(spec, spec.n_trials, echo=lambda *_: None)(trial)
-    assert trial.user_attrs["failure"] == "surplus: nothing left in the study's queue"
-    assert not trial.params  # nothing sampled, nothing trained
