@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+from urllib.parse import unquote
 
 import optuna
 import sqlalchemy
@@ -38,6 +39,24 @@ def storage_file(url: str) -> Path | None:
         db = url.removeprefix("sqlite:///")
         return Path(db) if db and db != ":memory:" else None
     return journal_path(url)
+
+
+# What a storage keeps beside its file: SQLite's write-ahead log, its index and its rollback
+# journal; a journal file's lock.
+SIDE_FILES = {"sqlite": ("-wal", "-shm", "-journal"), "journal": (".lock",)}
+
+
+def side_files(url: str) -> tuple[str, ...]:
+    """The suffixes of the files a storage keeps beside its file (`SIDE_FILES`)."""
+    return SIDE_FILES["sqlite" if url.startswith("sqlite") else "journal"]
+
+
+def in_memory(url: str) -> bool:
+    """Whether a URL names an in-memory database, which is gone when the process exits:
+    `sqlite://`, `sqlite:///:memory:`, SQLite's `file::memory:` and `mode=memory` URIs."""
+    if not url.startswith("sqlite"):
+        return False
+    return storage_file(url) is None or ":memory:" in url or "mode=memory" in url
 
 
 def check_access(url: str, write: bool, where: str = "--storage") -> None:
@@ -65,20 +84,35 @@ def check_access(url: str, write: bool, where: str = "--storage") -> None:
 # scheme://user:PASSWORD@rest: the password runs to the last @, as a password with an unquoted @
 # in it would (masking too much is safe; sqlalchemy's parser would show the part after its @).
 _PASSWORD = re.compile(r"^(?P<user>[\w+.-]+://[^:/@]*):(?P<password>.*)@(?P<rest>[^@]*)$", re.S)
+# A password as a key: a URL's query parameter (`?password=...`, `&sslpassword=...`) or a libpq
+# DSN's `password=...` (quoted or not), as drivers echo connection settings.
+_PASSWORD_KEY = re.compile(r"(?i)(?P<key>\b(?:ssl)?(?:password|passwd|pwd|pass)\s*=\s*)"
+                           r"(?P<value>'(?:[^'\\]|\\.)*'|[^&;\s]*)")
+
+
+def passwords(url: str) -> list[str]:
+    """Every password a storage URL holds, as written and percent-decoded: in its userinfo
+    (and each piece of one an unquoted @ split) and in its query parameters."""
+    match = _PASSWORD.match(url)
+    found = [match["password"], *match["password"].split("@")] if match else []
+    found += [m["value"].strip("'") for m in _PASSWORD_KEY.finditer(url)]
+    return sorted({form for p in found for form in (p, unquote(p)) if form}, key=len,
+                  reverse=True)
 
 
 def redact(url: str, text: str | None = None) -> str:
-    """The storage URL without its password, for every message, log line, page and error that
-    names a storage; with `text` (an error raised while opening `url`), that text with the URL
-    and its password masked. The one place a password is hidden: what prints a URL calls it."""
+    """The storage URL without its passwords (userinfo and query parameters), for every
+    message, log line, page and error that names a storage; with `text` (an error raised while
+    opening `url`), that text with the URL, any `password=` setting and every password of the
+    URL masked. The one place a password is hidden: what prints a URL calls it."""
     match = _PASSWORD.match(url)
     masked = f"{match['user']}:***@{match['rest']}" if match else url
+    masked = _PASSWORD_KEY.sub(r"\g<key>***", masked)
     if text is None:
         return masked
-    text = text.replace(url, masked)
-    # A driver that split the password at an unquoted @ may quote either piece of it.
-    for piece in match["password"].split("@") if match else ():
-        text = text.replace(piece, "***") if piece else text
+    text = _PASSWORD_KEY.sub(r"\g<key>***", text.replace(url, masked))
+    for password in passwords(url):
+        text = text.replace(password, "***")
     return text
 
 
