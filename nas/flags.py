@@ -28,11 +28,12 @@ class Parser(argparse.ArgumentParser):
 
 
 def _range_text(low: float | None, high: float | None, low_open: bool) -> str:
+    """`must be ...` for a finite number in a range: `> 0 and finite`, `in [0, 1] and finite`."""
     if low is not None and high is not None:
-        return f"in {'(' if low_open else '['}{low:g}, {high:g}]"
+        return f"in {'(' if low_open else '['}{low:g}, {high:g}] and finite"
     if low is not None:
-        return f"{'>' if low_open else '>='} {low:g}"
-    return f"<= {high:g}"
+        return f"{'>' if low_open else '>='} {low:g} and finite"
+    return f"<= {high:g} and finite" if high is not None else "finite"
 
 
 def integer(low: int | None = None, high: int = INT_LIMIT - 1) -> Parse:
@@ -44,12 +45,10 @@ def integer(low: int | None = None, high: int = INT_LIMIT - 1) -> Parse:
         except ValueError:
             raise argparse.ArgumentTypeError(f"expected a whole number, got {shorten(text)!r}"
                                              ) from None
-        if (low is not None and value < low) or value > high:
-            if low is None:
-                allowed = f"<= {high}"
-            else:
-                allowed = f">= {low}" if high == INT_LIMIT - 1 else f"in {low}..{high}"
-            raise argparse.ArgumentTypeError(f"must be {allowed}, got {shorten(text)}")
+        if low is not None and value < low:
+            raise argparse.ArgumentTypeError(f"must be >= {low}, got {shorten(text)}")
+        if value > high:
+            raise argparse.ArgumentTypeError(f"must be <= {high}, got {shorten(text)}")
         return value
     return parse
 
@@ -66,7 +65,7 @@ def number(low: float | None = None, high: float | None = None,
         below = low is not None and (value <= low if low_open else value < low)
         if not math.isfinite(value) or below or (high is not None and value > high):
             bounds = _range_text(low, high, low_open)
-            raise argparse.ArgumentTypeError(f"must be {bounds} and finite, got {value}")
+            raise argparse.ArgumentTypeError(f"must be {bounds}, got {value}")
         return value
     return parse
 

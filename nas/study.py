@@ -20,7 +20,6 @@ from __future__ import annotations
 import hashlib
 import itertools
 import json
-import os
 import time
 from collections.abc import Callable, Container
 from typing import Any
@@ -122,9 +121,8 @@ def check_outputs(spec: StudySpec, storage_url: str | None = None) -> None:
                           "be lost when the search ends; use sqlite:///PATH, journal:PATH or a "
                           "database server")
     path = storage_file(url)
-    if path is not None and os.path.lexists(path):
-        check_access(url, write=True, where=where)
-    elif path is not None:
+    if path is not None:
+        check_access(url, write=True, where=where)  # an existing file: its own line first
         check_output(path, where, folder=False, suffixes=side_files(url))
     folder = artifact_dir(url, spec.name, spec.artifacts)
     check_output(folder, f"{spec.path}: artifacts" if spec.artifacts else where, folder=True,

@@ -30,7 +30,7 @@ from .interrupt import lightning_interrupts
 from .lit import LitDecoder
 from .loggers import logging_callbacks, run_logger
 from .model import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
-from .paths import PID_ROOM, check_output
+from .paths import PID_ROOM, check_output, removed_if_refused
 
 ValidationHook = Callable[[int, float], None]
 
@@ -187,12 +187,13 @@ def run_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = out.resolve()  # `.` and `..` name no folder to put another beside
     staging = out.with_name(f"{out.name}{INCOMPLETE}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this pid
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with removed_if_refused(staging):  # and the folders made for it, on bad input
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
     if overwrite and out.exists():
         out.rename(old)
