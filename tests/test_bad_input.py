@@ -5,6 +5,7 @@ or write is refused by a real process (as root, one running as `nobody`: root ma
 write any file)."""
 
 import contextlib
+import math
 import os
 import pwd
 import resource
@@ -23,6 +24,7 @@ import yaml
 from nas.cli import main
 from nas.config import dump_config
 from nas.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
+from nas.parsing import first_non_finite
 from nas.search import run_search
 from nas.spec import load_spec
 from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd, tiny
@@ -583,3 +585,14 @@ def test_a_storage_file_it_may_not_read_or_write_is_refused(held, command, mode,
         assert copy.read_bytes() == before and snapshot(held) == held_before
     finally:
         shutil.rmtree(folder)
+
+
+def test_the_nan_walk_visits_a_shared_value_once():
+    # 2**60 paths through 60 lists that each hold the one below twice: walked path by path it
+    # would never end (a YAML alias bomb the loader did not bound would be such a value)
+    shared = [1.0]
+    for _ in range(60):
+        shared = [shared, shared]
+    assert first_non_finite({"train": {"lr": shared}}) is None
+    shared.append(float("nan"))
+    assert math.isnan(first_non_finite({"train": {"lr": shared}}))
