@@ -74,9 +74,10 @@ def check_output(path: str | Path, where: str, *, folder: bool, suffixes: Sequen
 
 @contextlib.contextmanager
 def removed_if_refused(path: Path | None, suffixes: Sequence[str] = ()) -> Iterator[None]:
-    """Whatever the block creates at `path` (a file, with the files beside it named by
-    `suffixes`, and the folders made for it) is removed if the block raises a ConfigError:
-    a refused command leaves nothing behind. What existed before is never touched."""
+    """What the block creates at `path` (a file and the files beside it named by `suffixes`;
+    a folder, which the block removes itself) and the folders made for it are removed if the
+    block raises a ConfigError: a refused command leaves nothing behind. What existed before
+    is never touched."""
     if path is None or os.path.lexists(path):
         yield
         return
