@@ -239,7 +239,8 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
     storage = make_storage(url)  # every attribute stored, the warm start's origin included
     for name in ("secret", "warm"):
         study = optuna.load_study(study_name=name, storage=storage)
-        written.append(repr([study.user_attrs, study.system_attrs,
+        system = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
+        written.append(repr([study.user_attrs, system,
                              [(t.user_attrs, t.system_attrs) for t in study.trials]]))
     assert any("warm_start" in text and "password=***" in text for text in written)
     leaks = [text for text in outputs + written
