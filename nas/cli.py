@@ -12,7 +12,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, first_line
+from .errors import ConfigError, first_line, shorten
+from .flags import Parser, integer, number, text
 from .interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
@@ -24,8 +25,9 @@ if TYPE_CHECKING:
 def cmd_train(args: argparse.Namespace) -> int:
     from .overrides import load_config as load_with_overrides
 
-    cfg = load_with_overrides(args.config, args.set, args.data or None)
-    out = Path(args.out) if args.out else Path("runs") / "train" / Path(args.config).stem
+    cfg = load_with_overrides(args.config, args.set, args.data)
+    out = Path(args.out) if args.out is not None else Path("runs") / "train" / Path(
+        args.config).stem
     size, plan = cfg.model, cfg.value_residual
     # at once, before the seconds torch and Lightning take to import
     print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
@@ -66,12 +68,6 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .console import front_table
     from .search import SearchError, run_search
 
-    for flag, zero_ok in (("n_trials", False), ("timeout", False), ("worker_id", True),
-                          ("threads", False)):
-        value = getattr(args, flag)
-        if value is not None and (value < 0 if zero_ok else value <= 0):
-            raise ConfigError(f"--{flag.replace('_', '-')}: must be "
-                              f"{'>= 0' if zero_ok else '> 0'}, got {value}")
     spec = study_spec(args, args.study, data=args.data, sets=args.set,
                       warm_start=args.warm_start)
     try:
@@ -108,7 +104,8 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_choice, choose_trials, export_trials, summary_files
+    from .export import check_choice, choose_trials, export_trials, summary_files, trial_file
+    from .paths import check_output
     from .study import open_existing
 
     if args.hf:
@@ -117,7 +114,10 @@ def cmd_export(args: argparse.Namespace) -> int:
         raise ConfigError(f"{args.study}: a folder; to export a `nas train` run as a Hugging "
                           "Face model pass --hf")
     check_choice(args.pareto, args.best)
-    study = open_existing(study_spec(args, args.study), args.storage)
+    spec = study_spec(args, args.study)
+    check_output(args.out, "--out", folder=True, inside=[
+        trial_file(spec.name, 9999), *summary_files(spec.name)])
+    study = open_existing(spec, args.storage)
     rows = export_trials(study, choose_trials(study, args.pareto, args.best), args.out)
     for r in rows:
         print(f"{args.out}/{r['file']}  trial {r['trial']:>3}  {r['plan']:<30} "
@@ -131,12 +131,14 @@ def cmd_export(args: argparse.Namespace) -> int:
 def _export_hf(args: argparse.Namespace) -> int:
     """`nas export RUN_DIR --hf`: the run as a Hugging Face model folder."""
     from .hf_export import export_hf
+    from .paths import check_output
 
     chosen = [flag for flag, value in (("--pareto", args.pareto), ("--best", args.best),
                                        ("--storage", args.storage)) if value]
     if chosen:
         raise ConfigError(f"--hf exports one `nas train` run folder; {', '.join(chosen)} "
                           "choose(s) trials of a study")
+    check_output(args.out, "--out", folder=True)
     run, out = Path(args.study), Path(args.out)
     cfg, model = _load_run(run)
     carried = export_hf(cfg, model, out, run)  # what tokenizer the folder carries
@@ -151,11 +153,13 @@ def cmd_report(args: argparse.Namespace) -> int:
     require("report", "nas report")
     from .confirmation import load_confirmations
     from .lr_sweep import stored_protocol
+    from .paths import check_output
     from .report import write_report
     from .study import open_existing
     from .summary import summary_markdown
     from .trials import completed
 
+    check_output(args.out, "--out", folder=False)
     spec = study_spec(args, args.study)
     study = open_existing(spec, args.storage)
     figures, left_out = write_report(study, args.out, source=spec.path, image=args.image)
@@ -186,7 +190,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
         from .train import train
 
         cfg = load_config(target)
-        out = Path(args.out) if args.out else Path("runs") / "train" / target.stem
+        out = Path(args.out) if args.out is not None else Path("runs") / "train" / target.stem
         metrics = train(cfg, out, overwrite=args.overwrite, progress=show_progress(args))
         print(f"trained {target} -> {out} (val_loss {metrics['val_loss']:.4f})")
         result = {k: metrics[k] for k in ("analysis", "coefficients", "receiving_layers")}
@@ -200,6 +204,8 @@ def cmd_analyze(args: argparse.Namespace) -> int:
 
 def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
     """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
+    import pickle
+
     import torch
 
     from .config import load_config
@@ -213,8 +219,17 @@ def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
     cfg = load_config(folder / "config.yaml")
     model = build_model(cfg)
     try:
-        model.load_state_dict(torch.load(folder / "model.pt", weights_only=True,
-                                         map_location="cpu"))
+        state = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
+    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
+        # weights_only refuses a pickle of anything but tensors and plain values unrun; its
+        # message would suggest weights_only=False, which would run it
+        raise ConfigError(f"{folder / 'model.pt'}: not a state dict of tensors as `nas train` "
+                          f"writes (refused unloaded: {type(exc).__name__})") from None
+    if not isinstance(state, dict):
+        raise ConfigError(f"{folder / 'model.pt'}: holds a {type(state).__name__}, not a "
+                          "state dict of tensors as `nas train` writes")
+    try:
+        model.load_state_dict(state)
     except (RuntimeError, OSError, ValueError) as exc:
         raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: "
                           f"{first_line(exc)}") from None
@@ -253,19 +268,8 @@ def _analyze_trial(args: argparse.Namespace, study_path: Path) -> dict:
 
 def cmd_generate(args: argparse.Namespace) -> int:
     """Continue --prompt with text sampled from a trained run, through the model's KV cache."""
-    import math
-
     import torch
 
-    if not args.prompt:
-        raise ConfigError("--prompt: must be non-empty")
-    if args.max_new_tokens < 1:
-        raise ConfigError(f"--max-new-tokens: must be >= 1, got {args.max_new_tokens}")
-    if not (args.temperature >= 0 and math.isfinite(args.temperature)):
-        raise ConfigError(f"--temperature: must be >= 0 and finite (0: greedy), got "
-                          f"{args.temperature}")
-    if args.top_k is not None and args.top_k < 1:
-        raise ConfigError(f"--top-k: must be >= 1, got {args.top_k}")
     folder = Path(args.run_dir)
     cfg, model = _load_run(folder)
     encode, decode = _codec(folder, cfg.model.vocab_size)
@@ -314,8 +318,6 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
     require("dashboard", "nas dashboard")
     from .dashboard import serve
 
-    if not 0 <= args.port <= 65535:
-        raise ConfigError(f"--port: must be in 0..65535, got {args.port}")
     serve(study_spec(args, args.study), args.storage, host=args.host, port=args.port,
           artifacts=args.artifacts, refresh=args.refresh, allow_remote=args.allow_remote)
     return 0
@@ -337,6 +339,12 @@ def cmd_prepare(args: argparse.Namespace) -> int:
 
 NO_PROGRESS_HELP = ("no progress bar (there is none anyway where the output is not a "
                     "terminal)")
+# The bounds of flags whose code would take any number: generation is one forward per token,
+# with nothing printed until the end; torch's thread pool; a thread's wait.
+MAX_NEW_TOKENS = 100_000
+MAX_THREADS = 4096
+MAX_REFRESH = 10.0**6
+
 SET_HELP = ("override one key, validated as the file is (repeat it; dotted keys; the value "
             "read as YAML)")
 FORCE_HELP = ("train even where the estimated training memory exceeds the free memory (the "
@@ -344,19 +352,21 @@ FORCE_HELP = ("train even where the estimated training memory exceeds the free m
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = Parser(
         prog="nas", description="Architecture search over value-residual patterns (ResFormer).")
     sub = parser.add_subparsers(dest="command", required=True)
 
     p = sub.add_parser("train", help="train one run config and write metrics.json")
-    p.add_argument("config", help="run config YAML")
-    p.add_argument("--out", help="output folder, written at once when the run ends (default: "
+    p.add_argument("config", type=text, help="run config YAML")
+    p.add_argument("--out", type=text,
+                   help="output folder, written at once when the run ends (default: "
                    "runs/train/<config name>; an exported config's name holds its study and "
                    "trial)")
     p.add_argument("--overwrite", action="store_true", help="replace an --out that is not empty")
     p.add_argument("--resume", action="store_true", help="continue a run that did not finish "
                    "from its last checkpoint in <out>.checkpoints (train.checkpoint_every)")
-    p.add_argument("--data", help="override data.source: builtin, a text file, a .bin glob or "
+    p.add_argument("--data", type=text,
+                   help="override data.source: builtin, a text file, a .bin glob or "
                    "a `nas prepare` folder")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=SET_HELP + " of the run config, e.g. --set train.lr=1e-3")
@@ -365,24 +375,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("search", help="create or resume a study and run its trials")
-    p.add_argument("study", help="study spec YAML")
-    p.add_argument("--storage", help="sqlite:///PATH (one machine), postgresql://USER@HOST/DB "
+    p.add_argument("study", type=text, help="study spec YAML")
+    p.add_argument("--storage", type=text,
+                   help="sqlite:///PATH (one machine), postgresql://USER@HOST/DB "
                    "(many machines), journal:PATH or a plain file path (default: the spec's, "
                    "else sqlite:///runs/<name>.db)")
-    p.add_argument("--n-trials", type=int, help="this worker starts this many trials, whatever "
+    p.add_argument("--n-trials", type=integer(1),
+                   help="this worker starts this many trials, whatever "
                    "their outcome (default: run until the study holds the spec's n_trials "
                    "finished trials, with every other worker on it)")
-    p.add_argument("--timeout", type=float, help="stop starting trials after S seconds")
-    p.add_argument("--data", help="override data.source for every trial")
+    p.add_argument("--timeout", type=number(0, low_open=True),
+                   help="stop starting trials after S seconds")
+    p.add_argument("--data", type=text, help="override data.source for every trial")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help=SET_HELP + " of the space (fixing a key it searched), e.g. --set "
                    "train.steps=2000; a resumed study must be given the same")
-    p.add_argument("--warm-start", metavar="STUDY[@STORAGE]", help="seed a new study with the "
+    p.add_argument("--warm-start", type=text, metavar="STUDY[@STORAGE]",
+                   help="seed a new study with the "
                    "finished trials of an earlier one whose space shares its keys (storage: "
                    "default this study's); overrides the spec's warm_start")
-    p.add_argument("--worker-id", type=int, help="0, 1, 2, ... distinct per worker sharing the "
+    # below 2**31: added to the spec's seed (below 2**31), it seeds numpy (below 2**32)
+    p.add_argument("--worker-id", type=integer(0, 2**31 - 1),
+                   help="0, 1, 2, ... distinct per worker sharing the "
                    "study: the sampler seed is the spec's seed plus this")
-    p.add_argument("--threads", type=int, help="CPU threads for training (torch) (default: "
+    p.add_argument("--threads", type=integer(1, MAX_THREADS),
+                   help="CPU threads for training (torch) (default: "
                    "OMP_NUM_THREADS if set, else this machine's cores / its nas search "
                    "workers, recounted before each trial)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
@@ -411,31 +428,37 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("export", help="write the chosen trials as run configs for nas train, "
                        "or (--hf) a trained run as a Hugging Face model")
-    p.add_argument("study", metavar="STUDY.yaml|RUN_DIR", help="study spec YAML; with --hf, a "
+    p.add_argument("study", type=text, metavar="STUDY.yaml|RUN_DIR",
+                   help="study spec YAML; with --hf, a "
                    "`nas train --out` folder (config.yaml, model.pt)")
     p.add_argument("--hf", action="store_true", help="write RUN_DIR as a Hugging Face model "
                    "folder that AutoModelForCausalLM loads (trust_remote_code=True); needs "
                    "resformer-nas[hf]")
-    p.add_argument("--storage", help=storage_help)
+    p.add_argument("--storage", type=text, help=storage_help)
     p.add_argument("--pareto", action="store_true", help="export the Pareto front")
-    p.add_argument("--best", type=int, metavar="K", help="export the K lowest-loss trials")
-    p.add_argument("--out", required=True, help="output folder (with --hf: new or empty)")
+    p.add_argument("--best", type=integer(1), metavar="K",
+                   help="export the K lowest-loss trials")
+    p.add_argument("--out", type=text, required=True,
+                   help="output folder (with --hf: new or empty)")
     p.set_defaults(func=cmd_export)
 
     p = sub.add_parser("report", help="write the interactive HTML report of a study")
-    p.add_argument("study", help="study spec YAML")
-    p.add_argument("--storage", help=storage_help)
-    p.add_argument("--out", required=True, help="the HTML file to write")
-    p.add_argument("--image", help="also write X-<figure>.png or .svg per figure (needs kaleido)")
+    p.add_argument("study", type=text, help="study spec YAML")
+    p.add_argument("--storage", type=text, help=storage_help)
+    p.add_argument("--out", type=text, required=True, help="the HTML file to write")
+    p.add_argument("--image", type=text,
+                   help="also write X-<figure>.png or .svg per figure (needs kaleido)")
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("analyze", help="per-layer attention entropy, value similarity to "
                        "layer 0 and coefficients of one trained model")
-    p.add_argument("target", help="a `nas train --out` folder, a run config YAML (trained "
+    p.add_argument("target", type=text,
+                   help="a `nas train --out` folder, a run config YAML (trained "
                    "first) or a study spec YAML with --trial")
-    p.add_argument("--trial", type=int, help="with a study spec: the trial number")
-    p.add_argument("--storage", help=storage_help)
-    p.add_argument("--out", help="with a run config: the training output folder (default: "
+    p.add_argument("--trial", type=integer(0), help="with a study spec: the trial number")
+    p.add_argument("--storage", type=text, help=storage_help)
+    p.add_argument("--out", type=text,
+                   help="with a run config: the training output folder (default: "
                    "runs/train/<config name>)")
     p.add_argument("--overwrite", action="store_true", help="with a run config: replace an "
                    "--out that is not empty")
@@ -446,63 +469,79 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="continue a prompt with text sampled from a trained "
                        "model (through its KV cache)")
-    p.add_argument("run_dir", help="a `nas train --out` folder (config.yaml, model.pt; a "
+    p.add_argument("run_dir", type=text,
+                   help="a `nas train --out` folder (config.yaml, model.pt; a "
                    "tokenizer.json where the vocabulary is not bytes)")
-    p.add_argument("--prompt", required=True, help="the text to continue")
-    p.add_argument("--max-new-tokens", type=int, default=200, help="tokens to sample "
-                   "(default: 200)")
-    p.add_argument("--temperature", type=float, default=1.0, help="divides the logits before "
-                   "the softmax: below 1 sharper, above 1 flatter, 0 the most likely token "
-                   "each time (greedy: the same text as --top-k 1) (default: 1)")
-    p.add_argument("--top-k", type=int, help="sample among the K most likely tokens only "
+    p.add_argument("--prompt", type=text, required=True, help="the text to continue")
+    p.add_argument("--max-new-tokens", type=integer(1, MAX_NEW_TOKENS), default=200,
+                   help=f"tokens to sample (default: 200; at most {MAX_NEW_TOKENS:,})")
+    p.add_argument("--temperature", type=number(0), default=1.0, help="divides the logits "
+                   "before the softmax: below 1 sharper, above 1 flatter, 0 the most likely "
+                   "token each time (greedy: the same text as --top-k 1) (default: 1)")
+    p.add_argument("--top-k", type=integer(1), help="sample among the K most likely tokens only "
                    "(default: all)")
-    p.add_argument("--seed", type=int, help="seed the sampling: the same seed gives the same "
+    p.add_argument("--seed", type=integer(0, 2**32 - 1),
+                   help="seed the sampling: the same seed gives the same "
                    "text (default: a fresh seed)")
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("dashboard", help="serve optuna-dashboard on a study")
-    p.add_argument("study", help="study spec YAML")
-    p.add_argument("--storage", help=storage_help)
-    p.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1; "
+    p.add_argument("study", type=text, help="study spec YAML")
+    p.add_argument("--storage", type=text, help=storage_help)
+    p.add_argument("--host", type=text, default="127.0.0.1",
+                   help="address to bind (default: 127.0.0.1; "
                    "any other than a loopback address needs --allow-remote)")
     p.add_argument("--allow-remote", action="store_true", help="serve on a --host other machines "
                    "reach: optuna-dashboard has no authentication and can delete studies; "
                    "prefer an SSH tunnel to 127.0.0.1")
-    p.add_argument("--port", type=int, default=8080, help="port (default: 8080; 0: any free)")
-    p.add_argument("--artifacts", help="artifact folder (default: the spec's, else next to the "
+    p.add_argument("--port", type=integer(0, 65535), default=8080,
+                   help="port (default: 8080; 0: any free)")
+    p.add_argument("--artifacts", type=text,
+                   help="artifact folder (default: the spec's, else next to the "
                    "storage: runs/<name>-artifacts)")
-    p.add_argument("--refresh", type=float, default=60.0, help="seconds between checks for "
+    p.add_argument("--refresh", type=number(0, MAX_REFRESH), default=60.0,
+                   help="seconds between checks for "
                    "new trials to refresh the note and figures (0: never)")
     p.set_defaults(func=cmd_dashboard)
 
     p = sub.add_parser("prepare", help="train a byte-level BPE tokenizer on text files and "
                        "write train/val/test .bin shards for data.source")
-    p.add_argument("files", nargs="+", metavar="TEXT_FILE", help="UTF-8 text files, read as "
+    p.add_argument("files", type=text, nargs="+", metavar="TEXT_FILE",
+                   help="UTF-8 text files, read as "
                    "one stream in this order (the held-out splits are its end)")
-    p.add_argument("--out", required=True, help="the folder to write (new or empty): "
+    p.add_argument("--out", type=text, required=True, help="the folder to write (new or empty): "
                    "tokenizer.json, train_*.bin, val_*.bin, test_*.bin")
-    p.add_argument("--vocab-size", type=int, help="train a tokenizer of this many tokens "
+    p.add_argument("--vocab-size", type=integer(), help="train a tokenizer of this many tokens "
                    "(256..65535, the bytes and <|endoftext|> included)")
-    p.add_argument("--tokenizer", help="use this tokenizer.json instead of training one")
-    p.add_argument("--val-fraction", type=float, default=0.1, help="share of the text that "
+    p.add_argument("--tokenizer", type=text, help="use this tokenizer.json instead of training one")
+    p.add_argument("--val-fraction", type=number(), default=0.1, help="share of the text that "
                    "validates (default: 0.1)")
-    p.add_argument("--test-fraction", type=float, default=0.05, help="share of the text that "
+    p.add_argument("--test-fraction", type=number(), default=0.05, help="share of the text that "
                    "tests, at its end (default: 0.05; 0: no test set)")
-    p.add_argument("--shard-tokens", type=int, help="tokens per shard (default: 100M, as "
+    p.add_argument("--shard-tokens", type=integer(), help="tokens per shard (default: 100M, as "
                    "modded-nanogpt's)")
     p.add_argument("--no-progress", action="store_true", help=NO_PROGRESS_HELP)
     p.set_defaults(func=cmd_prepare)
     return parser
 
 
+# The most of a refusal's line that is printed: its parts quote excerpts of what they refuse
+# (`parsing.excerpt`); this bounds what they did not foresee (a 100,000-character key).
+MAX_ERROR_LINE = 1000
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:  # --help (0) and argparse's refusals, one line (2): `Parser`
+        return exc.code if isinstance(exc.code, int) else 2
     try:
         with CTRL_C:  # Ctrl+C, SIGTERM and a preemption notice, whatever the command is doing
             return args.func(args)
     except ConfigError as exc:
-        print(f"nas {args.command}: error: {exc}", file=sys.stderr)
+        line = " ".join(str(exc).split())  # one line, whatever a library's text held
+        print(f"nas {args.command}: error: {shorten(line, MAX_ERROR_LINE)}", file=sys.stderr)
         return 2
     except KeyboardInterrupt as exc:
         print(f"nas {args.command}: {str(exc) or 'interrupted'}", file=sys.stderr)

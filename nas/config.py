@@ -65,7 +65,9 @@ MODEL_PRESETS: dict[str, dict[str, int]] = {
 class ModelConfig:
     EXTRA_KEYS: ClassVar[tuple[str, ...]] = ("preset",)  # a named size, resolved by from_preset
     vocab_size: int = Field(256, gt=0)
-    n_layer: int = Field(8, gt=0)
+    # At most 1024: the parameter count builds each layer (on the meta device), so a
+    # count in the billions would hang the check instead of failing it.
+    n_layer: int = Field(8, gt=0, le=1024)
     d_model: int = Field(128, gt=0)
     n_head: int = Field(4, gt=0)
     seq_len: int = Field(128, gt=0)
@@ -182,6 +184,7 @@ class ValueResidualConfig:
 
 
 DEFAULT_STEPS = 600
+MAX_TIME = 10.0**9  # seconds (31 years): what Python's timedelta, Lightning's timer, holds
 BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")  # a run's length: exactly one of them
 
 
@@ -217,7 +220,7 @@ class TrainConfig:
     # Wall-clock seconds one run may train (Lightning's `max_time`; None: no limit). A run that
     # reaches it fails (nas.train.TimeLimitError): a hung or far too slow trial ends FAIL with
     # its reason, instead of holding its worker.
-    max_time: float | None = Field(None, gt=0, allow_inf_nan=False)
+    max_time: float | None = Field(None, gt=0, le=MAX_TIME, allow_inf_nan=False)
     # Save a checkpoint every N training steps (None: never), from which `nas train --resume`
     # and a retried trial continue (nas.checkpoint); they are deleted when the run finishes
     # unless keep_checkpoints.

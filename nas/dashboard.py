@@ -30,6 +30,7 @@ from .artifacts import artifact_dir, artifact_store
 from .config import ConfigError
 from .figures import build_figures
 from .lr_sweep import stored_protocol
+from .paths import check_output
 from .spec import StudySpec
 from .storage import make_storage, redact
 from .study import FINISHED, open_existing, resolve_storage
@@ -166,7 +167,8 @@ def tunnel(port: int) -> str:
 def serve(spec: StudySpec, storage: str | None = None, host: str = "127.0.0.1",
           port: int = 8080, artifacts: str | Path | None = None, refresh: float = 60.0,
           echo: Callable[[str], None] | None = None, allow_remote: bool = False) -> None:
-    """Publish the note and figures, then serve optuna-dashboard until Ctrl+C.
+    """Publish the note and figures, then serve optuna-dashboard until Ctrl+C or SIGTERM (the
+    KeyboardInterrupt, `nas.interrupt.Interrupted`, goes on to the caller).
 
     optuna-dashboard has no authentication and lets whoever reaches it delete studies, so a
     `host` other than a loopback address is refused unless `allow_remote`, which warns."""
@@ -179,6 +181,7 @@ def serve(spec: StudySpec, storage: str | None = None, host: str = "127.0.0.1",
     study = open_existing(spec, storage)
     url = resolve_storage(spec, storage)
     folder = artifact_dir(url, spec.name, artifacts or spec.artifacts)
+    check_output(folder, "--artifacts" if artifacts else f"{spec.path}: artifacts", folder=True)
     publish(study, spec)
     backend = make_storage(url)
     app = optuna_dashboard.wsgi(backend, artifact_store=artifact_store(folder))
@@ -201,9 +204,8 @@ def serve(spec: StudySpec, storage: str | None = None, host: str = "127.0.0.1",
     if refresher:
         refresher.start()
     try:
+        # Ctrl+C and SIGTERM end it through the CLI's handler: exit status 130 or 143, one line
         server.serve_forever()
-    except KeyboardInterrupt:
-        echo("dashboard stopped")
     finally:
         if refresher:
             refresher.stop.set()

@@ -21,10 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from .config import MODEL_PRESETS, ConfigError, RunConfig, from_dict
-from .parsing import YamlLoader, read_yaml
+from .parsing import excerpt, load_yaml, read_yaml, shorten
 
 WHERE = "--set"
 STUDY_ATTR = "overrides"  # a study's user attribute: the KEY=VALUE texts it was searched with
@@ -37,17 +35,14 @@ Override = tuple[list[str], Any]  # the dotted key's parts and the value
 
 
 def parse_override(text: str) -> Override:
-    """`KEY=VALUE` -> (KEY split at dots, VALUE read as YAML)."""
+    """`KEY=VALUE` -> (KEY split at dots, VALUE read as YAML, within `parsing.load_yaml`'s
+    bounds)."""
     key, eq, value = text.partition("=")
     parts = key.strip().split(".")
     if not eq or not all(parts):
-        raise ConfigError(f"{WHERE} {text}: expected KEY=VALUE with a dotted key, "
+        raise ConfigError(f"{WHERE} {shorten(text)}: expected KEY=VALUE with a dotted key, "
                           "e.g. train.lr=1e-3")
-    try:
-        return parts, yaml.load(value, Loader=YamlLoader)
-    except yaml.YAMLError as exc:
-        problem = getattr(exc, "problem", None) or "not a YAML value"
-        raise ConfigError(f"{WHERE} {text}: malformed value: {problem}") from None
+    return parts, load_yaml(value, f"{WHERE} {shorten(text)}", malformed="malformed value")
 
 
 def apply(raw: Any, overrides: Sequence[Override]) -> dict:
@@ -64,7 +59,8 @@ def apply(raw: Any, overrides: Sequence[Override]) -> dict:
             node = node[part]
             if not isinstance(node, dict):
                 raise ConfigError(f"{WHERE}: {'.'.join(parts[:depth + 1])}: is "
-                                  f"{node!r}, not a mapping, so it has no key {parts[depth + 1]}")
+                                  f"{excerpt(node)}, not a mapping, so it has no key "
+                                  f"{shorten(parts[depth + 1])}")
         node[parts[-1]] = copy.deepcopy(value)
     return out
 

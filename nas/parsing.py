@@ -9,7 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
-from collections.abc import Iterable
+from collections.abc import Hashable, Iterable
 from pathlib import Path
 from typing import Any, TypeVar, get_args
 
@@ -19,7 +19,7 @@ from pydantic import ConfigDict, ValidationError
 from pydantic.types import AllowInfNan
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .errors import ConfigError
+from .errors import INT_LIMIT, ConfigError, excerpt, shorten
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +37,7 @@ def refuse(problem: str, key: str | None = None) -> PydanticCustomError:
 
 
 def unknown(what: str, value: Any, allowed: Iterable[str]) -> str:
-    return f"unknown {what} {value!r}; allowed: {', '.join(allowed)}"
+    return f"unknown {what} {excerpt(value)}; allowed: {', '.join(allowed)}"
 
 
 # A section refuses unknown keys and never converts between types (the string "4" is not 4, true
@@ -93,7 +93,7 @@ def _problem(error: ErrorDetails, owner: type, name: str) -> str:
     declared = owner.__pydantic_fields__[name]
     refusal = next((m for m in declared.metadata if isinstance(m, Refusal)), None)
     if refusal:
-        return refusal.text.format(value=value)
+        return refusal.text.format(value=Quoted(value))
     written = next(f.type for f in dataclasses.fields(owner) if f.name == name)  # "int | None"
     if kind == "literal_error":
         choices = get_args(declared.annotation)
@@ -103,10 +103,11 @@ def _problem(error: ErrorDetails, owner: type, name: str) -> str:
     elif kind in RULE_ERRORS:
         # shown as kept: an int given for a float is the float
         shown = float(value) if "float" in written and type(value) is int else value
-        return f"must be {_bounds(declared.metadata, kind == 'finite_number')}, got {shown}"
+        return (f"must be {_bounds(declared.metadata, kind == 'finite_number')}, "
+                f"got {shorten(str(shown))}")
     if value is None:
         return f"must be set (expected {written})"
-    return f"expected {written}, got {value!r}"
+    return f"expected {written}, got {excerpt(value)}"
 
 
 def _bounds(metadata: list[Any], finite: bool = False) -> str:
@@ -126,11 +127,19 @@ def _bounds(metadata: list[Any], finite: bool = False) -> str:
 
 
 def first_non_finite(value: Any) -> float | None:
-    """The first nan or inf anywhere in a parsed YAML value (mappings and lists included)."""
-    if isinstance(value, float):
-        return None if math.isfinite(value) else value
-    items = value.values() if isinstance(value, dict) else value if isinstance(value, list) else ()
-    return next((bad for item in items if (bad := first_non_finite(item)) is not None), None)
+    """The first nan or inf anywhere in a parsed YAML value (mappings and lists included). Each
+    list or mapping is visited once: a value shared through YAML aliases is not walked again."""
+    seen: set[int] = set()
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, float):
+            if not math.isfinite(item):
+                return item
+        elif isinstance(item, (dict, list)) and id(item) not in seen:
+            seen.add(id(item))
+            stack.extend(reversed(list(item.values() if isinstance(item, dict) else item)))
+    return None
 
 
 Validated = TypeVar("Validated")
@@ -144,28 +153,133 @@ def parse(cls: type[Validated], raw: dict, where: str) -> Validated:
         raise config_error(exc, where, cls) from None
 
 
+class Quoted:
+    """A value as a Refusal's text quotes it: `{value!r}` and `{value}` are excerpts."""
+
+    def __init__(self, value: Any):
+        self.value = value
+
+    def __repr__(self) -> str:
+        return excerpt(self.value)
+
+    def __str__(self) -> str:
+        return shorten(str(self.value))
+
+
+# What one YAML text may hold. A run config or a spec is a few hundred nodes, a few levels deep,
+# a few KiB; these bounds keep an alias bomb, a deep nest or a huge file from exhausting memory,
+# the stack or the terminal before anything is checked.
+MAX_YAML_BYTES = 1 << 20
+MAX_YAML_NODES = 100_000  # scalars, lists and mappings, each alias counted as what it repeats
+MAX_YAML_DEPTH = 32  # lists and mappings inside one another
+# The integers any field holds: torch's, numpy's and SQLite's are 64-bit.
+
+
+class YamlRefusal(yaml.MarkedYAMLError):
+    """A YAML text that parses but breaks one of the bounds above (or has a duplicate key)."""
+
+    def __init__(self, problem: str, mark: yaml.Mark | None):
+        super().__init__(problem=problem, problem_mark=mark)
+
+
 class YamlLoader(yaml.SafeLoader):
     """safe_load, except that `1e-3` is a float as in YAML 1.2 and Python (PyYAML's YAML 1.1
-    wants `1.0e-3`): for run-config files and `--set` values alike."""
+    wants `1.0e-3`), within the bounds above, and refusing a key given twice in one mapping
+    (PyYAML keeps the last): for run-config files and `--set` values alike."""
+
+    def __init__(self, stream: str):
+        super().__init__(stream)
+        self.depth = 0
+        self.sizes: dict[int, int] = {}  # id(node) -> its nodes, aliases expanded
+
+    def compose_node(self, parent: Any, index: Any) -> yaml.Node:
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            node = self.anchors.get(event.anchor)
+            if node is not None and id(node) not in self.sizes:
+                raise YamlRefusal(f"alias *{event.anchor} refers to a list or mapping that "
+                                  "holds it (a recursive alias)", event.start_mark)
+            return super().compose_node(parent, index)
+        self.depth += 1
+        if self.depth > MAX_YAML_DEPTH:
+            raise YamlRefusal(f"nested more than {MAX_YAML_DEPTH} lists or mappings deep",
+                              self.peek_event().start_mark)
+        try:
+            node = super().compose_node(parent, index)
+        finally:
+            self.depth -= 1
+        if isinstance(node, yaml.MappingNode):
+            children = [child for pair in node.value for child in pair]
+        else:
+            children = node.value if isinstance(node, yaml.SequenceNode) else []
+        self.sizes[id(node)] = size = 1 + sum(self.sizes[id(child)] for child in children)
+        if size > MAX_YAML_NODES:
+            raise YamlRefusal(f"more than {MAX_YAML_NODES:,} values once its aliases are "
+                              "expanded (an alias bomb?)", node.start_mark)
+        return node
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
+        seen: dict[Any, yaml.Mark] = {}
+        for key_node, _ in node.value if isinstance(node, yaml.MappingNode) else ():
+            if key_node.tag == "tag:yaml.org,2002:merge":
+                continue  # `<<: *base`: its keys may be given again, to override them
+            key = self.construct_object(key_node, deep=True)
+            if not isinstance(key, Hashable):
+                continue  # SafeLoader refuses it
+            if key in seen:
+                first = seen[key]
+                raise YamlRefusal(f"duplicate key {excerpt(key)} (first at line {first.line + 1})"
+                                  "; a key may appear once in a mapping", key_node.start_mark)
+            seen[key] = key_node.start_mark
+        return super().construct_mapping(node, deep=deep)
+
+    def construct_yaml_int(self, node: yaml.ScalarNode) -> int:
+        # Past 66 characters (`0b` and 64 binary digits) no text is a 64-bit integer; refused
+        # before Python converts it (4,300 decimal digits raise, base 60 takes long).
+        text = str(node.value).replace("_", "")
+        value = super().construct_yaml_int(node) if len(text) <= 66 else INT_LIMIT
+        if not -INT_LIMIT <= value < INT_LIMIT:
+            raise YamlRefusal(f"integer {shorten(text, 24)} is out of range; no key takes one "
+                              "beyond 64 bits (-2**63..2**63-1)", node.start_mark)
+        return value
 
 
+YamlLoader.add_constructor("tag:yaml.org,2002:int", YamlLoader.construct_yaml_int)
 YamlLoader.add_implicit_resolver(
     "tag:yaml.org,2002:float",
     re.compile(r"^[-+]?(?:[0-9][0-9_]*(?:\.[0-9_]*)?|\.[0-9_]+)[eE][-+]?[0-9]+$"),
     list("-+0123456789."))
 
 
-def read_yaml(path: str | Path) -> Any:
-    """Parse a YAML file (YamlLoader); every failure is a ConfigError naming the file."""
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: file not found")
+def load_yaml(text: str, where: str, malformed: str = "malformed YAML") -> Any:
+    """Parse YAML text (YamlLoader) within the bounds above; every failure is a ConfigError
+    `where: ...` with the line and column where the parser stopped (`where: malformed ...`
+    for text that is not YAML)."""
+    if len(text) > MAX_YAML_BYTES:
+        raise ConfigError(f"{where}: {len(text):,} characters, more than the "
+                          f"{MAX_YAML_BYTES:,} a config or spec may hold")
     try:
-        return yaml.load(path.read_text(encoding="utf-8"), Loader=YamlLoader)
+        return yaml.load(text, Loader=YamlLoader)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         at = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
+        if isinstance(exc, YamlRefusal):
+            raise ConfigError(f"{where}:{at.replace(' at', '', 1)}: {exc.problem}") from None
         problem = getattr(exc, "problem", None) or "not valid YAML"
-        raise ConfigError(f"{path}: malformed YAML{at}: {problem}") from None
+        raise ConfigError(f"{where}: {malformed}{at}: {problem}") from None
+
+
+def read_yaml(path: str | Path) -> Any:
+    """Parse a YAML file (`load_yaml`); every failure is a ConfigError naming the file."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: file not found")
+    size = path.stat().st_size
+    if size > MAX_YAML_BYTES:  # never read: it may be a disk image given by mistake
+        raise ConfigError(f"{path}: {size:,} bytes, more than the {MAX_YAML_BYTES:,} a config "
+                          "or spec may hold")
+    try:
+        text = path.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a UTF-8 text file") from None
+    return load_yaml(text, str(path))

@@ -32,6 +32,7 @@ from tqdm import tqdm
 
 from .config import TOKENIZER_FILE, ConfigError
 from .errors import first_line
+from .paths import PID_ROOM, check_output
 from .shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
 
 if TYPE_CHECKING:
@@ -43,6 +44,7 @@ MAX_VOCAB = 65535  # token ids are stored as uint16
 PIECE_BYTES = 1 << 20
 ENCODE_BATCH = 16  # pieces encoded together, in parallel threads of the tokenizers library
 SHARD_TOKENS = 100_000_000  # modded-nanogpt's shard size
+MAX_SHARD_TOKENS = 2**31 - 1
 
 
 class Prepared(NamedTuple):
@@ -236,8 +238,9 @@ def check_options(vocab_size: int | None, tokenizer: str | None, val_fraction: f
     if not 0 <= test_fraction < 1 or val_fraction + test_fraction >= 1:
         raise ConfigError(f"--test-fraction: must be in [0, 1) with --val-fraction "
                           f"{val_fraction} summing below 1, got {test_fraction}")
-    if shard_tokens < 1:
-        raise ConfigError(f"--shard-tokens: must be >= 1, got {shard_tokens}")
+    if not 1 <= shard_tokens <= MAX_SHARD_TOKENS:
+        raise ConfigError(f"--shard-tokens: must be in 1..{MAX_SHARD_TOKENS} (a shard header "
+                          f"counts its tokens in an int32), got {shard_tokens}")
 
 
 def prepare(files: Sequence[str | Path], out: str | Path, *, vocab_size: int | None = None,
@@ -251,7 +254,8 @@ def prepare(files: Sequence[str | Path], out: str | Path, *, vocab_size: int | N
     check_options(vocab_size, tokenizer, val_fraction, test_fraction, shard_tokens)
     _tokenizers()  # a missing extra is one line, before any progress bar
     paths = check_inputs(files)
-    out = Path(out).resolve()
+    out = check_output(out, "--out", folder=True, suffixes=(f".incomplete-{PID_ROOM}",))
+    out = out.resolve()
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ConfigError(f"--out: {out} exists and is not an empty folder; choose another")
     ends = split_ends(sum(p.stat().st_size for p in paths), val_fraction, test_fraction)

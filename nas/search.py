@@ -34,7 +34,14 @@ from .objective import Objective
 from .samplers import auto_kind, make_sampler
 from .spec import StudySpec, check_trainable
 from .storage import lost_connection, redact
-from .study import FINISHED, finished_count, open_study, own_trials, resolve_storage
+from .study import (
+    FINISHED,
+    check_outputs,
+    finished_count,
+    open_study,
+    own_trials,
+    resolve_storage,
+)
 from .trials import TrialRecord
 
 MAX_FAILURES = 5  # a worker stops after this many of its trials failed in a row
@@ -177,6 +184,7 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     takes their place. With `n_trials`, it starts that many trials whatever their outcome.
     `force` skips the memory check of the space's draws (`check_trainable`)."""
     optuna.logging.set_verbosity(optuna.logging.ERROR)
+    check_outputs(spec, storage_url)  # before the draws and the data are checked
     check_trainable(spec, force=force)
     where = resolve_storage(spec, storage_url)
     with _stop_if_storage_lost(where):

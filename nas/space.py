@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 from .config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
 from .modes import MODES
-from .parsing import allowed_keys, first_non_finite
+from .parsing import allowed_keys, excerpt, first_non_finite
 
 BASELINE_MODE = "vanilla"  # what the queued baselines run
 PATTERNS = ("all", "subset", "last_k", "unet")
@@ -109,7 +109,7 @@ def _check_variants(variants: Any, where: str) -> None:
 def _check_range(value: dict, name: str, where: str) -> None:
     if not _is_range(value):
         raise ConfigError(f"{where}: {name}: a range needs low and high (optional log, step); "
-                          f"got keys {sorted(value)}")
+                          f"got keys {excerpt(sorted(map(str, value)))}")
     low, high = value["low"], value["high"]
     if not all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in (low, high)):
         raise ConfigError(f"{where}: {name}: low and high must be numbers")
@@ -141,7 +141,7 @@ def _check_layers(value: Any, where: str) -> None:
     elif k is not None and (isinstance(k, bool) or not (
             (isinstance(k, int) and k >= 1) or (isinstance(k, float) and 0 < k < 1))):
         raise ConfigError(f"{where}: {name}.k: expected {{low, high}}, a number of layers >= 1 "
-                          f"or a share of the layers in (0, 1); got {k!r}")
+                          f"or a share of the layers in (0, 1); got {excerpt(k)}")
 
 
 def _suggest(trial: Suggester, name: str, value: Any) -> Any:

@@ -25,7 +25,17 @@ from . import space as spaces
 from .config import ConfigError, RunConfig, from_dict
 from .lease import HEARTBEAT
 from .lr_sweep import Sweep
-from .parsing import STRICT, Refusal, first_non_finite, parse, read_yaml, refuse, unknown
+from .parsing import (
+    STRICT,
+    Refusal,
+    excerpt,
+    first_non_finite,
+    parse,
+    read_yaml,
+    refuse,
+    unknown,
+)
+from .storage import redact
 from .trials import OBJECTIVES, PLANNED
 
 if TYPE_CHECKING:
@@ -46,6 +56,7 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a study name (see StudySpec.
 CONSTRAINTS = {"max_kv_bytes": ("kv_bytes_per_token", "KV-cache bytes per token"),
                "max_params": ("n_params", "params")}
 WARM_START_KEYS = ("study", "storage")
+HEARTBEAT_MAX = 10**6  # seconds (11 days) or retries; a thread's wait holds no more than ~2**53
 
 # Heartbeats, grouped TPE and metric names are marked experimental but are what we rely on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
@@ -111,7 +122,7 @@ class StudySpec:
         # The name makes file names (runs/<name>.db, exports) and the dashboard's URLs.
         if not NAME.fullmatch(name) or ".." in name:
             raise refuse("must be letters, digits, '_', '-' and '.' (starting with a letter or "
-                         f"digit, no '..'): it names files and URLs; got {name!r}")
+                         f"digit, no '..'): it names files and URLs; got {excerpt(name)}")
         return name
 
     @field_validator("objectives")
@@ -148,9 +159,11 @@ class StudySpec:
                 raise refuse(f"unknown key; allowed: {', '.join(HEARTBEAT)}",
                              key=f"heartbeat.{key}")
             low = 0 if key == "max_retry" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or value < low:
-                raise refuse(f"must be an integer >= {low} (seconds for interval and "
-                             f"grace_period), got {value!r}", key=f"heartbeat.{key}")
+            if not isinstance(value, int) or isinstance(value, bool) or \
+                    not low <= value <= HEARTBEAT_MAX:
+                raise refuse(f"must be an integer in {low}..{HEARTBEAT_MAX} (seconds for "
+                             f"interval and grace_period), got {excerpt(value)}",
+                             key=f"heartbeat.{key}")
         merged = {**HEARTBEAT, **heartbeat}
         if merged["grace_period"] < 2 * merged["interval"]:
             # A renewal may come an interval late: less grace would fail live trials as dead.
@@ -355,5 +368,6 @@ def warm_start_flag(text: str) -> dict[str, str]:
     name, at, storage = text.partition("@")
     if not NAME.fullmatch(name) or (at and not storage):
         raise ConfigError(f"--warm-start: expected STUDY or STUDY@STORAGE_URL (a study name of "
-                          f"letters, digits, '_', '-' and '.'), got {text!r}")
+                          f"letters, digits, '_', '-' and '.'), got "
+                          f"{excerpt(name + at + redact(storage))}")
     return {"study": name, **({"storage": storage} if storage else {})}

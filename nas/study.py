@@ -31,10 +31,12 @@ from optuna.trial import FrozenTrial, TrialState
 
 from . import lr_sweep, overrides, warm_start
 from . import space as spaces
+from .artifacts import CHECKPOINTS, artifact_dir
 from .config import ConfigError
+from .paths import check_output, removed_if_refused
 from .samplers import make_pruner, make_sampler
 from .spec import CONSTRAINTS, StudySpec, data_fingerprint
-from .storage import check_access, make_storage, redact, storage_file
+from .storage import check_access, in_memory, make_storage, redact, side_files, storage_file
 from .trials import OBJECTIVES, TrialRecord, record_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
@@ -51,29 +53,31 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     from the spec's is refused before anything is written. `create` (a search) also reads the
     data for the fingerprint; without it (reading commands) nothing is created or written."""
     url = resolve_storage(spec, storage_url)
-    where = "--storage" if storage_url else f"{spec.path}: storage"
+    where = storage_where(spec, storage_url)
+    if create:
+        check_outputs(spec, storage_url)
     check_access(url, write=create, where=where)
     # Before the storage is touched: a corpus that does not open is refused with nothing written.
     data = data_fingerprint(spec) if create else None
     sampler, pruner = make_sampler(spec, spec.seed + seed_offset), make_pruner(spec)
     warm = create and spec.warm_start is not None
-    file = storage_file(url)
-    source = None
-    if warm and file is not None and not file.exists():
-        # a new study in a file still to be made: checked before making it, so that a warm
-        # start that fails leaves no file behind
-        source, source_at = warm_start.load_source(spec, url)
-    storage = make_storage(url, where=where)
-    names = optuna.get_all_study_names(storage)
-    if spec.name not in names and not create:
-        listed = ", ".join(names) if names else "none"
-        raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in {redact(url)} "
-                          f"(studies there: {listed})")
-    if warm and spec.name in names:
-        echo(f"warm start: study {spec.name!r} exists already; a warm start seeds only a new "
-             "study")
-    elif warm and source is None:  # checked before the study is created: bad input writes nothing
-        source, source_at = warm_start.load_source(spec, url)
+    # A refusal before the study is created (a bad warm start) removes the new storage file.
+    with removed_if_refused(storage_file(url), side_files(url)):
+        storage = make_storage(url, where=where)
+        try:
+            names = optuna.get_all_study_names(storage)
+            if spec.name not in names and not create:
+                listed = ", ".join(names) if names else "none"
+                raise ConfigError(f"{spec.path}: name: no study {spec.name!r} in "
+                                  f"{redact(url)} (studies there: {listed})")
+            if warm and spec.name in names:
+                echo(f"warm start: study {spec.name!r} exists already; a warm start seeds "
+                     "only a new study")
+            elif warm:  # checked before the study is created: bad input writes nothing
+                source, source_at = warm_start.load_source(spec, url)
+        except ConfigError:
+            _close(storage)  # before its new file is removed
+            raise
     if spec.name not in names:
         try:
             study = optuna.create_study(
@@ -107,6 +111,36 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     if create:
         _complete_queued_baselines(study, spec, storage)
     return study
+
+
+def storage_where(spec: StudySpec, storage_url: str | None) -> str:
+    """What a storage's errors name: the option, or the spec's key (its default included)."""
+    return "--storage" if storage_url else f"{spec.path}: storage"
+
+
+def check_outputs(spec: StudySpec, storage_url: str | None = None) -> None:
+    """Refuse, before a search does any work, a storage it could not keep or write: an
+    in-memory database (gone when the search ends) or a storage file, or an artifact folder,
+    whose path cannot be written (`paths.check_output`: a study name too long for a file name
+    included)."""
+    url, where = resolve_storage(spec, storage_url), storage_where(spec, storage_url)
+    if in_memory(url):
+        raise ConfigError(f"{where}: {redact(url)!r} is an in-memory database: the study would "
+                          "be lost when the search ends; use sqlite:///PATH, journal:PATH or a "
+                          "database server")
+    path = storage_file(url)
+    if path is not None:
+        check_access(url, write=True, where=where)  # an existing file: its own line first
+        check_output(path, where, folder=False, suffixes=side_files(url))
+    folder = artifact_dir(url, spec.name, spec.artifacts)
+    check_output(folder, f"{spec.path}: artifacts" if spec.artifacts else where, folder=True,
+                 inside=[CHECKPOINTS, spec.name])
+
+
+def _close(storage: optuna.storages.BaseStorage) -> None:
+    engine = getattr(storage, "engine", None)
+    if engine is not None:
+        engine.dispose()
 
 
 def fingerprint(spec: StudySpec, data: str | None) -> dict[str, str]:

@@ -30,6 +30,7 @@ from .interrupt import lightning_interrupts
 from .lit import LitDecoder
 from .loggers import log_results, logging_callbacks, run_logger
 from .model import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
+from .paths import PID_ROOM, check_output, removed_if_refused
 
 ValidationHook = Callable[[int, float], None]
 
@@ -170,10 +171,12 @@ INCOMPLETE = ".incomplete-"  # a run folder being written: <out>.incomplete-<pid
 
 
 def check_out(out: Path, overwrite: bool) -> None:
-    """Refuse an output folder that is a file, or that holds anything unless `overwrite`; and
-    even then one that is no run folder (`--out ~ --overwrite` must not delete a home)."""
-    if out.exists() and not out.is_dir():
-        raise ConfigError(f"--out: {out} exists and is not a folder")
+    """Refuse an output folder that cannot be written (`paths.check_output`: a file, under a
+    file, a name too long for the staging folder beside it), or that holds anything unless
+    `overwrite`; and even then one that is no run folder (`--out ~ --overwrite` must not
+    delete a home)."""
+    check_output(out, "--out", folder=True, suffixes=(
+        f"{INCOMPLETE}{PID_ROOM}", f".replaced-{PID_ROOM}", ".checkpoints"))
     if not (out.is_dir() and any(out.iterdir())):
         return
     if not overwrite:
@@ -195,12 +198,13 @@ def run_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
     out = out.resolve()  # `.` and `..` name no folder to put another beside
     staging = out.with_name(f"{out.name}{INCOMPLETE}{os.getpid()}")
     shutil.rmtree(staging, ignore_errors=True)  # left by a killed run that had this pid
-    staging.mkdir(parents=True)
-    try:
-        yield staging
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    with removed_if_refused(staging):  # and the folders made for it, on bad input
+        staging.mkdir(parents=True)
+        try:
+            yield staging
+        except BaseException:
+            shutil.rmtree(staging, ignore_errors=True)
+            raise
     old = out.with_name(f"{out.name}.replaced-{os.getpid()}")
     if overwrite and out.exists():
         out.rename(old)

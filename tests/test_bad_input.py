@@ -5,9 +5,12 @@ or write is refused by a real process (as root, one running as `nobody`: root ma
 write any file)."""
 
 import contextlib
+import math
 import os
 import pwd
+import resource
 import shutil
+import signal
 import sqlite3
 import subprocess
 import tempfile
@@ -15,13 +18,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 import yaml
 
 from nas.cli import main
+from nas.config import dump_config
 from nas.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
+from nas.parsing import first_non_finite
 from nas.search import run_search
 from nas.spec import load_spec
-from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd
+from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd, tiny
 
 SPACE = {"model": {"n_layer": [2, 3]},
          "value_residual": {"mode": ["vanilla", "resformer"], "lambda1": {"low": 0.2,
@@ -52,12 +58,26 @@ def held(tmp_path_factory):
     (tmp_path / "empty.txt").write_text("")
     (tmp_path / "corpus.txt").write_text("a corpus of some bytes to train on. " * 200)
     (tmp_path / "space.yaml").write_text(yaml.safe_dump({"model": {"d_modle": [32]}}))
+    (tmp_path / "dup-space.yaml").write_text("model: {n_layer: [2]}\nmodel: {n_layer: [3]}\n")
+    # run folders whose model.pt is no state dict: a pickle that would run code, and noise
+    for name, write in (("pickled", lambda p: torch.save({"w": RunsCode()}, p)),
+                        ("garbage", lambda p: p.write_bytes(os.urandom(4096)))):
+        (tmp_path / name).mkdir()
+        dump_config(tiny(n_layer=2), tmp_path / name / "config.yaml")
+        write(tmp_path / name / "model.pt")
     # Shard folders whose second shard only is bad: every shard is checked, not the first.
     for defect, fields in SHARD_DEFECTS.items():
         (tmp_path / defect).mkdir()
         write_shard(tmp_path / defect / "a.bin", TOKENS)
         bad_shard(tmp_path / defect / "b.bin", **fields)
     return tmp_path
+
+
+class RunsCode:
+    """Pickled, it would call a function when loaded: what weights_only must refuse."""
+
+    def __reduce__(self):
+        return (os.getpid, ())
 
 
 TOKENS = np.arange(2000) % 200  # ids below the default vocab_size 256
@@ -82,8 +102,21 @@ def snapshot(folder: Path) -> dict[str, bytes]:
             if not p.name.endswith("-shm") and p.stat().st_size}
 
 
+# A billion values from ten lines: each list repeats the one before ten times.
+BOMB = "a: &a [x, x, x, x, x, x, x, x, x, x]\n" + "".join(
+    f"{b}: &{b} [{', '.join([f'*{a}'] * 10)}]\n"
+    for a, b in zip("abcdefgh", "bcdefghi", strict=True))
+SET_BOMB = "[&a [1,1,1,1,1,1,1,1,1,1], " + ", ".join(
+    f"&{b} [{','.join([f'*{a}'] * 10)}]" for a, b in zip("abcde", "bcdef", strict=True)) + "]"
+
+
 def raw(text):
     return ("raw", text)
+
+
+def at(path):
+    """The command's first argument is this path (a run folder), no spec written."""
+    return ("at", path)
 
 
 def spec(**overrides):
@@ -119,7 +152,7 @@ CASES = [
     ("spec-artifacts-wrong-type", "search", spec(artifacts=5), [],
      ["study.yaml: artifacts: expected str | None, got 5"]),
     ("heartbeat-zero-interval", "search", spec(heartbeat={"interval": 0}), [],
-     ["study.yaml: heartbeat.interval: must be an integer >= 1", "got 0"]),
+     ["study.yaml: heartbeat.interval: must be an integer in 1..1000000", "got 0"]),
     ("multi-objective-median", "search", spec(pruner={"type": "median"}), [],
      ["study.yaml: pruner.type: Optuna cannot prune multi-objective studies"]),
     ("unknown-preset", "train", raw(yaml.safe_dump({"model": {"preset": "huge"}})), [],
@@ -163,7 +196,7 @@ CASES = [
     ("unreachable-postgres", "search", spec(),
      ["--storage", "postgresql+psycopg://nas:secret@127.0.0.1:{port}/nas"],
      ["--storage", "cannot open", "127.0.0.1:{port}", "***"]),
-    ("negative-n-trials", "search", spec(), ["--n-trials", "-3"], ["--n-trials", "> 0", "-3"]),
+    ("negative-n-trials", "search", spec(), ["--n-trials", "-3"], ["--n-trials", ">= 1", "-3"]),
     ("zero-timeout", "search", spec(), ["--timeout", "0"], ["--timeout", "> 0"]),
     ("negative-worker-id", "search", spec(), ["--worker-id", "-1"], ["--worker-id", ">= 0"]),
     ("objectives-mismatch", "search", spec(objectives=["val_loss"]), [],
@@ -331,41 +364,214 @@ CASES = [
      ["study.yaml: train.steps: differs from the stored study 'held'"]),
     ("max-params-changed", "search", spec(max_params=10**6), [],
      ["study.yaml: max_params: the stored study 'held' has None, the spec 1000000"]),
+    # parsing within bounds: alias bombs, nesting, duplicate keys, integers beyond 64 bits, size
+    ("alias-bomb-in-a-config", "train", raw(BOMB), [], ["study.yaml: line 5", "alias bomb"]),
+    ("alias-bomb-in-a-space", "search",
+     raw(f"name: held\n{BOMB}space: {{model: {{n_layer: *i}}}}\n"), [], ["alias bomb"]),
+    ("alias-bomb-in-a-set", "train", raw("model: {n_layer: 2}\n"),
+     ["--set", f"train.lr={SET_BOMB}"], ["--set train.lr=", "alias bomb"]),
+    ("recursive-alias", "search", raw("name: held\nspace: &s {model: *s}\n"), [],
+     ["study.yaml: line 2", "recursive alias"]),
+    ("deep-nesting-in-a-config", "train", raw("model: " + "[" * 3000 + "]" * 3000 + "\n"), [],
+     ["study.yaml: line 1", "nested more than 32"]),
+    ("deep-nesting-in-a-set", "train", raw("model: {n_layer: 2}\n"),
+     ["--set", "train.lr=" + "[" * 3000 + "]" * 3000], ["--set train.lr=", "nested more than 32"]),
+    ("duplicate-key-in-a-spec", "search", raw("name: held\nspace: {model: {n_layer: [2]}}\n"
+                                               "name: other\n"), [],
+     ["study.yaml: line 3, column 1: duplicate key 'name' (first at line 1)"]),
+    ("duplicate-key-in-a-section", "train", raw("train: {lr: 0.1, steps: 5, lr: 0.2}\n"), [],
+     ["study.yaml: line 1", "duplicate key 'lr'"]),
+    ("duplicate-key-in-a-space-file", "search", spec(space="dup-space.yaml"), [],
+     ["dup-space.yaml: line 2", "duplicate key 'model'"]),
+    ("integer-beyond-64-bits-in-a-set", "train", raw("model: {n_layer: 2}\n"),
+     ["--set", "model.n_layer=12345678901234567890123"],
+     ["--set model.n_layer=12345678901234567890123", "out of range", "64 bits"]),
+    ("integer-beyond-64-bits-in-a-spec", "search",
+     raw("name: held\nn_trials: 99999999999999999999\nspace: {model: {n_layer: [2]}}\n"), [],
+     ["study.yaml: line 2", "out of range"]),
+    ("integer-of-5000-digits", "train", raw("train: {steps: " + "9" * 5000 + "}\n"), [],
+     ["study.yaml: line 1", "(5,000 characters) is out of range"]),
+    ("n-layer-beyond-its-field", "train", raw("model: {n_layer: 2}\n"),
+     ["--set", "model.n_layer=1000000000000000"], ["--set: model.n_layer: must be in (0, 1024]"]),
+    ("heartbeat-beyond-its-field", "search", spec(heartbeat={"interval": 10**12}), [],
+     ["study.yaml: heartbeat.interval: must be an integer in 1..1000000"]),
+    ("max-time-beyond-its-field", "train", raw("train: {max_time: 1.0e+300}\n"), [],
+     ["study.yaml: train.max_time: must be in (0, 1000000000.0]"]),
+    ("a-30000-element-value-is-quoted-short", "search", spec(n_trials=list(range(30000))), [],
+     ["study.yaml: n_trials: must be a positive integer, got [0, 1, 2", "characters)"]),
+    ("a-long-string-is-quoted-short", "train", raw("train: {precision: " + "x" * 30000 + "}\n"),
+     [], ["study.yaml: train.precision", "characters)"]),
+    ("a-file-over-the-size-limit", "search", raw("# " + "x" * (1 << 20) + "\nname: held\n"), [],
+     ["study.yaml:", "more than the 1,048,576"]),
+    # output paths, checked before any work
+    ("train-out-is-a-file", "train", raw("model: {n_layer: 2}\n"), ["--out", "{tmp}/empty.txt"],
+     ["--out: {tmp}/empty.txt is a file, not a folder"]),
+    ("train-out-under-a-file", "train", raw("model: {n_layer: 2}\n"),
+     ["--out", "{tmp}/empty.txt/run"], ["--out", "empty.txt is a file, so nothing can be created"]),
+    ("train-out-name-too-long", "train", raw("model: {n_layer: 2}\n"),
+     ["--out", "{tmp}/" + "r" * 250], ["--out", "bytes, longer than the 255"]),
+    ("train-out-empty", "train", raw("model: {n_layer: 2}\n"), ["--out", ""],
+     ["argument --out: must be non-empty"]),
+    ("report-out-is-a-folder", "report", spec(), ["--out", "{tmp}"],
+     ["--out: {tmp} is a folder; name the file to write"]),
+    ("report-out-under-a-file", "report", spec(), ["--out", "{tmp}/empty.txt/r.html"],
+     ["--out", "is a file, so nothing can be created under it"]),
+    ("export-out-is-a-file", "export", spec(), ["--pareto", "--out", "{tmp}/empty.txt"],
+     ["--out: {tmp}/empty.txt is a file, not a folder"]),
+    ("export-out-under-a-file", "export", spec(), ["--best", "1", "--out", "{tmp}/empty.txt/x"],
+     ["--out", "is a file, so nothing can be created under it"]),
+    ("export-hf-out-is-a-file", "export", at("{tmp}/pickled"),
+     ["--hf", "--out", "{tmp}/empty.txt"], ["--out: {tmp}/empty.txt is a file, not a folder"]),
+    ("prepare-out-is-a-file", "prepare", raw("some text\n" * 50),
+     ["--vocab-size", "300", "--out", "{tmp}/empty.txt"], ["--out", "is a file, not a folder"]),
+    ("prepare-out-under-a-file", "prepare", raw("some text\n" * 50),
+     ["--vocab-size", "300", "--out", "{tmp}/empty.txt/c"], ["--out", "nothing can be created"]),
+    ("study-name-too-long-for-its-storage-file", "search", spec(name="n" * 250, storage=None), [],
+     ["study.yaml: storage", "runs/nnnn", "longer than the 255"]),
+    ("artifacts-under-a-file", "search", spec(name="fresh", artifacts="{tmp}/empty.txt/a",
+                                              storage="sqlite:///{tmp}/fresh.db"), [],
+     ["study.yaml: artifacts", "is a file, so nothing can be created under it"]),
+    ("storage-under-a-file", "search", spec(name="fresh"),
+     ["--storage", "sqlite:///{tmp}/empty.txt/x.db"], ["--storage", "is a file, so nothing"]),
+    ("journal-is-a-folder", "search", spec(name="fresh"), ["--storage", "journal:{tmp}"],
+     ["--storage: {tmp} is a folder; name the file to write"]),
+    ("storage-empty", "search", spec(), ["--storage", ""],
+     ["argument --storage: must be non-empty"]),
+    ("data-empty", "train", raw("model: {n_layer: 2}\n"), ["--data", ""],
+     ["argument --data: must be non-empty"]),
+    # every numeric flag in its range: nan and inf nowhere, seeds and ids within numpy's reach
+    ("timeout-nan", "search", spec(), ["--timeout", "nan"],
+     ["argument --timeout: must be > 0 and finite, got nan"]),
+    ("timeout-inf", "search", spec(), ["--timeout", "inf"], ["--timeout", "finite, got inf"]),
+    ("worker-id-beyond-2-to-the-31", "search", spec(), ["--worker-id", str(2**32)],
+     ["argument --worker-id: must be <= 2147483647, got 4294967296"]),
+    ("n-trials-beyond-64-bits", "search", spec(), ["--n-trials", "1" + "0" * 30],
+     ["argument --n-trials: must be <= 9223372036854775807"]),
+    ("n-trials-not-a-number", "search", spec(), ["--n-trials", "ten"],
+     ["argument --n-trials: expected a whole number, got 'ten'"]),
+    ("threads-zero", "search", spec(), ["--threads", "0"], ["argument --threads: must be >= 1"]),
+    ("max-new-tokens-beyond-its-cap", "generate", at("{tmp}/pickled"),
+     ["--prompt", "x", "--max-new-tokens", "1000000000000"],
+     ["argument --max-new-tokens: must be <= 100000"]),
+    ("generate-seed-negative", "generate", at("{tmp}/pickled"), ["--prompt", "x", "--seed", "-5"],
+     ["argument --seed: must be >= 0, got -5"]),
+    ("generate-temperature-inf", "generate", at("{tmp}/pickled"),
+     ["--prompt", "x", "--temperature", "inf"], ["--temperature: must be > 0 and finite"]),
+    ("dashboard-refresh-nan", "dashboard", spec(), ["--refresh", "nan"],
+     ["argument --refresh: must be in [0, 1e+06] and finite, got nan"]),
+    ("dashboard-port-beyond-65535", "dashboard", spec(), ["--port", "70000"],
+     ["argument --port: must be <= 65535"]),
+    ("prepare-val-fraction-nan", "prepare", raw("some text\n" * 50),
+     ["--vocab-size", "300", "--val-fraction", "nan", "--out", "{tmp}/c"],
+     ["argument --val-fraction", "finite, got nan"]),
+    ("prepare-shard-tokens-beyond-int32", "prepare", raw("some text\n" * 50),
+     ["--vocab-size", "300", "--shard-tokens", str(2**31), "--out", "{tmp}/c"],
+     ["--shard-tokens: must be in 1..2147483647"]),
+    ("export-best-zero", "export", spec(), ["--best", "0", "--out", "{tmp}/x"],
+     ["argument --best: must be >= 1, got 0"]),
+    # argparse's own refusals: one line
+    ("unknown-flag", "search", spec(), ["--n-trails", "3"],
+     ["nas: error: unrecognized arguments: --n-trails 3; see nas --help"]),
+    ("missing-required-flag", "report", spec(), [],
+     ["the following arguments are required: --out; see nas report --help"]),
+    # storages that would keep nothing, and a refused warm start that must leave no file
+    ("in-memory-storage", "search", spec(name="fresh"), ["--storage", "sqlite:///:memory:"],
+     ["--storage: 'sqlite:///:memory:' is an in-memory database"]),
+    ("in-memory-sqlite-url", "search", spec(name="fresh"), ["--storage", "sqlite://"],
+     ["--storage: 'sqlite://' is an in-memory database"]),
+    ("in-memory-spec-storage", "search", spec(name="fresh", storage="sqlite:///file::memory:"),
+     [], ["study.yaml: storage", "in-memory database"]),
+    ("warm-start-refused-leaves-no-storage", "search", spec(name="fresh"),
+     ["--storage", "sqlite:///{tmp}/new/fresh.db", "--warm-start", "nosuch"],
+     ["warm start from 'nosuch'"]),
+    ("warm-start-refused-leaves-no-journal", "search", spec(name="fresh"),
+     ["--storage", "journal:{tmp}/new/fresh.log", "--warm-start", "nosuch"],
+     ["warm start from 'nosuch'"]),
+    # a pickle posing as model.pt: refused unloaded, in one line
+    ("pickle-model-generate", "generate", at("{tmp}/pickled"), ["--prompt", "x"],
+     ["pickled/model.pt: not a state dict of tensors", "UnpicklingError"]),
+    ("pickle-model-analyze", "analyze", at("{tmp}/pickled"), [],
+     ["pickled/model.pt: not a state dict of tensors"]),
+    ("pickle-model-export-hf", "export", at("{tmp}/pickled"), ["--hf", "--out", "{tmp}/hf"],
+     ["pickled/model.pt: not a state dict of tensors"]),
+    ("garbage-model-generate", "generate", at("{tmp}/garbage"), ["--prompt", "x"],
+     ["garbage/model.pt: not a state dict of tensors"]),
+    # a password in a query parameter or beside a masked one, in every error line
+    ("query-password-search", "search", spec(),
+     ["--storage", "postgresql+psycopg://nas@127.0.0.1:{port}/nas?password=secret"],
+     ["--storage", "cannot open", "password=***"]),
+    ("query-and-userinfo-password-export", "export", spec(),
+     ["--pareto", "--out", "{tmp}/x", "--storage",
+      "postgresql://nas:secret@127.0.0.1:{port}/nas?sslpassword=secret2&password=secret"],
+     ["--storage", "nas:***@", "password=***"]),
+    ("query-password-dashboard", "dashboard", spec(),
+     ["--port", "0", "--storage", "postgresql://nas@127.0.0.1:{port}/nas?password=secret"],
+     ["--storage", "password=***"]),
+    ("warm-start-flag-password", "search", spec(),
+     ["--warm-start", "bad name@postgresql://nas:secret@127.0.0.1/nas"],
+     ["--warm-start", "nas:***@"]),
 ]
 
 
 @pytest.mark.parametrize("command,content,extra,fragments", [c[1:] for c in CASES],
                          ids=[c[0] for c in CASES])
-def test_bad_input_exits_2_with_one_line_and_leaves_the_study(held, tmp_path, capsys, command,
-                                                              content, extra, fragments):
+def test_bad_input_exits_2_with_one_line_and_leaves_the_study(held, tmp_path, capsys, monkeypatch,
+                                                              command, content, extra, fragments):
+    monkeypatch.chdir(tmp_path)  # where a default runs/<name>.db would go
     path = tmp_path / "study.yaml"
     port = str(free_port())
     subs = {"{tmp}": str(held), "{port}": port}
     if content is None:
         path = tmp_path / "nope.yaml"
+    elif content[0] == "at":
+        path = Path(_sub(content[1], subs))
     elif content[0] == "raw":
         path.write_text(_sub(content[1], subs))
     else:
         # relative space files resolve next to the spec: keep the spec beside them
         path = held / "study.yaml"
-        path.write_text(yaml.safe_dump(spec_dict(held, **content[1])))
+        path.write_text(_sub(yaml.safe_dump(spec_dict(held, **content[1])), subs))
     extra = [_sub(a, subs) for a in extra]
     fragments = [_sub(f, subs) for f in fragments]
-    before = snapshot(held)
+    before, files = snapshot(held), listing(held, tmp_path)
     assert before  # the study is there to compare
-    try:  # in-process through the CLI's main: no real process is needed to refuse input
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB
+    with bounded_time(120):  # in-process through the CLI's main: refusing needs no process
         code = main([command, str(path), *extra])
-    except SystemExit as exc:  # argparse's own refusals
-        code = exc.code
+    grown = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak
     out = capsys.readouterr()
     lines = out.err.strip().splitlines()
     assert code == 2, out.err + out.out
     assert len(lines) == 1, out.err
-    assert lines[0].startswith(f"nas {command}: error: ")
+    assert len(lines[0]) <= 1200, lines[0][:200]  # excerpts, never a whole value
+    assert grown < 512 * 1024, f"peak memory grew by {grown // 1024} MiB"
+    assert listing(held, tmp_path) == files  # no file left behind
+    assert lines[0].startswith(f"nas {command}: error: ") or lines[0].startswith("nas: error: ")
     for fragment in fragments:
         assert fragment in lines[0], (fragment, lines[0])
     assert "secret" not in out.err + out.out  # passwords never printed
     assert snapshot(held) == before
+
+
+def listing(*folders: Path) -> set[str]:
+    """Every file and folder under `folders`, less the stored study's own SQLite files (which
+    reading opens; `snapshot` compares their content)."""
+    return {str(p) for folder in folders for p in folder.rglob("*")
+            if not p.name.startswith("held.db")}
+
+
+@contextlib.contextmanager
+def bounded_time(seconds: int):
+    """A hang (an alias bomb walked, a billion tokens sampled) fails the case instead."""
+    def expire(*_):
+        raise TimeoutError(f"still running after {seconds} s")
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.alarm(seconds)
+    try:
+        yield
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, previous)
 
 
 def _sub(text, subs):
@@ -391,8 +597,11 @@ def test_a_storage_file_it_may_not_read_or_write_is_refused(held, command, mode,
         path.write_text(yaml.safe_dump(spec_dict(folder)))
         copy.chmod(mode)
         before, held_before = copy.read_bytes(), snapshot(held)
+        writable = folder / "out"  # where `nobody` may write a report: the --out checked first
+        writable.mkdir(mode=0o777)
+        writable.chmod(0o777)
         extra = (["--data", str(folder / "corpus.txt"), "--no-progress"] if command == "search"
-                 else ["--out", str(folder / "r.html")])
+                 else ["--out", str(writable / "r.html")])
         argv = nas_cmd(command, str(path), "--storage", f"sqlite:///{copy}", *extra)
         if os.geteuid() == 0:
             nobody = pwd.getpwnam("nobody")
@@ -409,3 +618,14 @@ def test_a_storage_file_it_may_not_read_or_write_is_refused(held, command, mode,
         assert copy.read_bytes() == before and snapshot(held) == held_before
     finally:
         shutil.rmtree(folder)
+
+
+def test_the_nan_walk_visits_a_shared_value_once():
+    # 2**60 paths through 60 lists that each hold the one below twice: walked path by path it
+    # would never end (a YAML alias bomb the loader did not bound would be such a value)
+    shared = [1.0]
+    for _ in range(60):
+        shared = [shared, shared]
+    assert first_non_finite({"train": {"lr": shared}}) is None
+    shared.append(float("nan"))
+    assert math.isnan(first_non_finite({"train": {"lr": shared}}))

@@ -54,7 +54,7 @@ BAD = [
     (_with("model", "n_head", 3), "model.n_head", "does not divide"),
     (_with("model", "d_modle", 3), "model.d_modle", "unknown key"),
     (_with("model", "n_layer", "four"), "model.n_layer", "expected int"),
-    (_with("model", "n_layer", 0), "model.n_layer", "must be > 0"),
+    (_with("model", "n_layer", 0), "model.n_layer", "must be in (0, 1024]"),
     (_with("model", "preset", "huge"), "model.preset", "unknown preset"),
     (_with("value_residual", "mode", "magic"), "value_residual.mode", "allowed: vanilla"),
     (_with("value_residual", "layers", [0, 1]), "value_residual.layers", "layer 0 is the source"),

@@ -195,6 +195,15 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
     ok("export", str(spec), "--best", "1", "--out", str(tmp_path / "export"))
     ok("analyze", str(spec), "--trial", "0")
     ok("search", str(spec), "--storage", url, "--no-progress")  # done: prints the front
+    # the password as a query parameter, which psycopg reads as well: a report, and a warm
+    # start whose stored origin names the storage
+    query_url = url.replace(f":{password}@", "@") + f"&password={password}"
+    ok("report", str(spec), "--storage", query_url, "--out", str(tmp_path / "query.html"))
+    warm = tmp_path / "warm.yaml"
+    warm.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "name": "warm",
+                                    "n_trials": 1, "storage": query_url,
+                                    "warm_start": {"study": "secret", "storage": query_url}}))
+    ok("search", str(warm), "--no-progress")
 
     log = tmp_path / "dashboard.log"
     server = start("dashboard", str(spec), "--port", "0", "--refresh", "0", log=log)
@@ -213,17 +222,73 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
 
     for bad in ("postgresql://user:s3cretpw@127.0.0.1:1/db",
                 "postgresql://user:s3cretpw@127.0.0.1:notaport/db",
-                "postgresql://user:s3cr@etpw@127.0.0.1:1/db"):
+                "postgresql://user:s3cr@etpw@127.0.0.1:1/db",
+                "postgresql://user@127.0.0.1:1/db?password=s3cretpw",
+                "postgresql://user:***@127.0.0.1:1/db?sslmode=disable&password=s3cretpw"):
         for command in (["search", str(spec)], ["report", str(spec), "--out",
                                                 str(tmp_path / "r.html")],
+                        ["export", str(spec), "--best", "1", "--out", str(tmp_path / "x")],
                         ["dashboard", str(spec), "--port", "0"]):
             proc = run_cli(*command, "--storage", bad)
             assert proc.returncode == 2, proc.stderr
             assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
             outputs.append(proc.stdout + proc.stderr)
 
-    written = [p.read_text() for p in [tmp_path / "report.html",
+    written = [p.read_text() for p in [tmp_path / "report.html", tmp_path / "query.html",
                                        *(tmp_path / "export").iterdir()]]
+    storage = make_storage(url)  # every attribute stored, the warm start's origin included
+    for name in ("secret", "warm"):
+        study = optuna.load_study(study_name=name, storage=storage)
+        system = storage.get_study_system_attrs(storage.get_study_id_from_name(name))
+        written.append(repr([study.user_attrs, system,
+                             [(t.user_attrs, t.system_attrs) for t in study.trials]]))
+    assert any("warm_start" in text and "password=***" in text for text in written)
     leaks = [text for text in outputs + written
              if any(piece in text for piece in (password, PASSWORD, "s3cr", "etpw"))]
     assert not leaks, leaks[0][-2000:]
+
+
+@pytest.mark.parametrize("url,secret", [
+    ("postgresql://nas:s3cretpw@db.example/nas", "s3cretpw"),
+    ("postgresql+psycopg://nas:s3cr@etpw@db.example:5432/nas", "s3cr@etpw"),  # an unquoted @
+    ("postgresql://nas@db.example/nas?password=s3cretpw", "s3cretpw"),
+    ("postgresql://db.example/nas?user=nas&password=s3cretpw&sslmode=require", "s3cretpw"),
+    ("postgresql://nas@db.example/nas?sslpassword=s3cretpw", "s3cretpw"),
+    ("postgresql://nas:***@db.example/nas?password=s3cretpw", "s3cretpw"),  # beside a mask
+    ("postgresql://nas@db.example/nas?password=s3cr%40etpw", "s3cr@etpw"),  # percent-encoded
+    ("mysql+pymysql://nas@db.example/nas?passwd=s3cretpw", "s3cretpw"),
+    ("postgresql://nas@db.example/nas?PASSWORD='s3cretpw'", "s3cretpw"),
+])
+def test_redaction_masks_every_place_a_password_sits(url, secret):
+    from nas.storage import redact
+
+    # a driver's error quotes the URL, its settings as a libpq DSN, and the password alone
+    error = (f"could not connect to {url}: host=db.example user=nas password={secret} "
+             f"dbname=nas; password authentication failed ({secret})")
+    pieces = {secret, *(secret.split("@") if url.count("@") > 1 else ())}
+    for text in (redact(url), redact(url, error)):
+        assert not any(piece in text for piece in pieces), text
+        assert "***" in text
+    assert redact("sqlite:///runs/x.db") == "sqlite:///runs/x.db"  # nothing to mask
+
+
+@pytest.mark.parametrize("signum,status", [(signal.SIGINT, 130), (signal.SIGTERM, 143)],
+                         ids=["SIGINT", "SIGTERM"])
+def test_the_dashboard_exits_130_on_ctrl_c_and_143_on_sigterm(tmp_path, signum, status):
+    storage = f"sqlite:///{tmp_path}/board.db"
+    optuna.create_study(study_name="board", storage=storage,
+                        directions=["minimize", "minimize"])
+    spec = tmp_path / "board.yaml"
+    spec.write_text(yaml.safe_dump({"name": "board", "storage": storage, "base": TINY_BASE,
+                                    "space": {"model": {"n_layer": [2]}}}))
+    log = tmp_path / "dashboard.log"
+    server = start("dashboard", str(spec), "--port", "0", "--refresh", "0", log=log)
+    try:
+        wait_for(lambda: "/dashboard/studies/" in log.read_text(), server, log, "its address")
+        server.send_signal(signum)
+        assert server.wait(timeout=60) == status, log.read_text()
+    finally:
+        if server.poll() is None:
+            server.kill()
+    last = log.read_text().strip().splitlines()[-1]
+    assert last == f"nas dashboard: interrupted ({'Ctrl+C' if status == 130 else 'SIGTERM'})"
