@@ -7,6 +7,7 @@ import numpy as np
 import pytest
 import yaml
 
+from nas.config import from_dict
 from nas.data import write_shard
 from nas.lit import DivergenceError
 from nas.train import train
@@ -82,3 +83,17 @@ def test_cli_train_writes_metrics(tmp_path):
     assert "Training: 100%" in proc.stdout and " 5/5 " in proc.stdout  # one bar, every step
     assert (tmp_path / "out" / "metrics.csv").exists()
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg
+
+
+def test_curve_batches_cheapen_the_curve_and_leave_every_reported_loss_as_it_was():
+    base = {"model": {"n_layer": 2, "d_model": 16, "n_head": 2, "seq_len": 16},
+            "train": {"steps": 30, "batch_size": 4, "eval_batches": 6, "eval_every": 10}}
+    full = train(from_dict(base), progress=False)
+    cheap = train(from_dict({**base, "train": {**base["train"], "curve_batches": 2}}),
+                  progress=False)
+    assert (cheap["val_loss"], cheap["test_loss"]) == (full["val_loss"], full["test_loss"])
+    assert len(cheap["val_batch_losses"]) == 6  # the final validation scores every batch
+    # the points before the last are read off 2 batches: other numbers, the same steps
+    assert [s for s, _ in cheap["curve"]] == [s for s, _ in full["curve"]] == [10, 20, 30]
+    assert cheap["curve"][0][1] != full["curve"][0][1]
+    assert cheap["curve"][-1] == full["curve"][-1]
