@@ -69,7 +69,7 @@ def cmd_search(args: argparse.Namespace) -> int:
     from .search import SearchError, run_search
 
     spec = study_spec(args, args.study, data=args.data, sets=args.set,
-                      warm_start=args.warm_start)
+                      warm_start=args.warm_start, write=True)
     try:
         study = run_search(spec, args.storage, n_trials=args.n_trials, timeout=args.timeout,
                            worker_id=args.worker_id, progress=show_progress(args),

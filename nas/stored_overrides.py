@@ -21,12 +21,14 @@ from .study import resolve_storage
 
 def load_study_spec(path: str | Path, storage: str | None = None, *, data: str | None = None,
                     sets: Sequence[str] = (), warm_start: str | None = None,
-                    note: Callable[[str], None] = print) -> StudySpec:
+                    note: Callable[[str], None] = print, write: bool = False) -> StudySpec:
     """`nas.spec.load_spec`, with the overrides the spec's study (in `storage`, the --storage
     URL if given) was searched with applied where `sets` leaves them out; `note` gets the
-    line that says so. Given overrides that depart from the stored ones are a ConfigError."""
+    line that says so. Given overrides that depart from the stored ones are a ConfigError.
+    `write`: the command will write to the storage (a search), so a file it may not write is
+    refused now, in its own words."""
     spec = load_spec(path, data=data, sets=sets, warm_start=warm_start)
-    stored = stored_overrides(spec, storage)
+    stored = stored_overrides(spec, storage, write)
     if stored is None:
         return spec
     problem = overrides.mismatch(spec.name, stored, spec.overrides, complete=False)
@@ -40,7 +42,8 @@ def load_study_spec(path: str | Path, storage: str | None = None, *, data: str |
     return load_spec(path, data=data, sets=stored, warm_start=warm_start)
 
 
-def stored_overrides(spec: StudySpec, storage: str | None = None) -> list[str] | None:
+def stored_overrides(spec: StudySpec, storage: str | None = None,
+                     write: bool = False) -> list[str] | None:
     """The overrides the spec's study was searched with; None where the storage or the study
     does not exist yet, or the study predates stored overrides. Reads only: creates nothing."""
     url = resolve_storage(spec, storage)
@@ -48,7 +51,7 @@ def stored_overrides(spec: StudySpec, storage: str | None = None) -> list[str] |
     if file is not None and not file.is_file():
         return None
     where = "--storage" if storage else f"{spec.path}: storage"
-    check_access(url, write=False, where=where)
+    check_access(url, write=write, where=where)
     backend = make_storage(url, where=where)
     try:
         try:

@@ -61,8 +61,13 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
     data = data_fingerprint(spec) if create else None
     sampler, pruner = make_sampler(spec, spec.seed + seed_offset), make_pruner(spec)
     warm = create and spec.warm_start is not None
+    file, source = storage_file(url), None
+    if warm and file is not None and not file.exists():
+        # a new study in a file still to be made: its source is checked first, so a warm
+        # start that fails names the storages as they were and makes no file at all
+        source, source_at = warm_start.load_source(spec, url)
     # A refusal before the study is created (a bad warm start) removes the new storage file.
-    with removed_if_refused(storage_file(url), side_files(url)):
+    with removed_if_refused(file, side_files(url)):
         storage = make_storage(url, where=where)
         try:
             names = optuna.get_all_study_names(storage)
@@ -73,7 +78,7 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             if warm and spec.name in names:
                 echo(f"warm start: study {spec.name!r} exists already; a warm start seeds "
                      "only a new study")
-            elif warm:  # checked before the study is created: bad input writes nothing
+            elif warm and source is None:  # checked before the study is created
                 source, source_at = warm_start.load_source(spec, url)
         except ConfigError:
             _close(storage)  # before its new file is removed

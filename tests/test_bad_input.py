@@ -456,7 +456,7 @@ CASES = [
     ("generate-seed-negative", "generate", at("{tmp}/pickled"), ["--prompt", "x", "--seed", "-5"],
      ["argument --seed: must be >= 0, got -5"]),
     ("generate-temperature-inf", "generate", at("{tmp}/pickled"),
-     ["--prompt", "x", "--temperature", "inf"], ["--temperature: must be > 0 and finite"]),
+     ["--prompt", "x", "--temperature", "inf"], ["--temperature: must be >= 0 and finite"]),
     ("dashboard-refresh-nan", "dashboard", spec(), ["--refresh", "nan"],
      ["argument --refresh: must be in [0, 1e+06] and finite, got nan"]),
     ("dashboard-port-beyond-65535", "dashboard", spec(), ["--port", "70000"],

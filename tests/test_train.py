@@ -80,7 +80,7 @@ def test_cli_train_writes_metrics(tmp_path):
                 "coefficients", "curve"):
         assert key in metrics
     assert "val_loss" in proc.stdout
-    assert "Training: 100%" in proc.stdout and " 5/5 " in proc.stdout  # one bar, every step
+    assert "Training:" not in proc.stdout  # no progress bar into a pipe
     assert (tmp_path / "out" / "metrics.csv").exists()
     assert yaml.safe_load((tmp_path / "out" / "config.yaml").read_text()) == cfg
 
