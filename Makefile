@@ -15,7 +15,7 @@ GPU_WHEELS ?= optuna==5.0.0 optuna-dashboard==0.21.0 plotly==7.1.0 pydantic==2.1
 	pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 sqlalchemy==2.1.9 \
 	alembic==1.20.1 mako==1.4.3 colorlog==6.12.0 bottle==0.13.4
 
-.PHONY: quickstart test lint bench setup clean gpu-smoke gpu-wheels
+.PHONY: quickstart test test-fast lint bench setup clean gpu-smoke gpu-wheels
 
 # `.[test]` is every extra (`all`: report, dashboard, hf, loggers...) and the test tools, so
 # the quickstart's report and every test run after this one install.
@@ -36,6 +36,11 @@ test: setup
 	$(BIN)/ruff check nas tests benchmarks
 	bash scripts/ensure-system-deps.sh
 	$(BIN)/python -m pytest -n $(TEST_WORKERS)
+
+# Your own loop: everything but the tests marked slow (training, servers, killed processes).
+test-fast: setup
+	$(BIN)/ruff check nas tests benchmarks
+	$(BIN)/python -m pytest -n $(TEST_WORKERS) -m "not slow"
 
 bench: setup
 	$(BIN)/python benchmarks/throughput.py

@@ -29,6 +29,8 @@ from nas.summary import summary_markdown
 from nas.trials import TrialRecord
 from tests.helpers import TINY_BASE, run_cli, tiny
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
 

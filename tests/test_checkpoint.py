@@ -19,6 +19,8 @@ from nas.train import train
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, tiny
 from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 # Long enough (a few seconds) for a kill to land after the first checkpoint and before the end.
 KILLED = {"steps": 300, "eval_every": 50, "checkpoint_every": 10}
 STABLE = ("val_loss", "val_loss_se", "test_loss", "curve", "steps", "tokens", "coefficients",

@@ -16,6 +16,8 @@ from nas.config import ConfigError, from_dict
 from nas.train import train
 from tests.helpers import ROOT, env_for_cli, nas_cmd, tiny
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 CPU = torch.device("cpu")
 
 

@@ -99,6 +99,7 @@ def _run_train(tmp_path, text, *extra):
     (yaml.safe_dump(_with("value_residual", "layers", [0])), "value_residual.layers"),
     (yaml.safe_dump(_with("data", "source", "/no/such/file.txt")), "data.source"),
 ])
+@pytest.mark.slow
 def test_cli_bad_config_exits_2_with_one_line(tmp_path, text, fragment):
     proc = _run_train(tmp_path, text)
     assert proc.returncode == 2, proc.stderr
@@ -115,6 +116,7 @@ def test_cli_missing_file(tmp_path):
     assert "file not found" in proc.stderr and "nope.yaml" in proc.stderr
 
 
+@pytest.mark.slow
 def test_empty_and_short_data_are_refused(tmp_path):
     empty = tmp_path / "empty.txt"
     empty.write_text("")

@@ -34,6 +34,8 @@ from nas.trials import TrialRecord, records
 from tests.helpers import TINY_BASE, quiet, run_cli, sweep_trial, tiny
 from tests.processes import start, trials, wait_for
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 WORDS = "the a value residual layer learns mixes keys queries attention model token".split()
 
 

@@ -5,11 +5,14 @@ and in another; a run records those three (`numerics` in metrics.json)."""
 import json
 import subprocess
 
+import pytest
 import torch
 
 from nas.config import dump_config
 from nas.train import train
 from tests.helpers import env_for_cli, nas_cmd, tiny
+
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
 LOSSES = ("val_loss", "test_loss", "curve", "val_batch_losses", "test_batch_losses")
 

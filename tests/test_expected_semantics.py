@@ -16,6 +16,8 @@ from nas.overrides import load_config as load_with_overrides
 from nas.spec import draw_configs, load_spec
 from tests.helpers import TINY_BASE, tiny, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 # --temperature 0
 
 

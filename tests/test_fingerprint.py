@@ -24,6 +24,8 @@ from nas.study import FINGERPRINT, fingerprint, open_study
 from nas.trials import OBJECTIVES
 from tests.helpers import ROOT, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 CORPUS = "some text to train a tiny model on, long enough for its three splits. " * 100
 ONE_TRIAL = {"n_trials": 1, "baselines": False, "sampler": {"type": "random"},
              "space": {"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla"]}}}

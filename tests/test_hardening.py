@@ -28,6 +28,8 @@ from nas.storage import make_storage
 from tests.helpers import TINY_BASE, run_cli, tiny
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 PASSWORD = "s3cretpw"
 # -- SIGTERM and a preemption notice stop a worker, whatever it is doing -----------------------
 

@@ -17,6 +17,8 @@ from nas.cli import main
 from nas.config import dump_config, from_dict
 from tests.helpers import ALL, randomize_coefficients, tiny
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 
 @pytest.fixture(scope="module")
 def auto_model(tmp_path_factory):

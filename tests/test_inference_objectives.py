@@ -25,6 +25,8 @@ from nas.pruning import ParetoPruner
 from nas.spec import load_spec
 from tests.helpers import TINY_BASE, quiet, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 # Eager: for runs of a few steps compiling costs more than it saves.
 EAGER = {**TINY_BASE, "train": {**TINY_BASE["train"], "compile": False}}
 THREE = ["val_loss", "n_params", "kv_bytes_per_token"]

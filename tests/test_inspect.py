@@ -35,6 +35,8 @@ from nas.study import open_study
 from nas.trials import TrialRecord, front
 from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 NAME = "inspect-tiny-study"
 
 

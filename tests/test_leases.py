@@ -29,6 +29,8 @@ from nas.study import FINISHED, open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, run_cli
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 HOST = socket.gethostname()
 # Trials of a second or two: long enough to be caught running.
 LONG = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100, "eval_every": 20}}

@@ -19,6 +19,8 @@ from nas.train import train
 from tests.helpers import free_port, tiny
 from tests.processes import wait_for
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 # learnable: coefficients of its own on layers 1 and 2
 EXPECTED = {"train_loss", "val_loss", "tokens_per_s", "lr-AdamW/pg1", "coef/L1.lambda1",
             "coef/L2.lambda2"}

@@ -179,6 +179,7 @@ def test_a_coarse_grid_stays_allowed_for_the_cheap_protocol():
 # -- end to end ----------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_crossfit_study_extends_its_grid_and_reports_both_halves(tmp_path, capsys):
     space = {"model": {"n_layer": 2, "n_head": 2, "d_model": 16, "seq_len": 16},
              "train": {"lr": [0.001, 0.0014, 0.002], "seed": [0, 1]},

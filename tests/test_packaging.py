@@ -8,12 +8,15 @@ import subprocess
 import sys
 import sysconfig
 
+import pytest
 import yaml
 from packaging.markers import default_environment
 from packaging.requirements import Requirement
 from packaging.utils import canonicalize_name
 
 from tests.helpers import ROOT, TINY_BASE, write_spec
+
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
 PROJECT = "resformer-nas"
 CORE = {"torch", "lightning", "torchmetrics", "optuna", "pyyaml", "pydantic", "numpy", "tqdm"}

@@ -17,6 +17,8 @@ from nas.study import FINISHED, open_study
 from tests.helpers import TINY_BASE, quiet
 from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 # Trials of a few seconds, for the tests that stop a worker in the middle of one.
 LONG = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 300, "eval_every": 50}}
 

@@ -23,6 +23,8 @@ from tests.helpers import TINY_BASE, quiet, write_spec
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import samplers as bench  # noqa: E402
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 EAGER = {**TINY_BASE, "train": {**TINY_BASE["train"], "compile": False}}
 THREE = ["val_loss", "n_params", "kv_bytes_per_token"]
 

@@ -13,6 +13,8 @@ from nas.spec import load_spec
 from nas.study import open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 
 def test_study_completes_resumes_and_stores_what_it_measured(tmp_path):
     spec = load_spec(write_spec(tmp_path))

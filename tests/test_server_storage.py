@@ -16,6 +16,8 @@ from optuna.trial import TrialState
 
 from nas.storage import ServerStorage, make_storage
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 
 class LostAnswer:
     """The next commit that writes lands on the server, and then the driver reports its

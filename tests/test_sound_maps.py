@@ -220,6 +220,7 @@ def test_parameter_saving_interval_covers_a_known_saving_under_seed_noise():
 # -- the protocol and the report, through the CLI ------------------------------------------------
 
 
+@pytest.mark.slow
 def test_first_seed_protocol_then_report_with_intervals(tmp_path):
     space = {"model": {"n_layer": 4, "n_head": 2, "d_model": [16, 24], "seq_len": 16},
              "train": {"lr": [0.003, 0.03], "seed": [0, 1, 2]},

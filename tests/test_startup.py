@@ -16,6 +16,8 @@ import pytest
 from nas.cli import build_parser
 from tests.helpers import env_for_cli, nas_cmd
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 HEAVY = ("torch", "lightning")
 COMMANDS = next(a for a in build_parser()._actions
                 if isinstance(a, argparse._SubParsersAction)).choices

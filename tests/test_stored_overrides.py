@@ -17,6 +17,8 @@ from nas.study import open_existing
 from tests.helpers import write_spec
 from tests.processes import start, wait_for
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 SETS = ["--set", "model.preset=pico", "--set", "train.steps=8"]
 NOTE = "applying the study's stored --set model.preset=pico --set train.steps=8"
 PICO = {"n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 32}

@@ -13,6 +13,8 @@ from nas.lit import DivergenceError
 from nas.train import train
 from tests.helpers import env_for_cli, nas_cmd, tiny
 
+pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
+
 
 def test_a_few_dozen_steps_lower_the_loss():
     m = train(tiny("learnable", steps=40, lr=1e-2, eval_every=10), progress=False)
