@@ -196,9 +196,14 @@ def difference_rows(arms: list[Arm], several_budgets: bool
     cells = {(name, _level(d.arm, several_budgets)): d for name, diffs in by_variant.items()
              for d in diffs}
     pooled = {name: pooled_p(diffs) for name, diffs in by_variant.items()}
-    family = [sign_flip_p(list(d.by_seed.values())) for d in cells.values()] + list(
-        pooled.values())
-    adjusted = dict(zip([*cells, *pooled], holm(family), strict=True))
+    # one family: every cell's test, and each variant's pooled test where it pools several
+    # cells (over one cell it is that cell's test again)
+    tests = {**{key: sign_flip_p(list(d.by_seed.values())) for key, d in cells.items()},
+             **{name: p for name, p in pooled.items() if len(by_variant[name]) > 1}}
+    adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
+    for name, diffs in by_variant.items():
+        if len(diffs) == 1:
+            adjusted[name] = adjusted[name, _level(diffs[0].arm, several_budgets)]
     rows, significant = [], []
     for name, diffs in by_variant.items():
         row: dict[str, Any] = {"variant": name}
