@@ -13,7 +13,7 @@ from nas.arms import best_arms, choose_arms, paired_differences
 from nas.cli import main
 from nas.lr_sweep import halving_choice
 from nas.stats import holm
-from nas.summary import summary_markdown
+from nas.summary import difference_rows, summary_markdown
 from nas.trials import completed, records
 from tests.helpers import sweep_trial
 
@@ -234,3 +234,12 @@ def test_halving_replay_keeps_the_best_share_and_counts_the_steps_it_spends():
     # keeping everything is the full sweep
     assert halving_choice(curves, 100, (0.25, 0.5), 1.0) == (0.001, 1.0)
 
+
+
+def test_a_pooled_p_over_one_cell_is_that_cell_s_test_and_not_a_second_in_the_family():
+    trials = records([sweep_trial(v, 16, 0.001, s, 2.0, 3.0 + s / 100 - (v == "identity") / 10)
+                      for v in ("vanilla", "identity") for s in range(6)])
+    rows, _ = difference_rows(best_arms(trials), several_budgets=False)
+    (row,) = rows  # six pairs, all below vanilla: the exact p is 2/64
+    assert row["all pairs: exact p (Holm)"] == "0.0312 (0.0312)"
+    assert "Holm p 0.031" in row["4L d16"]
