@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any
 
 from .config import MODEL_PRESETS, ConfigError, RunConfig, from_dict
-from .parsing import excerpt, load_yaml, read_yaml, shorten
+from .errors import excerpt, shorten
+from .parsing import load_yaml, read_yaml
 
 WHERE = "--set"
 STUDY_ATTR = "overrides"  # a study's user attribute: the KEY=VALUE texts it was searched with

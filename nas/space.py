@@ -29,8 +29,9 @@ import math
 from typing import Any, Protocol
 
 from .config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
+from .errors import excerpt
 from .modes import MODES
-from .parsing import allowed_keys, excerpt, first_non_finite
+from .parsing import allowed_keys, first_non_finite
 
 BASELINE_MODE = "vanilla"  # what the queued baselines run
 PATTERNS = ("all", "subset", "last_k", "unet")

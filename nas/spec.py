@@ -23,12 +23,12 @@ from pydantic_core import ArgsKwargs
 from . import lr_sweep, overrides
 from . import space as spaces
 from .config import ConfigError, RunConfig, from_dict
+from .errors import excerpt
 from .lease import HEARTBEAT
 from .lr_sweep import Sweep
 from .parsing import (
     STRICT,
     Refusal,
-    excerpt,
     first_non_finite,
     parse,
     read_yaml,
