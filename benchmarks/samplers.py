@@ -44,7 +44,8 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
 from nas.search import space as spaces
 from nas.search.samplers import make_sampler
 from nas.search.spec import StudySpec, load_spec

@@ -17,7 +17,7 @@ import optuna
 import pytest
 
 from nas.cli import main
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.spec import data_fingerprint, load_spec
 from nas.search.storage import make_storage
 from nas.search.study import FINGERPRINT, fingerprint, open_study

@@ -256,7 +256,8 @@ def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch, device)
 
 
 def test_neutreno_reads_its_own_coefficient_and_refuses_lambda1():
-    from nas.config import ConfigError, from_dict
+    from nas.config import from_dict
+    from nas.errors import ConfigError
 
     cfg = tiny("neutreno", neutreno_lambda=0.3)
     assert build_model(cfg).residual.coefficients() == {"L1.neutreno_lambda": 0.3,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from nas.modes import LEARNED
+from nas.modes import BASELINE_MODE, LEARNED
 from nas.reading.arms import (
     COIN_FLIP_Z,
     Arm,
@@ -79,7 +79,7 @@ def budget_notes(arms: list[Arm]) -> list[str]:
     """The training budget of the study's points, and a warning below COMPUTE_OPTIMAL."""
     if not arms:
         return []
-    ratios = [a.tokens_per_param for a in arms]
+    ratios = [a.tokens_per_model_param for a in arms]
     lo, hi = min(ratios), max(ratios)
     notes = [f"Training budget: {lo:.3g}-{hi:.3g} tokens per non-embedding parameter."]
     if lo < COMPUTE_OPTIMAL:
@@ -124,7 +124,7 @@ def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
             notes.append(f"warning: chosen on {choosing} seed(s)")
         rows.append({
             "variant": a.variant, "size": a.shape,
-            "tok/param": f"{a.tokens_per_param:.3g}",
+            "tok/param": f"{a.tokens_per_model_param:.3g}",
             f"val_loss by lr (mean over seeds {_seeds(a.choice_seeds)})": "  ".join(
                 f"{lr:g}: {a.val_by_lr[lr]:.4f}" for lr in a.grid if lr in a.val_by_lr),
             "chosen lr": chosen,
@@ -146,11 +146,11 @@ def _paired(iv: Interval, *also: str) -> str:
 def same_rate_rows(arms: list[Arm], split: str) -> list[dict[str, Any]]:
     """Each variant minus vanilla at every rate both ran, per size: the mean over the seeds
     both ran with its interval (which part of a gain is a different best rate)."""
-    vanilla = {(a.shape, a.budget): a for a in arms if a.variant == "vanilla"}
+    vanilla = {(a.shape, a.budget): a for a in arms if a.variant == BASELINE_MODE}
     rows = []
     for a in sorted(arms, key=lambda a: (a.n_params, a.tokens, a.variant)):
         base = vanilla.get((a.shape, a.budget))
-        if a.variant == "vanilla" or base is None or len(a.grid) < 2:
+        if a.variant == BASELINE_MODE or base is None or len(a.grid) < 2:
             continue
         row: dict[str, Any] = {"variant": a.variant, "size": a.shape}
         for lr in sorted(set(a.runs) & set(base.runs)):
@@ -168,7 +168,7 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     by_level: dict[str, dict[str, Arm]] = {}
     for a in sorted(arms, key=lambda a: (a.n_params, a.tokens)):
         by_level.setdefault(_level(a, several_budgets), {})[a.variant] = a
-    names = sorted({a.variant for a in arms}, key=lambda n: (n != "vanilla", n))
+    names = sorted({a.variant for a in arms}, key=lambda n: (n != BASELINE_MODE, n))
     rows = []
     for name in names:
         row: dict[str, Any] = {"variant": name}

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import optuna
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.pruning import ParetoPruner
 from nas.search.spec import StudySpec
 

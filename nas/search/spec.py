@@ -21,8 +21,8 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
 from nas import overrides
-from nas.config import ConfigError, RunConfig, from_dict
-from nas.errors import excerpt
+from nas.config import RunConfig, from_dict
+from nas.errors import ConfigError, excerpt
 from nas.parsing import STRICT, Refusal, first_non_finite, parse, read_yaml, refuse, unknown
 from nas.search import lr_sweep
 from nas.search import space as spaces

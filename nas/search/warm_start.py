@@ -37,7 +37,8 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
+from nas.modes import BASELINE_MODE
 from nas.search import space as spaces
 from nas.search.spec import CONSTRAINTS, StudySpec, default_storage
 from nas.search.storage import check_access, make_storage, redact, storage_file
@@ -180,7 +181,7 @@ def _seeded(t: FrozenTrial, spec: StudySpec, origin: str) -> FrozenTrial | str:
         # a baseline's mode is forced, as this study's are; one queued with its size alone
         # (before baselines recorded their mode) falls outside a space that searches it
         spaces.sample(spec.merged_space, replay,
-                      force_mode=spaces.BASELINE_MODE if record.baseline else None)
+                      force_mode=BASELINE_MODE if record.baseline else None)
         return create_trial(params={k: t.params[k] for k in replay.distributions},
                             distributions=replay.distributions, values=values,
                             user_attrs=record_attrs(warm_start=origin),

@@ -28,8 +28,9 @@ import logging
 
 import torch
 
-from nas.config import ConfigError, RunConfig, vanilla_non_embedding_params
-from nas.errors import first_line
+from nas.config import RunConfig
+from nas.errors import ConfigError, first_line
+from nas.params import vanilla_non_embedding_params
 
 logger = logging.getLogger(__name__)
 

@@ -35,8 +35,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nas.config import ConfigError, DataConfig, RunConfig, is_shard_glob
-from nas.training.shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
+from nas.config import DataConfig, RunConfig
+from nas.corpus_files import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC, is_shard_glob
+from nas.errors import ConfigError
 
 
 def cache_dir() -> Path:

@@ -21,11 +21,14 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from nas.config import TOKENIZER_FILE, ConfigError, RunConfig, dump_config, shard_tokenizer
+from nas.config import RunConfig, dump_config
+from nas.corpus_files import TOKENIZER_FILE, shard_tokenizer
+from nas.errors import ConfigError
 from nas.interrupt import lightning_interrupts
 from nas.model.analysis import analyze
 from nas.model.decoder import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
 from nas.paths import PID_ROOM, check_output, removed_if_refused
+from nas.run_folder import CONFIG_FILE, KEPT_CHECKPOINTS, METRICS_FILE, MODEL_FILE
 from nas.training.checkpoint import (
     LAST,
     AtomicCheckpointIO,
@@ -188,8 +191,8 @@ def check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--out: {out} is not empty; pass --overwrite to replace it, or "
                           "choose another folder")
-    if not (out / "config.yaml").is_file():
-        raise ConfigError(f"--out: {out} holds no config.yaml, so it is not a run folder; "
+    if not (out / CONFIG_FILE).is_file():
+        raise ConfigError(f"--out: {out} holds no {CONFIG_FILE}, so it is not a run folder; "
                           "--overwrite replaces only those")
 
 
@@ -289,7 +292,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
     if checkpoints is not None and t.checkpoint_every:
         extra.append(PeriodicCheckpoint(checkpoints, t.checkpoint_every, t.eval_interval))
     if folder is not None:
-        dump_config(cfg, folder / "config.yaml")
+        dump_config(cfg, folder / CONFIG_FILE)
         # with the shards' tokenizer, which `nas generate` reads beside the config
         if tokenizer := shard_tokenizer(cfg.data.source):
             shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
@@ -350,7 +353,9 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         # with the cache, on the device it trained on (nas.model.decoder.decode_tokens_per_s)
         "decode_tokens_per_s": decode_tokens_per_s(lit.model, t.precision),
         "tokens": tokens,
-        "tokens_per_param": tokens / counts["n_params_non_embedding"],
+        # measured against this model's own parameters (train.tokens_per_param, a budget, is
+        # against the vanilla model's of this shape)
+        "tokens_per_model_param": tokens / counts["n_params_non_embedding"],
         "tokens_per_s": tokens / step_seconds if step_seconds > 0 else 0.0,
         "train_seconds": step_seconds,
         "steps": trainer.global_step,
@@ -365,11 +370,11 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         "analysis": analyze_windows(lit.model, data),
     }
     if folder is not None:
-        torch.save(lit.model.state_dict(), folder / "model.pt")
+        torch.save(lit.model.state_dict(), folder / MODEL_FILE)
         if checkpoints is not None and t.keep_checkpoints and checkpoints.is_dir():
-            checkpoints.rename(folder / "checkpoints")  # kept with the run it belongs to
+            checkpoints.rename(folder / KEPT_CHECKPOINTS)  # kept with the run it belongs to
         # Last: a folder with metrics.json holds a whole run.
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if logger is not None:
         log_results(logger, cfg, metrics, folder, trainer.global_step)
     del trainer, lit, data
