@@ -35,10 +35,10 @@ from dataclasses import dataclass
 import optuna
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from nas.pruning import ParetoPruner
-from nas.search import run_search
-from nas.spec import StudySpec
-from nas.trials import TrialRecord, records
+from nas.search.pruning import ParetoPruner
+from nas.search.spec import StudySpec
+from nas.search.trials import TrialRecord, records
+from nas.search.worker import run_search
 
 SPACE = {
     "model": {"preset": ["pico", "nano", "micro"], "seq_len": 64},

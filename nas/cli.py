@@ -12,18 +12,18 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, first_line, shorten
-from .flags import Parser, integer, number, text
-from .interrupt import CTRL_C, Interrupted
+from nas.errors import ConfigError, first_line, shorten
+from nas.flags import Parser, integer, number, text
+from nas.interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .model import Decoder
-    from .spec import StudySpec
+    from nas.config import RunConfig
+    from nas.model.decoder import Decoder
+    from nas.search.spec import StudySpec
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .overrides import load_config as load_with_overrides
+    from nas.overrides import load_config as load_with_overrides
 
     cfg = load_with_overrides(args.config, args.set, args.data)
     out = Path(args.out) if args.out is not None else Path("runs") / "train" / Path(
@@ -33,8 +33,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
           f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
           flush=True)
-    from .lit import DivergenceError
-    from .train import TimeLimitError, check_memory, train
+    from nas.training.lit import DivergenceError
+    from nas.training.train import TimeLimitError, check_memory, train
 
     if not args.force:
         check_memory(cfg, args.config)
@@ -51,8 +51,8 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def study_spec(args: argparse.Namespace, path: str | Path, **given: Any) -> StudySpec:
     """The study spec at `path` with the `--set` overrides its study stored (see
-    `nas.stored_overrides`), saying in one line on stderr which it applies."""
-    from .stored_overrides import load_study_spec
+    `nas.search.stored_overrides`), saying in one line on stderr which it applies."""
+    from nas.search.stored_overrides import load_study_spec
 
     return load_study_spec(path, args.storage, note=lambda line: print(
         f"nas {args.command}: {line}", file=sys.stderr, flush=True), **given)
@@ -65,8 +65,8 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .console import front_table
-    from .search import SearchError, run_search
+    from nas.search.console import front_table
+    from nas.search.worker import SearchError, run_search
 
     spec = study_spec(args, args.study, data=args.data, sets=args.set,
                       warm_start=args.warm_start, write=True)
@@ -82,11 +82,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .confirm import prepare, run_confirm
-    from .confirmation import CONFIRM_ATTR, read
-    from .search import SearchError
-    from .summary import confirmation_sections, sections_markdown
-    from .trials import completed
+    from nas.confirm import prepare, run_confirm
+    from nas.reading.confirmation import CONFIRM_ATTR, read
+    from nas.reading.summary import confirmation_sections, sections_markdown
+    from nas.search.trials import completed
+    from nas.search.worker import SearchError
 
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads: must be > 0, got {args.threads}")
@@ -104,9 +104,15 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_choice, choose_trials, export_trials, summary_files, trial_file
-    from .paths import check_output
-    from .study import open_existing
+    from nas.paths import check_output
+    from nas.reading.export import (
+        check_choice,
+        choose_trials,
+        export_trials,
+        summary_files,
+        trial_file,
+    )
+    from nas.search.study import open_existing
 
     if args.hf:
         return _export_hf(args)
@@ -130,8 +136,8 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_hf(args: argparse.Namespace) -> int:
     """`nas export RUN_DIR --hf`: the run as a Hugging Face model folder."""
-    from .hf_export import export_hf
-    from .paths import check_output
+    from nas.hf.export import export_hf
+    from nas.paths import check_output
 
     chosen = [flag for flag, value in (("--pareto", args.pareto), ("--best", args.best),
                                        ("--storage", args.storage)) if value]
@@ -148,16 +154,16 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .extras import require
+    from nas.extras import require
 
     require("report", "nas report")
-    from .confirmation import load_confirmations
-    from .lr_sweep import stored_protocol
-    from .paths import check_output
-    from .report import write_report
-    from .study import open_existing
-    from .summary import summary_markdown
-    from .trials import completed
+    from nas.paths import check_output
+    from nas.reading.confirmation import load_confirmations
+    from nas.reading.report import write_report
+    from nas.reading.summary import summary_markdown
+    from nas.search.lr_sweep import stored_protocol
+    from nas.search.study import open_existing
+    from nas.search.trials import completed
 
     check_output(args.out, "--out", folder=False)
     spec = study_spec(args, args.study)
@@ -175,9 +181,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     a `nas train` output folder, a run config (trained first), or a study trial."""
     import json
 
-    from .analysis import analysis_table
-    from .config import load_config
-    from .parsing import read_yaml
+    from nas.config import load_config
+    from nas.model.analysis import analysis_table
+    from nas.parsing import read_yaml
 
     target = Path(args.target)
     if not target.exists():
@@ -187,7 +193,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     elif isinstance(raw := read_yaml(target), dict) and "space" in raw:  # a study spec
         result = _analyze_trial(args, target)
     else:
-        from .train import train
+        from nas.training.train import train
 
         cfg = load_config(target)
         out = Path(args.out) if args.out is not None else Path("runs") / "train" / target.stem
@@ -208,8 +214,8 @@ def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
 
     import torch
 
-    from .config import load_config
-    from .model import build_model
+    from nas.config import load_config
+    from nas.model.decoder import build_model
 
     if not folder.is_dir():
         raise ConfigError(f"{folder}: no such folder; expected a `nas train --out` folder")
@@ -237,8 +243,8 @@ def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
 
 
 def _analyze_run_folder(folder: Path) -> dict:
-    from .data import TokenDataModule
-    from .train import analyze_windows
+    from nas.training.data import TokenDataModule
+    from nas.training.train import analyze_windows
 
     cfg, model = _load_run(folder)
     return {"analysis": analyze_windows(model, TokenDataModule.for_run(cfg)),
@@ -247,8 +253,8 @@ def _analyze_run_folder(folder: Path) -> dict:
 
 
 def _analyze_trial(args: argparse.Namespace, study_path: Path) -> dict:
-    from .study import open_existing
-    from .trials import TrialRecord
+    from nas.search.study import open_existing
+    from nas.search.trials import TrialRecord
 
     number = args.trial
     if number is None:
@@ -313,10 +319,10 @@ def _codec(folder: Path, vocab_size: int
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .extras import require
+    from nas.extras import require
 
     require("dashboard", "nas dashboard")
-    from .dashboard import serve
+    from nas.reading.dashboard import serve
 
     serve(study_spec(args, args.study), args.storage, host=args.host, port=args.port,
           artifacts=args.artifacts, refresh=args.refresh, allow_remote=args.allow_remote)
@@ -325,7 +331,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenize text files into the shards and tokenizer.json a run config trains on."""
-    from .prepare import prepare
+    from nas.training.prepare import prepare
 
     done = prepare(args.files, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, test_fraction=args.test_fraction,

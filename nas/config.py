@@ -30,16 +30,9 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
-from .errors import ConfigError  # also imported from here by the rest of nas
-from .modes import MODES
-from .parsing import (
-    STRICT,
-    Refusal,
-    parse,
-    read_yaml,
-    refuse,
-    unknown,
-)
+from nas.errors import ConfigError
+from nas.modes import MODES
+from nas.parsing import STRICT, Refusal, parse, read_yaml, refuse, unknown
 
 Source = Literal["first_layer", "value_embedding"]
 SOURCES: tuple[str, ...] = get_args(Source)
@@ -218,20 +211,20 @@ class TrainConfig:
     strategy: str = "auto"
     precision: str = "32-true"
     # Wall-clock seconds one run may train (Lightning's `max_time`; None: no limit). A run that
-    # reaches it fails (nas.train.TimeLimitError): a hung or far too slow trial ends FAIL with
-    # its reason, instead of holding its worker.
+    # reaches it fails (nas.training.train.TimeLimitError): a hung or far too slow trial ends FAIL
+    # with its reason, instead of holding its worker.
     max_time: float | None = Field(None, gt=0, le=MAX_TIME, allow_inf_nan=False)
     # Save a checkpoint every N training steps (None: never), from which `nas train --resume`
-    # and a retried trial continue (nas.checkpoint); they are deleted when the run finishes
+    # and a retried trial continue (nas.training.checkpoint); they are deleted when the run finishes
     # unless keep_checkpoints.
     checkpoint_every: int | None = Field(None, gt=0)
     keep_checkpoints: Annotated[bool, Refusal("must be true or false, got {value!r}")] = False
     # torch.compile of the model's training forward: `auto` where the run is long enough to
-    # repay the compilation (nas.compiling).
+    # repay the compilation (nas.training.compiling).
     compile: Annotated[bool | Literal["auto"],
                        Refusal("must be auto, true or false, got {value!r}")] = "auto"
     # Where `nas train` logs losses, learning rate, throughput, every coefficient and its
-    # results (nas.loggers): metrics.csv in the run folder, or the tensorboard, mlflow or
+    # results (nas.training.loggers): metrics.csv in the run folder, or the tensorboard, mlflow or
     # wandb extra.
     logger: Literal["csv", "tensorboard", "mlflow", "wandb"] = "csv"
 

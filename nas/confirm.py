@@ -3,20 +3,20 @@ on fresh seeds, as a study of its own in the same storage.
 
 A search ranks single noisy runs, so its best plans are optimistic (the winner's curse). This
 module chooses the plans (`--top K`, `--pareto`, `--trials N,M`: each the arm of its trial,
-nas.arms) and the seeds (the S smallest above every seed the study declares or ran, or from
+nas.reading.arms) and the seeds (the S smallest above every seed the study declares or ran, or from
 `--first-seed`; any overlap is refused), and derives the confirmation's spec: named variants
 (one per plan, `#N variant` after the trial that stands for it, and `vanilla`), the model, train
 and data keys as the plans ran them, and a queue (`StudySpec.queue`) that lists every trial.
-`nas.search.run_search` runs it like any study (resumable, several workers, leases). The plans
-and what the study measured of them are stored with it (the user attribute `confirm`) for
-`nas.confirmation` to read.
+`nas.search.worker.run_search` runs it like any study (resumable, several workers, leases). The
+plans and what the study measured of them are stored with it (the user attribute `confirm`) for
+`nas.reading.confirmation` to read.
 
 Rates, by the study's own rule:
 - a plan retrains at the rate its arm chose in the study (a plan that ran one rate, at that one);
 - vanilla at a plan's shape and budget at the rate of the study's best vanilla arm there, or, in
   a study that fixes train.lr and ran no vanilla there, at that rate; a study that searched the
   rate without a vanilla run at that shape and budget has no rate to give it, and is refused;
-- a learning-rate sweep (`nas.lr_sweep.is_sweep`) instead gives every plan and vanilla an
+- a learning-rate sweep (`nas.search.lr_sweep.is_sweep`) instead gives every plan and vanilla an
   all_seeds sweep on the fresh seeds, over the space's grid and any rate its arm added beyond
   it, so that each chooses its rate on the fresh seeds as the study chose.
 
@@ -32,16 +32,16 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from . import lr_sweep
-from .arms import Arm, budget_key, choose_arms, plan_key
-from .config import LATE_TRAIN_KEYS, ConfigError, from_dict
-from .confirmation import CONFIRM_ATTR
-from .export import choose_trials
-from .spec import NAME, StudySpec
-from .study import open_existing, resolve_storage
-from .trials import TrialRecord, completed, front_indices
+from nas.config import LATE_TRAIN_KEYS, ConfigError, from_dict
+from nas.reading.arms import Arm, budget_key, choose_arms, plan_key
+from nas.reading.confirmation import CONFIRM_ATTR
+from nas.reading.export import choose_trials
+from nas.search import lr_sweep
+from nas.search.spec import NAME, StudySpec
+from nas.search.study import open_existing, resolve_storage
+from nas.search.trials import TrialRecord, completed, front_indices
 
-VANILLA = "vanilla"  # the references' variant (nas.arms pairs every plan with it)
+VANILLA = "vanilla"  # the references' variant (nas.reading.arms pairs every plan with it)
 MIN_SEEDS = 2  # an interval over seeds needs two
 
 
@@ -326,6 +326,6 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None 
 def run_confirm(derived: StudySpec, *, threads: int | None = None, progress: bool = True,
                 echo: Callable[[str], None] = print) -> optuna.Study:
     """Run (or resume, or join) the confirmation until every queued trial is finished."""
-    from .search import run_search
+    from nas.search.worker import run_search
 
     return run_search(derived, progress=progress, echo=echo, threads=threads)

@@ -1,5 +1,5 @@
 """The value-residual modes: one table that the config, the search space, the model, the analysis
-and the docs read. Adding a mode is one entry here and its mix class in `nas.residual`
+and the docs read. Adding a mode is one entry here and its mix class in `nas.model.residual`
 (docs/ARCHITECTURE.md shows the whole diff of an example).
 
 Each entry says which `value_residual` keys the mode reads (the space suggests only these),
@@ -33,7 +33,7 @@ class Mode:
     name: str
     keys: tuple[str, ...]  # the value_residual keys it reads
     learned: bool  # its coefficients train
-    mix: str  # the name of its ValueMix class in nas.residual
+    mix: str  # the name of its ValueMix class in nas.model.residual
     extra_params: ParamFormula
     value: str  # what a receiving layer attends over (the docs' table)
     own_values: bool = True  # a receiving layer keeps its own W_V

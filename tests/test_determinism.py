@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nas.config import dump_config
-from nas.train import train
+from nas.training.train import train
 from tests.helpers import env_for_cli, nas_cmd, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

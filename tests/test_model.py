@@ -6,7 +6,7 @@ import torch
 
 from nas import build_model
 from nas.config import SOURCES
-from nas.model import count_params
+from nas.model.decoder import count_params
 from nas.modes import MODES
 from tests.helpers import ALL, FAMILY, randomize_coefficients, tiny
 
@@ -226,9 +226,10 @@ def test_the_gated_value_embedding_mode_starts_as_the_ungated_one(device):
 def test_a_new_mode_is_one_registry_entry_and_one_mix_class(monkeypatch, device):
     """What docs/ARCHITECTURE.md shows: a mode registered here builds, trains a step and is
     counted, with nothing else changed."""
-    from nas import modes, residual
+    from nas import modes
     from nas.config import from_dict
-    from nas.lit import LitDecoder
+    from nas.model import residual
+    from nas.training.lit import LitDecoder
 
     class HalfMix(residual.ValueMix):
         """V' = (V_src + V_n) / 2, fixed."""

@@ -10,17 +10,17 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from nas import lr_sweep
-from nas.arms import best_arms, choose_arms, paired_differences
 from nas.config import MODEL_PRESETS, from_dict
-from nas.data import TokenDataModule
-from nas.fits import Interpolation
-from nas.model import count_params
-from nas.pruning import ParetoPruner
-from nas.scaling import Level, equivalent_saving, parameter_savings
-from nas.stats import mean_interval, sign_flip_p
-from nas.train import train
-from nas.trials import TrialRecord, records
+from nas.model.decoder import count_params
+from nas.reading.arms import best_arms, choose_arms, paired_differences
+from nas.reading.fits import Interpolation
+from nas.reading.scaling import Level, equivalent_saving, parameter_savings
+from nas.reading.stats import mean_interval, sign_flip_p
+from nas.search import lr_sweep
+from nas.search.pruning import ParetoPruner
+from nas.search.trials import TrialRecord, records
+from nas.training.data import TokenDataModule
+from nas.training.train import train
 from tests.helpers import env_for_cli, nas_cmd, sweep_trial, tiny
 
 # -- budgets -----------------------------------------------------------------------------------
@@ -280,7 +280,7 @@ def test_data_saving_interpolates_between_budgets_and_reads_losses_both_ways():
 
 
 def test_per_layer_tables_cover_every_learned_weight_and_show_no_spread_for_one_seed():
-    from nas.summary import profile_rows
+    from nas.reading.summary import profile_rows
 
     def record(mode: str, seed: int, coefficients: dict[str, float]) -> TrialRecord:
         return TrialRecord(number=seed, state=TrialState.COMPLETE, mode=mode,

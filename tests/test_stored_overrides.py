@@ -12,8 +12,8 @@ import pytest
 
 from nas.cli import main
 from nas.config import ConfigError, load_config
-from nas.spec import load_spec
-from nas.study import open_existing
+from nas.search.spec import load_spec
+from nas.search.study import open_existing
 from tests.helpers import write_spec
 from tests.processes import start, wait_for
 
