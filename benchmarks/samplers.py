@@ -21,7 +21,7 @@ The table's configs are also the best front, so each space keeps its own table: 
 defaults to runs/samplers-table-NAME.json. The built-in corpus is read from its cached file
 (the same bytes; no re-listing of the standard library per trial).
 
-    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # the README's table
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # docs/searching.md's table
     python benchmarks/samplers.py --objectives val_loss n_params kv_bytes_per_token
     OMP_NUM_THREADS=1 python benchmarks/samplers.py --study studies/quickstart.yaml
 

@@ -298,10 +298,10 @@ def test_sequence_longer_than_model_is_refused(device):
         model(torch.zeros(1, 17, dtype=torch.long, device=device))
 
 
-def test_the_readme_mode_table_lists_every_registered_mode():
+def test_the_configuration_page_mode_table_lists_every_registered_mode():
     from tests.helpers import ROOT
 
-    lines = (ROOT / "README.md").read_text().splitlines()
+    lines = (ROOT / "docs" / "configuration.md").read_text().splitlines()
     start = next(i for i, line in enumerate(lines) if line.startswith("| `mode` |"))
     rows = []
     for line in lines[start + 2:]:
