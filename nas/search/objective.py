@@ -25,7 +25,7 @@ from nas.interrupt import CTRL_C
 from nas.modes import BASELINE_MODE
 from nas.search import space as spaces
 from nas.search.artifacts import checkpoint_folder, upload_trial_artifacts
-from nas.search.lease import HEARTBEAT, Lease, worker_name
+from nas.search.lease import Heartbeat, Lease, worker_name
 from nas.search.pruning import judged_on
 from nas.search.samplers import pareto_pruner
 from nas.search.spec import CONSTRAINTS, StudySpec
@@ -39,7 +39,7 @@ class SurplusTrial(Exception):
 
 class Objective:
     def __init__(self, spec: StudySpec, target: int | None, artifacts: Path | None = None,
-                 lease_interval: float = HEARTBEAT["interval"],
+                 lease_interval: float = Heartbeat().interval,
                  echo: Callable[[str], None] = print):
         self.spec = spec
         self.target = target

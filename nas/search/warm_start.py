@@ -78,9 +78,9 @@ class Replay:
 def source_urls(spec: StudySpec, storage_url: str) -> list[str]:
     """Where the warm-start study may be, in order: its storage as given; else this study's
     (`storage_url`), then the earlier study's own default storage."""
-    if "storage" in spec.warm_start:
-        return [spec.warm_start["storage"]]
-    own = default_storage(spec.warm_start["study"])
+    if spec.warm_start.storage is not None:
+        return [spec.warm_start.storage]
+    own = default_storage(spec.warm_start.study)
     return [storage_url, *([own] if own != storage_url else [])]
 
 
@@ -88,7 +88,7 @@ def load_source(spec: StudySpec, storage_url: str) -> tuple[optuna.Study, str]:
     """The study the spec warm-starts from and its storage's URL (this study's storage is
     `storage_url`), checked before the new study is created: it exists, holds completed
     trials, and searched some key this space searches."""
-    name = spec.warm_start["study"]
+    name = spec.warm_start.study
     where = f"warm start from {name!r}"
     missed = []
     for url in source_urls(spec, storage_url):
