@@ -1,13 +1,13 @@
 """torch.compile against eager for the training step: speed-up, compile time, the break-even
-run length that `train.compile: auto` uses (nas.compiling), and recompiles across trials.
+run length that `train.compile: auto` uses (nas.training.compiling), and recompiles across trials.
 
 Per size, a fresh model trained eagerly and a fresh copy trained through the compiled forward
 `LitDecoder.compile_model` sets up (the same weights, optimizer and schedule), stepped in turn
 on the same batches, so that a slow patch of a shared machine hits both. The compiled copy's
 first step includes the compilation of the forward and the backward, cold (a fresh Inductor
-cache). Before the sizes, the process compiles what `nas.train` compiles first, a probe, which
-pays the compiler's start-up. Reported: the median step times; the speed ratio, the median over
-pairs of back-to-back steps (one pair runs under one load); the compile seconds (the first
+cache). Before the sizes, the process compiles what `nas.training.train` compiles first, a probe,
+which pays the compiler's start-up. Reported: the median step times; the speed ratio, the median
+over pairs of back-to-back steps (one pair runs under one load); the compile seconds (the first
 compiled step less a typical one); and the break-even: the steps after which the median saving
 per step has repaid the start-up and the compilation (what one `nas train` pays), as training
 FLOPs (6 N D, what `auto` compares) and as seconds of eager training.
@@ -17,9 +17,9 @@ steps under bf16 autocast, as Lightning does): benchmarks/throughput.py (`--comp
 benchmarks/gpu_throughput.py reuse it.
 
 Recompiles: trials of one structure that differ only in a fixed coefficient (as a search tries
-lambdas), each a fresh model compiled as `nas.train` compiles it, counted with torch._dynamo's
-counters: with the coefficients as tensors (nas.residual) and, for comparison, as the Python
-floats they were before, which Dynamo bakes into the graph as constants.
+lambdas), each a fresh model compiled as `nas.training.train` compiles it, counted with
+torch._dynamo's counters: with the coefficients as tensors (nas.model.residual) and, for
+comparison, as the Python floats they were before, which Dynamo bakes into the graph as constants.
 
     python benchmarks/compile.py --threads 2      # about 3 minutes on 2 quiet cores
 """
@@ -40,12 +40,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from nas.compiling import compiler_problem, training_flops
 from nas.config import RunConfig, from_dict
-from nas.data import RandomWindows, TokenDataModule
-from nas.lit import LitDecoder
-from nas.model import precision_dtype
-from nas.residual import LinearMix
+from nas.model.decoder import precision_dtype
+from nas.model.residual import LinearMix
+from nas.training.compiling import compiler_problem, training_flops
+from nas.training.data import RandomWindows, TokenDataModule
+from nas.training.lit import LitDecoder
 
 Batch = tuple[Tensor, Tensor]
 
@@ -69,7 +69,7 @@ def run_config(model: dict[str, int], batch_size: int, steps: int, mode: str = "
 
 
 def training_batches(cfg: RunConfig, count: int) -> list[Batch]:
-    """The first `count` batches nas.train.train draws for cfg."""
+    """The first `count` batches nas.training.train.train draws for cfg."""
     m, t = cfg.model, cfg.train
     data = TokenDataModule.for_run(cfg)
     windows = RandomWindows(data.train_arrays, m.seq_len, t.batch_size, t.steps, t.seed)
@@ -176,7 +176,7 @@ def cold_compile_cache() -> Iterator[None]:
 
 
 def compiler_startup(device: torch.device) -> float:
-    """Seconds of what `nas.train` compiles first, the first compilation of the process:
+    """Seconds of what `nas.training.train` compiles first, the first compilation of the process:
     Dynamo's and Inductor's start-up, which would otherwise count against whichever
     measurement came first. Call it once per process, before `compare`."""
     start = time.perf_counter()
@@ -262,7 +262,7 @@ def measure(args: argparse.Namespace) -> None:
 
     log(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     startup = compiler_startup(CPU)
-    log(f"compiler start-up (nas.compiling.compiler_problem) {startup:.1f} s")
+    log(f"compiler start-up (nas.training.compiling.compiler_problem) {startup:.1f} s")
     count = 1 + args.warmup + args.steps
     results = [compare(size, run_config(SIZES[size], args.batch_size, count), args.warmup,
                        args.steps, startup, log)
@@ -280,7 +280,7 @@ def measure(args: argparse.Namespace) -> None:
     print("|---|" + "---:|" * len(LAMBDAS))
     for floats in (True, False):
         rows = count_compiles(floats, log)
-        label = "Python floats (before)" if floats else "tensors (nas.residual)"
+        label = "Python floats (before)" if floats else "tensors (nas.model.residual)"
         print(f"| {label}: graphs compiled, seconds | "
               + " | ".join(f"{n}, {s:.1f} s" for _, n, s in rows) + " |")
 

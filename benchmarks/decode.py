@@ -1,7 +1,7 @@
 """Decoding through the KV cache, per value-residual mode: the cache's bytes measured, and tokens/s.
 
-SVFormer's case is a smaller KV cache, and `nas.model.kv_bytes_per_token` computes it from the
-plan. This benchmark measures it instead. For every mode of `nas.modes.MODES`, and for resformer
+SVFormer's case is a smaller KV cache, and `nas.model.decoder.kv_bytes_per_token` computes it from
+the plan. This benchmark measures it instead. For every mode of `nas.modes.MODES`, and for resformer
 and svformer with the value-embedding source as well (svformer's receiving layers then read
 their values from the table by token id, which the cache keeps), one fresh random-init model of
 one size decodes the same prompt greedily with `Decoder.generate`, and the benchmark reports:
@@ -42,9 +42,16 @@ from unittest import mock
 import torch
 from torch import Tensor
 
-import nas.model
+import nas.model.decoder
 from nas.config import RunConfig, from_dict
-from nas.model import Decoder, KVCache, build_model, kv_bytes_per_token, precision_dtype, sample
+from nas.model.decoder import (
+    Decoder,
+    KVCache,
+    build_model,
+    kv_bytes_per_token,
+    precision_dtype,
+    sample,
+)
 from nas.modes import MODES
 
 
@@ -119,7 +126,7 @@ def recorded_caches() -> Iterator[list[KVCache]]:
         built.append(KVCache(model, batch_size, capacity))
         return built[-1]
 
-    with mock.patch.object(nas.model, "KVCache", build):
+    with mock.patch.object(nas.model.decoder, "KVCache", build):
         yield built
 
 

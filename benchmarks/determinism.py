@@ -30,7 +30,7 @@ SETTINGS = [(1, None), (1, None), (2, None), (4, None), (1, "avx2"), (2, "avx2")
 CHILD = """
 import hashlib, json, sys, torch
 from nas.config import from_dict
-from nas.train import train
+from nas.training.train import train
 torch.set_num_threads(int(sys.argv[1]))
 m = train(from_dict(json.loads(sys.argv[2])), progress=False)
 losses = [v for _, v in m["curve"]] + m["val_batch_losses"] + m["test_batch_losses"]

@@ -18,12 +18,12 @@ import argparse
 
 import numpy as np
 
-from nas.arms import best_arms, paired_differences
-from nas.lr_sweep import stored_protocol
-from nas.spec import load_spec
-from nas.stats import FEW_PAIRS, holm, sign_flip_p
-from nas.study import open_existing
-from nas.trials import completed
+from nas.reading.arms import best_arms, paired_differences
+from nas.reading.stats import FEW_PAIRS, holm, sign_flip_p
+from nas.search.lr_sweep import stored_protocol
+from nas.search.spec import load_spec
+from nas.search.study import open_existing
+from nas.search.trials import completed
 
 
 def mean(pairs: list, skip: str | None = None) -> str:

@@ -187,8 +187,8 @@ from pathlib import Path
 
 import optuna
 
-from nas.storage import make_storage
-from nas.trials import records
+from nas.search.storage import make_storage
+from nas.search.trials import records
 
 device, peak, db, work, stages, out = sys.argv[1:]
 work, out = Path(work), Path(out)

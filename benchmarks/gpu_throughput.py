@@ -8,7 +8,7 @@ to the end of its kernels. Reported: each copy's tokens/s at its median step, th
 (median over back-to-back pairs), MFU, the compile seconds and the break-even steps.
 
 MFU = 6 N x tokens/s / peak FLOP/s, with N the non-embedding parameters (the untied head
-included: the 6 N D of nas.compiling, what `train.compile: auto` counts) and the peak from
+included: the 6 N D of nas.training.compiling, what `train.compile: auto` counts) and the peak from
 `--peak-tflops` (dense bf16: 989 for an H100 or H200 SXM). Attention's own FLOPs are left out,
 so MFU reads low at long sequences. On the CPU it is n/a.
 
@@ -33,8 +33,8 @@ import torch
 from compile import BreakEven, cold_compile_cache, compare, compiler_startup, run_config
 
 from nas.config import MODEL_PRESETS
-from nas.model import count_params
-from nas.spec import load_spec
+from nas.model.decoder import count_params
+from nas.search.spec import load_spec
 
 GPU_STUDY = Path(__file__).resolve().parents[1] / "studies" / "resformer_scaling_gpu.yaml"
 PRECISIONS = ("bf16-mixed", "32-true")
@@ -122,7 +122,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     rows = []
     with cold_compile_cache():
         startup = compiler_startup(args.device)
-        log(f"compiler start-up (nas.compiling.compiler_problem) {startup:.1f} s")
+        log(f"compiler start-up (nas.training.compiling.compiler_problem) {startup:.1f} s")
         for size in args.sizes:
             model = {**MODEL_PRESETS[size], "seq_len": args.seq_len,
                      "vocab_size": args.vocab_size}

@@ -5,7 +5,7 @@ the committed studies' validation curves (no training).
         studies/resformer_primary.yaml
 
 For every arm that ran at least three rates, the full sweep's choice (the lowest mean final
-validation loss over the arm's choosing seeds) is compared with `nas.lr_sweep.halving_choice`
+validation loss over the arm's choosing seeds) is compared with `nas.search.lr_sweep.halving_choice`
 under each setting of a small grid: at the given fractions of the budget, the rates are ranked
 by their mean validation loss over the same seeds and the best share is kept. Prints, per
 setting: the share of arms where halving picks the full sweep's rate, the mean share of
@@ -19,11 +19,11 @@ from __future__ import annotations
 import argparse
 import statistics
 
-from nas.arms import choose_arms
-from nas.lr_sweep import halving_choice, stored_protocol
-from nas.spec import load_spec
-from nas.study import open_existing
-from nas.trials import completed
+from nas.reading.arms import choose_arms
+from nas.search.lr_sweep import halving_choice, stored_protocol
+from nas.search.spec import load_spec
+from nas.search.study import open_existing
+from nas.search.trials import completed
 
 SETTINGS = [((0.25,), 0.5), ((0.5,), 0.5), ((0.25, 0.5), 0.5), ((0.3, 0.6), 0.5),
             ((0.5,), 0.34), ((0.25, 0.5), 0.67), ((0.75,), 0.5)]

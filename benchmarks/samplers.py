@@ -1,7 +1,7 @@
 """Benchmark: which sampler maps the front fastest, on one fixed budget.
 
-random, TPE, NSGA-II and GP, each built by `nas.samplers.make_sampler` as a study spec names it,
-run the same small study (SPACE: every mode family, two to four layers, coefficients on a grid;
+random, TPE, NSGA-II and GP, each built by `nas.search.samplers.make_sampler` as a study spec names
+it, run the same small study (SPACE: every mode family, two to four layers, coefficients on a grid;
 the objectives of the shipped studies, val_loss and n_params, or `--objectives`), or with
 `--study SPEC` that spec's own space, base and objectives (its sampler, pruner, n_trials and
 seed aside), for 30 trials, the vanilla baselines of each size queued first as in every study,
@@ -21,7 +21,7 @@ The table's configs are also the best front, so each space keeps its own table: 
 defaults to runs/samplers-table-NAME.json. The built-in corpus is read from its cached file
 (the same bytes; no re-listing of the standard library per trial).
 
-    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # the README's table
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # docs/searching.md's table
     python benchmarks/samplers.py --objectives val_loss n_params kv_bytes_per_token
     OMP_NUM_THREADS=1 python benchmarks/samplers.py --study studies/quickstart.yaml
 
@@ -44,12 +44,13 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from nas import space as spaces
-from nas.config import ConfigError, from_dict
-from nas.samplers import make_sampler
-from nas.spec import StudySpec, load_spec
-from nas.study import enqueue_baselines
-from nas.trials import OBJECTIVES, PLANNED, TrialRecord
+from nas.config import from_dict
+from nas.errors import ConfigError
+from nas.search import space as spaces
+from nas.search.samplers import make_sampler
+from nas.search.spec import StudySpec, load_spec
+from nas.search.study import enqueue_baselines
+from nas.search.trials import OBJECTIVES, PLANNED, TrialRecord
 
 SPACE = {
     "model": {"n_layer": [2, 3, 4]},
@@ -90,7 +91,7 @@ class ResultTable:
         cfg = from_dict(raw, where="benchmark trial")
         key = json.dumps(cfg.to_dict(), sort_keys=True)
         if key not in self.rows:
-            from nas.train import train
+            from nas.training.train import train
 
             start = time.perf_counter()
             metrics = train(cfg, progress=False)
@@ -172,8 +173,8 @@ def main() -> None:
     args = parser.parse_args()
     import torch
 
-    from nas.data import builtin_corpus
-    from nas.train import quiet_lightning
+    from nas.training.data import builtin_corpus
+    from nas.training.train import quiet_lightning
 
     if args.study:
         spec = load_spec(args.study)

@@ -43,9 +43,9 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from nas.storage import make_storage
-from nas.study import FINISHED
-from nas.trials import TrialRecord, records
+from nas.search.storage import make_storage
+from nas.search.study import FINISHED
+from nas.search.trials import TrialRecord, records
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the tests' PostgreSQL fixture
 from tests.pg import PgCluster  # noqa: E402

@@ -5,7 +5,7 @@ at a stated peak throughput and model FLOP utilisation (MFU).
     python benchmarks/study_cost.py studies/resformer_scaling.yaml --peak-tflops 0.1 --mfu 1
 
 Every trial of the spec's grid is built from its space (the categorical choices of `variant`
-and of the model and train sections, `nas.lr_sweep.grid`); with `lr_sweep: first_seed` the
+and of the model and train sections, `nas.search.lr_sweep.grid`); with `lr_sweep: first_seed` the
 other seeds run once per arm, at whichever rate the sweep picks (the cost does not depend on
 which). A sweep with `lr_sweep.extend` may add up to that many rates beyond an edge of an arm's
 grid, on every seed that chooses: a last row gives the cost if every arm extended one side to
@@ -22,10 +22,11 @@ import argparse
 
 from optuna.trial import FixedTrial
 
-from nas import lr_sweep
-from nas import space as spaces
-from nas.config import RunConfig, from_dict, vanilla_non_embedding_params
-from nas.spec import load_spec
+from nas.config import RunConfig, from_dict
+from nas.params import vanilla_non_embedding_params
+from nas.search import lr_sweep
+from nas.search import space as spaces
+from nas.search.spec import load_spec
 
 
 def train_flops(cfg: RunConfig) -> float:

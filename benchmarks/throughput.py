@@ -3,21 +3,22 @@
 Prints one Markdown table of tokens/s and ratios, then a verdict line per target of the issue:
 
 - every zero-parameter mode (resformer, neutreno, svformer) trains at >= 0.97x vanilla;
-- the Lightning path (`nas.train.train`) trains at >= 0.95x a bare loop of the same model;
+- the Lightning path (`nas.training.train.train`) trains at >= 0.95x a bare loop of the same model;
 - with `--compile`, torch.compile trains at >= 1.15x eager at the 6-layer d128 size (`base`).
 
 Every measurement trains fresh models (`torch.manual_seed`) on the same batches: those
-`nas.train.train` draws for the run config (`nas.data.RandomWindows` on the builtin corpus).
-Only step time counts (forward, cross-entropy, backward, grad clipping, AdamW, schedule), as
-`nas.train.StepTimer` counts it for the Lightning path. Shared machines are noisy, so:
+`nas.training.train.train` draws for the run config (`nas.training.data.RandomWindows` on the
+builtin corpus). Only step time counts (forward, cross-entropy, backward, grad clipping, AdamW,
+schedule), as `nas.training.train.StepTimer` counts it for the Lightning path. Shared machines are
+noisy, so:
 
 - the modes are compared step by step: each round trains one fresh model per mode, and every
   step of the round steps all of them in turn (a rotating order), so a slow patch on the
   machine hits every mode alike; a mode's tokens/s in a round is at its median step time, so
   one step stalled by another process does not count;
 - Lightning cannot be stepped that way, so each round also runs a bare vanilla loop alone and
-  `nas.train.train` on the same config, back to back, in alternating order; both count all
-  steps, as `nas.train.train` reports them;
+  `nas.training.train.train` on the same config, back to back, in alternating order; both count all
+  steps, as `nas.training.train.train` reports them;
 - one untimed warm-up round comes first; the table quotes the median tokens/s over the rounds
   and the median of the per-round ratios to the baseline of the same round.
 
@@ -51,11 +52,11 @@ from compile import run_config as compile_run_config
 from torch import Tensor
 
 from nas.config import MODEL_PRESETS, RunConfig, from_dict
-from nas.data import RandomWindows, TokenDataModule
-from nas.lit import LitDecoder
-from nas.model import count_params
+from nas.model.decoder import count_params
 from nas.modes import MODES
-from nas.train import train
+from nas.training.data import RandomWindows, TokenDataModule
+from nas.training.lit import LitDecoder
+from nas.training.train import train
 
 # The presets plus "base", a size between micro and tiny whose step is a few times nano's.
 SIZES: dict[str, dict[str, int]] = {
@@ -84,7 +85,7 @@ MODE_VARIANTS: tuple[Variant, ...] = (
 )
 VANILLA = MODE_VARIANTS[0]
 ALONE = Variant("bare loop alone (vanilla)")
-LIGHTNING = Variant("Lightning: nas.train.train (vanilla)")
+LIGHTNING = Variant("Lightning: nas.training.train.train (vanilla)")
 COMPILE_MODE = "resformer"  # what benchmarks/compile.py measures
 EAGER = Variant(f"eager, in turn with torch.compile ({COMPILE_MODE})", COMPILE_MODE)
 COMPILED = Variant(f"torch.compile ({COMPILE_MODE})", COMPILE_MODE)
@@ -120,7 +121,8 @@ def run_config(size: str, variant: Variant, steps: int, batch_size: int, seed: i
 
 
 def training_batches(cfg: RunConfig) -> list[Batch]:
-    """The batches nas.train.train draws for cfg: RandomWindows 0..steps-1 on the train split."""
+    """The batches nas.training.train.train draws for cfg: RandomWindows 0..steps-1 on the train
+    split."""
     m, t = cfg.model, cfg.train
     data = TokenDataModule(cfg.data, m.seq_len, m.vocab_size, t.batch_size, t.steps, t.seed,
                            eval_batches=t.eval_batches)
@@ -161,7 +163,8 @@ class BareLoop:
         self.tokens_per_step = idx.numel()
 
     def tokens_per_s(self) -> float:
-        """Over all steps, as nas.train.StepTimer counts: for the comparison with Lightning."""
+        """Over all steps, as nas.training.train.StepTimer counts: for the comparison with
+        Lightning."""
         return self.tokens_per_step * len(self.step_seconds) / sum(self.step_seconds)
 
     def typical_tokens_per_s(self) -> float:
@@ -190,12 +193,13 @@ def bare_tokens_per_s(cfg: RunConfig, batches: Sequence[Batch]) -> float:
 
 
 def lightning_tokens_per_s(cfg: RunConfig) -> float:
-    """nas.train.train's own figure, which counts training-step time only."""
+    """nas.training.train.train's own figure, which counts training-step time only."""
     return float(train(cfg, progress=False)["tokens_per_s"])
 
 
 def lightning_pair(cfg: RunConfig, batches: Sequence[Batch], lightning_first: bool) -> Round:
-    """A bare loop alone and nas.train.train on the same config and batches, back to back."""
+    """A bare loop alone and nas.training.train.train on the same config and batches, back to
+    back."""
     runs: list[tuple[Variant, Callable[[], float]]] = [
         (ALONE, lambda: bare_tokens_per_s(cfg, batches)),
         (LIGHTNING, lambda: lightning_tokens_per_s(cfg)),

@@ -29,9 +29,9 @@ import lightning.pytorch as pl
 import optuna
 import torch
 
-import nas.objective
-import nas.train
-from nas.spec import load_spec
+import nas.search.objective
+import nas.training.train
+from nas.search.spec import load_spec
 
 PHASES = ("steps", "val during fit", "final val", "test", "decode", "analysis", "data set-up",
           "storage writes", "other")
@@ -61,10 +61,10 @@ class ValidationTimer(pl.Callback):
 
 
 def instrument() -> None:
-    nas.train.decode_tokens_per_s = timed("decode", nas.train.decode_tokens_per_s)
-    nas.train.analyze_windows = timed("analysis", nas.train.analyze_windows)
-    nas.objective.write_record = timed("storage writes", nas.objective.write_record)
-    data = nas.train.TokenDataModule
+    nas.training.train.decode_tokens_per_s = timed("decode", nas.training.train.decode_tokens_per_s)
+    nas.training.train.analyze_windows = timed("analysis", nas.training.train.analyze_windows)
+    nas.search.objective.write_record = timed("storage writes", nas.search.objective.write_record)
+    data = nas.training.train.TokenDataModule
     data.for_run = classmethod(timed("data set-up", data.for_run.__func__))
     pl.Trainer.validate = timed("final val", pl.Trainer.validate)
     pl.Trainer.test = timed("test", pl.Trainer.test)
@@ -87,7 +87,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     instrument()
-    from nas.search import run_search
+    from nas.search.worker import run_search
 
     spec = load_spec(args.study, sets=args.sets)
     rows = []

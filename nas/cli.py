@@ -8,23 +8,22 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from .errors import ConfigError, first_line, shorten
-from .flags import Parser, integer, number, text
-from .interrupt import CTRL_C, Interrupted
+from nas.errors import ConfigError, shorten
+from nas.flags import Parser, integer, number, text
+from nas.interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
-    from .config import RunConfig
-    from .model import Decoder
-    from .spec import StudySpec
+    from nas.search.spec import StudySpec
 
 
 def cmd_train(args: argparse.Namespace) -> int:
-    from .overrides import load_config as load_with_overrides
-    from .paths import first_process
+    from nas.overrides import load_config as load_with_overrides
+    from nas.paths import first_process
+    from nas.run_folder import METRICS_FILE
 
     cfg = load_with_overrides(args.config, args.set, args.data)
     out = Path(args.out) if args.out is not None else Path("runs") / "train" / Path(
@@ -36,8 +35,8 @@ def cmd_train(args: argparse.Namespace) -> int:
         print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
               f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
               flush=True)
-    from .lit import DivergenceError
-    from .train import TimeLimitError, check_memory, train
+    from nas.training.lit import DivergenceError
+    from nas.training.train import TimeLimitError, check_memory, train
 
     if not args.force:
         check_memory(cfg, args.config)
@@ -50,14 +49,14 @@ def cmd_train(args: argparse.Namespace) -> int:
     if not first_process():
         return 0  # another DDP process of the run: rank 0 says how it ended
     print(f"val_loss {m['val_loss']:.4f}  n_params {m['n_params']:,}  "
-          f"tokens {m['tokens']:,}  {m['tokens_per_s']:,.0f} tokens/s  -> {out / 'metrics.json'}")
+          f"tokens {m['tokens']:,}  {m['tokens_per_s']:,.0f} tokens/s  -> {out / METRICS_FILE}")
     return 0
 
 
 def study_spec(args: argparse.Namespace, path: str | Path, **given: Any) -> StudySpec:
     """The study spec at `path` with the `--set` overrides its study stored (see
-    `nas.stored_overrides`), saying in one line on stderr which it applies."""
-    from .stored_overrides import load_study_spec
+    `nas.search.stored_overrides`), saying in one line on stderr which it applies."""
+    from nas.search.stored_overrides import load_study_spec
 
     return load_study_spec(path, args.storage, note=lambda line: print(
         f"nas {args.command}: {line}", file=sys.stderr, flush=True), **given)
@@ -70,8 +69,8 @@ def show_progress(args: argparse.Namespace) -> bool:
 
 
 def cmd_search(args: argparse.Namespace) -> int:
-    from .console import front_table
-    from .search import SearchError, run_search
+    from nas.search.console import front_table
+    from nas.search.worker import SearchError, run_search
 
     spec = study_spec(args, args.study, data=args.data, sets=args.set,
                       warm_start=args.warm_start, write=True)
@@ -87,11 +86,11 @@ def cmd_search(args: argparse.Namespace) -> int:
 
 
 def cmd_confirm(args: argparse.Namespace) -> int:
-    from .confirm import prepare, run_confirm
-    from .confirmation import CONFIRM_ATTR, read
-    from .search import SearchError
-    from .summary import confirmation_sections, sections_markdown
-    from .trials import completed
+    from nas.confirm import prepare, run_confirm
+    from nas.reading.confirmation import CONFIRM_ATTR, read
+    from nas.reading.summary import confirmation_sections, sections_markdown
+    from nas.search.trials import completed
+    from nas.search.worker import SearchError
 
     if args.threads is not None and args.threads <= 0:
         raise ConfigError(f"--threads: must be > 0, got {args.threads}")
@@ -109,9 +108,15 @@ def cmd_confirm(args: argparse.Namespace) -> int:
 
 
 def cmd_export(args: argparse.Namespace) -> int:
-    from .export import check_choice, choose_trials, export_trials, summary_files, trial_file
-    from .paths import check_output
-    from .study import open_existing
+    from nas.paths import check_output
+    from nas.reading.export import (
+        check_choice,
+        choose_trials,
+        export_trials,
+        summary_files,
+        trial_file,
+    )
+    from nas.search.study import open_existing
 
     if args.hf:
         return _export_hf(args)
@@ -135,8 +140,9 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 def _export_hf(args: argparse.Namespace) -> int:
     """`nas export RUN_DIR --hf`: the run as a Hugging Face model folder."""
-    from .hf_export import export_hf
-    from .paths import check_output
+    from nas.hf.export import export_hf
+    from nas.paths import check_output
+    from nas.training.trained_run import load_run
 
     chosen = [flag for flag, value in (("--pareto", args.pareto), ("--best", args.best),
                                        ("--storage", args.storage)) if value]
@@ -145,7 +151,7 @@ def _export_hf(args: argparse.Namespace) -> int:
                           "choose(s) trials of a study")
     check_output(args.out, "--out", folder=True)
     run, out = Path(args.study), Path(args.out)
-    cfg, model = _load_run(run)
+    cfg, model = load_run(run)
     carried = export_hf(cfg, model, out, run)  # what tokenizer the folder carries
     print(f"wrote {out}: with {carried}; use it with pipeline('text-generation', "
           f"model={str(out)!r}, trust_remote_code=True)")
@@ -153,16 +159,16 @@ def _export_hf(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .extras import require
+    from nas.extras import require
 
     require("report", "nas report")
-    from .confirmation import load_confirmations
-    from .lr_sweep import stored_protocol
-    from .paths import check_output
-    from .report import write_report
-    from .study import open_existing
-    from .summary import summary_markdown
-    from .trials import completed
+    from nas.paths import check_output
+    from nas.reading.confirmation import load_confirmations
+    from nas.reading.report import write_report
+    from nas.reading.summary import summary_markdown
+    from nas.search.lr_sweep import stored_protocol
+    from nas.search.study import open_existing
+    from nas.search.trials import completed
 
     check_output(args.out, "--out", folder=False)
     spec = study_spec(args, args.study)
@@ -180,9 +186,9 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     a `nas train` output folder, a run config (trained first), or a study trial."""
     import json
 
-    from .analysis import analysis_table
-    from .config import load_config
-    from .parsing import read_yaml
+    from nas.config import load_config
+    from nas.model.analysis import analysis_table
+    from nas.parsing import read_yaml
 
     target = Path(args.target)
     if not target.exists():
@@ -192,7 +198,7 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     elif isinstance(raw := read_yaml(target), dict) and "space" in raw:  # a study spec
         result = _analyze_trial(args, target)
     else:
-        from .train import train
+        from nas.training.train import train
 
         cfg = load_config(target)
         out = Path(args.out) if args.out is not None else Path("runs") / "train" / target.stem
@@ -207,53 +213,20 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
-    """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
-    import pickle
-
-    import torch
-
-    from .config import load_config
-    from .model import build_model
-
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder; expected a `nas train --out` folder")
-    for name in ("config.yaml", "model.pt"):
-        if not (folder / name).is_file():
-            raise ConfigError(f"{folder}: no {name}; expected a `nas train --out` folder")
-    cfg = load_config(folder / "config.yaml")
-    model = build_model(cfg)
-    try:
-        state = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
-        # weights_only refuses a pickle of anything but tensors and plain values unrun; its
-        # message would suggest weights_only=False, which would run it
-        raise ConfigError(f"{folder / 'model.pt'}: not a state dict of tensors as `nas train` "
-                          f"writes (refused unloaded: {type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{folder / 'model.pt'}: holds a {type(state).__name__}, not a "
-                          "state dict of tensors as `nas train` writes")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: "
-                          f"{first_line(exc)}") from None
-    return cfg, model
-
-
 def _analyze_run_folder(folder: Path) -> dict:
-    from .data import TokenDataModule
-    from .train import analyze_windows
+    from nas.training.data import TokenDataModule
+    from nas.training.train import analyze_windows
+    from nas.training.trained_run import load_run
 
-    cfg, model = _load_run(folder)
+    cfg, model = load_run(folder)
     return {"analysis": analyze_windows(model, TokenDataModule.for_run(cfg)),
             "coefficients": model.residual.coefficients(),
             "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer)}
 
 
 def _analyze_trial(args: argparse.Namespace, study_path: Path) -> dict:
-    from .study import open_existing
-    from .trials import TrialRecord
+    from nas.search.study import open_existing
+    from nas.search.trials import TrialRecord
 
     number = args.trial
     if number is None:
@@ -275,9 +248,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Continue --prompt with text sampled from a trained run, through the model's KV cache."""
     import torch
 
+    from nas.training.trained_run import codec, load_run
+
     folder = Path(args.run_dir)
-    cfg, model = _load_run(folder)
-    encode, decode = _codec(folder, cfg.model.vocab_size)
+    cfg, model = load_run(folder)
+    encode, decode = codec(folder, cfg.model.vocab_size)
     ids = encode(args.prompt)
     if not ids:
         raise ConfigError(f"--prompt: {args.prompt!r} encodes to no tokens")
@@ -291,37 +266,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _codec(folder: Path, vocab_size: int
-           ) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """Encode and decode for a run's model: with the folder's tokenizer.json (the `tokenizers`
-    library), else as UTF-8 bytes for a byte-level model (vocab_size 256)."""
-    path = folder / "tokenizer.json"
-    if path.is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ConfigError(f"{path}: reading it needs the tokenizers package "
-                              "(pip install tokenizers)") from None
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the library raises a bare Exception for a bad file
-            raise ConfigError(f"{path}: not a tokenizer file: {first_line(exc)}") from None
-        if tokenizer.get_vocab_size() > vocab_size:
-            raise ConfigError(f"{path}: {tokenizer.get_vocab_size()} tokens, more than the "
-                              f"model's vocab_size {vocab_size}")
-        return (lambda text: tokenizer.encode(text).ids), tokenizer.decode
-    if vocab_size != 256:
-        raise ConfigError(f"{folder}: no tokenizer.json, and the model is not byte-level "
-                          f"(vocab_size {vocab_size}, not 256)")
-    return (lambda text: list(text.encode("utf-8")),
-            lambda ids: bytes(ids).decode("utf-8", errors="replace"))
-
-
 def cmd_dashboard(args: argparse.Namespace) -> int:
-    from .extras import require
+    from nas.extras import require
 
     require("dashboard", "nas dashboard")
-    from .dashboard import serve
+    from nas.reading.dashboard import serve
 
     serve(study_spec(args, args.study), args.storage, host=args.host, port=args.port,
           artifacts=args.artifacts, refresh=args.refresh, allow_remote=args.allow_remote)
@@ -330,7 +279,7 @@ def cmd_dashboard(args: argparse.Namespace) -> int:
 
 def cmd_prepare(args: argparse.Namespace) -> int:
     """Tokenize text files into the shards and tokenizer.json a run config trains on."""
-    from .prepare import prepare
+    from nas.training.prepare import prepare
 
     done = prepare(args.files, args.out, vocab_size=args.vocab_size, tokenizer=args.tokenizer,
                    val_fraction=args.val_fraction, test_fraction=args.test_fraction,

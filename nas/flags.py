@@ -12,7 +12,7 @@ import sys
 from collections.abc import Callable
 from typing import NoReturn
 
-from .errors import INT_LIMIT, shorten
+from nas.errors import INT_LIMIT, shorten
 
 Parse = Callable[[str], object]
 

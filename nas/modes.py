@@ -1,5 +1,5 @@
 """The value-residual modes: one table that the config, the search space, the model, the analysis
-and the docs read. Adding a mode is one entry here and its mix class in `nas.residual`
+and the docs read. Adding a mode is one entry here and its mix class in `nas.model.residual`
 (docs/ARCHITECTURE.md shows the whole diff of an example).
 
 Each entry says which `value_residual` keys the mode reads (the space suggests only these),
@@ -23,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+# The plan without a value residual: what every variant is paired with, and the baselines run.
+BASELINE_MODE = "vanilla"
+
 # (d_model, n_head, receiving layers, sources before layer 0) -> parameters added to vanilla,
 # less the value-embedding tables (the sources before layer 0: vocab_size x d_model each)
 ParamFormula = Callable[[int, int, Sequence[int], int], int]
@@ -33,7 +36,7 @@ class Mode:
     name: str
     keys: tuple[str, ...]  # the value_residual keys it reads
     learned: bool  # its coefficients train
-    mix: str  # the name of its ValueMix class in nas.residual
+    mix: str  # the name of its ValueMix class in nas.model.residual
     extra_params: ParamFormula
     value: str  # what a receiving layer attends over (the docs' table)
     own_values: bool = True  # a receiving layer keeps its own W_V
@@ -44,7 +47,7 @@ SOURCE_KEYS = ("layers", "source")
 VE_KEYS = ("value_embeddings", "v_lambda", "ve_lambda")
 
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("vanilla", (), False, "", lambda d, h, r, s: 0, "V_n"),
+    Mode(BASELINE_MODE, (), False, "", lambda d, h, r, s: 0, "V_n"),
     Mode("resformer", (*SOURCE_KEYS, "lambda1", "lambda2"), False, "LinearMix",
          lambda d, h, r, s: 0, "lambda1 V_src + lambda2 V_n, fixed"),
     Mode("learnable", (*SOURCE_KEYS, "lambda1", "lambda2"), True, "LinearMix",

@@ -6,7 +6,7 @@ A value is read as a YAML value, as the file would give it (`1e-3` a float, `[1,
 with the overrides, whose errors name `--set` and the key, in the same one line as the file's.
 What gets stored (a run folder's config.yaml, a study's space and its trials' configs) is the
 config with the overrides; a study also stores the overrides themselves (`STUDY_ATTR`, see
-`nas.stored_overrides`), which every later command on it applies again.
+`nas.search.stored_overrides`), which every later command on it applies again.
 
 `--set model.preset=NAME` is the preset's size: it replaces the keys a preset sets
 (`PRESET_SIZE_KEYS`) wherever the file gives them, and a later `--set` of one of them still
@@ -21,9 +21,9 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .config import MODEL_PRESETS, ConfigError, RunConfig, from_dict
-from .errors import excerpt, shorten
-from .parsing import load_yaml, read_yaml
+from nas.config import MODEL_PRESETS, RunConfig, from_dict
+from nas.errors import ConfigError, excerpt, shorten
+from nas.parsing import load_yaml, read_yaml
 
 WHERE = "--set"
 STUDY_ATTR = "overrides"  # a study's user attribute: the KEY=VALUE texts it was searched with

@@ -1,6 +1,6 @@
 """Reading what users write: YAML files (with `1e-3` a float), and pydantic's ValidationErrors
 turned into the project's one-line messages (`file: key: what is allowed`). Run configs
-(nas.config) and study specs (nas.spec) are built through `parse`; their fields declare their
+(nas.config) and study specs (nas.search.spec) are built through `parse`; their fields declare their
 own wording with `Refusal`, their validators raise `refuse(...)`. Knows nothing of torch.
 """
 
@@ -19,7 +19,7 @@ from pydantic import ConfigDict, ValidationError
 from pydantic.types import AllowInfNan
 from pydantic_core import ErrorDetails, PydanticCustomError
 
-from .errors import INT_LIMIT, ConfigError, excerpt, shorten
+from nas.errors import INT_LIMIT, ConfigError, excerpt, shorten
 
 
 @dataclasses.dataclass(frozen=True)

@@ -12,7 +12,7 @@ import os
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-from .errors import ConfigError, shorten
+from nas.errors import ConfigError, shorten
 
 PID_ROOM = "4194304"  # the longest pid Linux gives (pid_max): for `<name>.incomplete-<pid>`
 

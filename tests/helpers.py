@@ -69,7 +69,7 @@ def write_spec(tmp_path: Path, **overrides) -> Path:
 
 def quiet(*args, **kw):
     """run_search without a progress bar or printing."""
-    from nas.search import run_search
+    from nas.search.worker import run_search
 
     return run_search(*args, progress=False, echo=lambda *_: None, **kw)
 
@@ -117,12 +117,13 @@ SWEEP_RATES = [0.001, 0.0014, 0.002, 0.002828, 0.003, 0.004, 0.01]
 def sweep_trial(variant: str, d: int, lr: float, seed: int, val: float, test: float,
                 curve: list | None = None, val_batches: list | None = None) -> FrozenTrial:
     """A completed trial of a named-variant sweep with the given losses (no training), as
-    nas.objective would have stored it, for an in-memory study or `records`."""
+    nas.search.objective would have stored it, for an in-memory study or `records`."""
     cat = optuna.distributions.CategoricalDistribution
     return create_trial(
         values=[val, 1000.0 * d], user_attrs={
             "variant": variant, "mode": "vanilla" if variant == "vanilla" else "resformer",
             "n_params": 1000 * d, "n_params_non_embedding": 900 * d, "tokens": 20 * 900 * d,
+            "tokens_per_model_param": 20.0,
             "val_loss": val, "test_loss": test, "curve": curve or [[10, val]],
             **({"val_batch_losses": val_batches} if val_batches else {}),
             "config": {"model": {"n_layer": 4, "d_model": d},

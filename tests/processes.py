@@ -9,7 +9,7 @@ from pathlib import Path
 
 import optuna
 
-from nas.storage import make_storage
+from nas.search.storage import make_storage
 from tests.helpers import env_for_cli, nas_cmd
 
 LONG_STEPS = 20_000  # minutes of training: far longer than any test waits

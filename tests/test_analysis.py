@@ -1,5 +1,6 @@
-"""The paper's analyses (nas.analysis), the scaling summary (nas.scaling) and `nas analyze`:
-known values on constructed inputs, properties on real tiny models, the CLI on real runs."""
+"""The paper's analyses (nas.model.analysis), the scaling summary (nas.reading.scaling) and `nas
+analyze`: known values on constructed inputs, properties on real tiny models, the CLI on real
+runs."""
 
 from __future__ import annotations
 
@@ -13,20 +14,20 @@ import torch.nn.functional as F
 import yaml
 from optuna.trial import TrialState, create_trial
 
-from nas.analysis import (
+from nas.config import dump_config
+from nas.model.analysis import (
     analyze,
     attention_entropy,
     causal_attention,
     uniform_entropy,
     value_cosine,
 )
-from nas.arms import best_arms
-from nas.config import dump_config
-from nas.model import build_model
-from nas.scaling import data_saving, parameter_savings, tokens_to_reach
-from nas.stats import mean_interval
-from nas.summary import summary_markdown
-from nas.trials import TrialRecord
+from nas.model.decoder import build_model
+from nas.reading.arms import best_arms
+from nas.reading.scaling import data_saving, parameter_savings, tokens_to_reach
+from nas.reading.stats import mean_interval
+from nas.reading.summary import summary_markdown
+from nas.search.trials import TrialRecord
 from tests.helpers import TINY_BASE, run_cli, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

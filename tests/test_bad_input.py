@@ -23,10 +23,10 @@ import yaml
 
 from nas.cli import main
 from nas.config import dump_config
-from nas.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
 from nas.parsing import first_non_finite
-from nas.search import run_search
-from nas.spec import load_spec
+from nas.search.spec import load_spec
+from nas.search.worker import run_search
+from nas.training.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
 from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd, tiny
 
 SPACE = {"model": {"n_layer": [2, 3]},
@@ -248,7 +248,7 @@ CASES = [
           space={**SPACE, "variants": {"vanilla": {"mode": "vanilla"}},
                  "train": {"lr": [0.001, 0.003], "seed": [0, 1]}}), [],
      ["study.yaml", "sampler.type", "first_seed needs bruteforce"]),
-    # the learning-rate protocols of a sweep (nas.lr_sweep)
+    # the learning-rate protocols of a sweep (nas.search.lr_sweep)
     *((f"lr-sweep-{name}", "search", spec(**{"sampler": {"type": "bruteforce"},
                                               "space": SWEEP_SPACE, **kw}), [], expected)
       for name, kw, expected in (

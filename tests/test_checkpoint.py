@@ -12,10 +12,10 @@ import torch
 import yaml
 from optuna.trial import TrialState
 
-from nas.checkpoint import LAST, checkpoint_dir
 from nas.cli import main
 from nas.config import from_dict
-from nas.train import train
+from nas.training.checkpoint import LAST, checkpoint_dir
+from nas.training.train import train
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, tiny
 from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
 

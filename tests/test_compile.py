@@ -10,10 +10,11 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from nas import compiling
-from nas.compiling import should_compile
-from nas.config import ConfigError, from_dict
-from nas.train import train
+from nas.config import from_dict
+from nas.errors import ConfigError
+from nas.training import compiling
+from nas.training.compiling import should_compile
+from nas.training.train import train
 from tests.helpers import ROOT, env_for_cli, nas_cmd, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -58,7 +59,7 @@ def test_auto_compiles_only_runs_past_the_break_even(monkeypatch, caplog):
     assert should_compile(long, CPU)
 
     monkeypatch.setattr(compiling, "compiler_problem", lambda device_type: "no C++ compiler")
-    with caplog.at_level(logging.WARNING, logger="nas.compiling"):
+    with caplog.at_level(logging.WARNING, logger="nas.training.compiling"):
         assert not should_compile(long, CPU)
     assert "training eagerly" in caplog.text and "no C++ compiler" in caplog.text
     with pytest.raises(ConfigError, match="train.compile: true, but torch.compile cannot run"):

@@ -19,18 +19,19 @@ import pytest
 import yaml
 from optuna.trial import FixedTrial, TrialState, create_trial
 
-from nas.arms import choose_arms, plan_key
 from nas.cli import main
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
 from nas.confirm import choose_plans, confirmation_spec, fresh_seeds, plan_entries, study_seeds
-from nas.confirmation import Plan, read
-from nas.objective import Objective, SurplusTrial
-from nas.space import sample
-from nas.spec import StudySpec, load_spec
-from nas.storage import make_storage
-from nas.study import open_study
-from nas.summary import confirmation_sections, sections_markdown
-from nas.trials import TrialRecord, records
+from nas.errors import ConfigError
+from nas.reading.arms import choose_arms, plan_key
+from nas.reading.confirmation import Plan, read
+from nas.reading.summary import confirmation_sections, sections_markdown
+from nas.search.objective import Objective, SurplusTrial
+from nas.search.space import sample
+from nas.search.spec import StudySpec, load_spec
+from nas.search.storage import make_storage
+from nas.search.study import open_study
+from nas.search.trials import TrialRecord, records
 from tests.helpers import TINY_BASE, quiet, run_cli, sweep_trial, tiny
 from tests.processes import start, trials, wait_for
 

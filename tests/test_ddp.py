@@ -12,7 +12,7 @@ import subprocess
 import pytest
 import yaml
 
-from nas.checkpoint import LAST, checkpoint_dir
+from nas.training.checkpoint import LAST, checkpoint_dir
 from tests.helpers import env_for_cli, nas_cmd, tiny
 from tests.workers import wait_for
 
@@ -22,7 +22,7 @@ DDP = {"accelerator": "cpu", "devices": 2, "strategy": "ddp"}
 ONE = {"accelerator": "cpu", "devices": 1, "strategy": "auto"}
 # What must agree between two runs that trained on the same tokens.
 LOSSES = ("val_loss", "val_loss_se", "test_loss", "test_loss_se")
-SAME = ("steps", "tokens", "tokens_per_param", "n_params", "resumed_step")
+SAME = ("steps", "tokens", "tokens_per_model_param", "n_params", "resumed_step")
 # One process and two sum a step's gradient in another order (one sum over the batch, or one
 # per half and gloo's all-reduce of the two): float32 rounding (2**-24 relative an operation),
 # which the steps carry into the loss and which grows with them. Measured on this machine's

@@ -1,6 +1,6 @@
-"""The determinism the README promises: one config trained twice on the CPU with the same torch
-build, CPU instruction set and thread count gives the same losses bit for bit, in one process
-and in another; a run records those three (`numerics` in metrics.json)."""
+"""The determinism docs/configuration.md promises: one config trained twice on the CPU with the
+same torch build, CPU instruction set and thread count gives the same losses bit for bit, in one
+process and in another; a run records those three (`numerics` in metrics.json)."""
 
 import json
 import subprocess
@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from nas.config import dump_config
-from nas.train import train
+from nas.training.train import train
 from tests.helpers import env_for_cli, nas_cmd, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

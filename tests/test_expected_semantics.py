@@ -11,9 +11,9 @@ from optuna.trial import create_trial
 
 from nas.cli import main
 from nas.config import MODEL_PRESETS, dump_config, load_config
-from nas.model import build_model, sample
+from nas.model.decoder import build_model, sample
 from nas.overrides import load_config as load_with_overrides
-from nas.spec import draw_configs, load_spec
+from nas.search.spec import draw_configs, load_spec
 from tests.helpers import TINY_BASE, tiny, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

@@ -17,11 +17,11 @@ import optuna
 import pytest
 
 from nas.cli import main
-from nas.config import ConfigError
-from nas.spec import data_fingerprint, load_spec
-from nas.storage import make_storage
-from nas.study import FINGERPRINT, fingerprint, open_study
-from nas.trials import OBJECTIVES
+from nas.errors import ConfigError
+from nas.search.spec import data_fingerprint, load_spec
+from nas.search.storage import make_storage
+from nas.search.study import FINGERPRINT, fingerprint, open_study
+from nas.search.trials import OBJECTIVES
 from tests.helpers import ROOT, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

@@ -11,8 +11,8 @@ from optuna.trial import TrialState
 from nas import build_model
 from nas.cli import main
 from nas.config import dump_config, from_dict, load_config
-from nas.model import KVCache, count_params, kv_bytes_per_token, precision_dtype
-from nas.trials import front
+from nas.model.decoder import KVCache, count_params, kv_bytes_per_token, precision_dtype
+from nas.search.trials import front
 from tests.helpers import ALL, FAMILY, randomize_coefficients, tiny, write_spec
 
 

@@ -24,7 +24,7 @@ from optuna.trial import TrialState
 
 from nas.config import dump_config
 from nas.interrupt import CTRL_C, Interrupted
-from nas.storage import make_storage
+from nas.search.storage import make_storage
 from tests.helpers import TINY_BASE, run_cli, tiny
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
@@ -262,7 +262,7 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
     ("postgresql://nas@db.example/nas?PASSWORD='s3cretpw'", "s3cretpw"),
 ])
 def test_redaction_masks_every_place_a_password_sits(url, secret):
-    from nas.storage import redact
+    from nas.search.storage import redact
 
     # a driver's error quotes the URL, its settings as a libpq DSN, and the password alone
     error = (f"could not connect to {url}: host=db.example user=nas password={secret} "

@@ -12,9 +12,10 @@ import sys
 import pytest
 import torch
 
-from nas import build_model, hf_export
+from nas import build_model
 from nas.cli import main
 from nas.config import dump_config, from_dict
+from nas.hf import export as hf_export
 from tests.helpers import ALL, randomize_coefficients, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -168,7 +169,8 @@ def test_a_mode_outside_nas_modes_is_refused_and_leaves_no_folder(auto_model, tm
                                                                    capsys, monkeypatch):
     """A mode registered at run time (as tests/test_model.py does) is not in the source the
     export bundles: its own check loads the folder, fails, and removes it."""
-    from nas import modes, residual
+    from nas import modes
+    from nas.model import residual
 
     class HalfMix(residual.ValueMix):
         def before(self, v, sources, x, shared=None):
@@ -191,8 +193,8 @@ def test_a_mode_outside_nas_modes_is_refused_and_leaves_no_folder(auto_model, tm
 def bpe_run(tmp_path_factory):
     """A run trained (4 steps) on text that `nas prepare` tokenized with a 300-token BPE, as a
     user makes one: its folder holds the prepared tokenizer.json."""
-    from nas.prepare import prepare
-    from nas.train import train
+    from nas.training.prepare import prepare
+    from nas.training.train import train
 
     tmp = tmp_path_factory.mktemp("bpe")
     text = tmp / "text.txt"
@@ -238,7 +240,7 @@ def test_a_pipeline_continues_text_as_nas_generate_does(auto_model, bpe_run, tmp
     assert tokenizer.pad_token_id == tokenizer.bos_token_id == eos[1]
     assert tokenizer.padding_side == "left"
     # without trust_remote_code: the tokenizer's own class reads the folder (AutoTokenizer
-    # first builds the model's config, the folder's own code; see the README)
+    # first builds the model's config, the folder's own code; see docs/inspecting.md)
     plain = PreTrainedTokenizerFast.from_pretrained(out)
     assert plain("The value residual").input_ids == tokenizer("The value residual").input_ids
     assert plain.eos_token_id == tokenizer.eos_token_id
@@ -263,7 +265,7 @@ def test_a_tokenizer_without_an_end_of_text_token_leaves_eos_unset(auto_model, t
     export carries that tokenizer and says that eos, bos and pad are unset."""
     from transformers import AutoTokenizer
 
-    from nas.prepare import train_tokenizer
+    from nas.training.prepare import train_tokenizer
 
     run, _ = run_folder(tmp_path)
     train_tokenizer(iter(["value residual " * 50]), 256).save(str(run / "tokenizer.json"))
@@ -280,7 +282,7 @@ def test_a_tokenizer_without_an_end_of_text_token_leaves_eos_unset(auto_model, t
 def test_the_byte_level_tokenizer_is_the_utf8_bytes():
     """Every character round-trips through its UTF-8 bytes as ids, the NUL byte is the special
     end-of-text token (dropped by skip_special_tokens), and the vocabulary is the 256 bytes."""
-    from nas.hf_tokenizer import byte_tokenizer
+    from nas.hf.tokenizer import byte_tokenizer
 
     tokenizer = byte_tokenizer()
     text = "naïve façade 東京 ✓ Āā\t\r\n{}~\x7f"
@@ -331,7 +333,7 @@ def test_without_transformers_the_export_says_what_to_install(tmp_path, capsys, 
 
 def test_the_generated_module_refuses_an_import_it_does_not_bundle(monkeypatch):
     monkeypatch.setattr(hf_export, "BUNDLED", ("residual",))  # residual imports .modes
-    with pytest.raises(RuntimeError, match=r"nas/residual.py imports .modes, which"):
+    with pytest.raises(RuntimeError, match=r"nas/model/residual.py imports .modes, which"):
         hf_export.modeling_source()
     monkeypatch.setattr(hf_export, "BUNDLED", ("modes", "modes"))
     with pytest.raises(RuntimeError, match="both define"):

@@ -18,11 +18,11 @@ from optuna_dashboard._note import get_note
 
 from nas.cli import main
 from nas.config import from_dict
-from nas.dashboard import publish
-from nas.figures import inference_figure
-from nas.model import DECODE_REPEATS, DECODE_TOKENS, build_model, decode_tokens_per_s
-from nas.pruning import ParetoPruner
-from nas.spec import load_spec
+from nas.model.decoder import DECODE_REPEATS, DECODE_TOKENS, build_model, decode_tokens_per_s
+from nas.reading.dashboard import publish
+from nas.reading.figures import inference_figure
+from nas.search.pruning import ParetoPruner
+from nas.search.spec import load_spec
 from tests.helpers import TINY_BASE, quiet, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

@@ -22,17 +22,17 @@ import yaml
 from optuna.artifacts import download_artifact
 from optuna.trial import TrialState, create_trial
 
-from nas.arms import best_arms
-from nas.artifacts import artifact_dir, artifact_store
 from nas.cli import main
 from nas.config import from_dict, load_config
-from nas.figures import FIGURES, build_figures
-from nas.fits import fit_scaling
-from nas.scaling import parameter_savings
-from nas.search import run_search
-from nas.spec import load_spec
-from nas.study import open_study
-from nas.trials import TrialRecord, front
+from nas.reading.arms import best_arms
+from nas.reading.figures import FIGURES, build_figures
+from nas.reading.fits import fit_scaling
+from nas.reading.scaling import parameter_savings
+from nas.search.artifacts import artifact_dir, artifact_store
+from nas.search.spec import load_spec
+from nas.search.study import open_study
+from nas.search.trials import TrialRecord, front
+from nas.search.worker import run_search
 from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -373,6 +373,6 @@ def test_bad_input_is_one_clear_line(tiny_study, tmp_path, capsys):
 
 
 def test_inspection_modules_do_not_import_torch():
-    code = ("import sys, nas.report, nas.export, nas.dashboard, nas.artifacts, nas.cli; "
-            "sys.exit('torch' in sys.modules)")
+    code = ("import sys, nas.reading.report, nas.reading.export, nas.reading.dashboard, "
+            "nas.search.artifacts, nas.cli; sys.exit('torch' in sys.modules)")
     assert subprocess.run([sys.executable, "-c", code], timeout=120).returncode == 0

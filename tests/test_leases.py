@@ -19,13 +19,13 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
-import nas.storage
-from nas.lease import KEY, Lease, Reclaimer
-from nas.objective import Objective
-from nas.search import SearchError, run_search
-from nas.spec import load_spec
-from nas.storage import make_storage, redact
-from nas.study import FINISHED, open_study
+import nas.search.storage
+from nas.search.lease import KEY, Lease, Reclaimer
+from nas.search.objective import Objective
+from nas.search.spec import load_spec
+from nas.search.storage import make_storage, redact
+from nas.search.study import FINISHED, open_study
+from nas.search.worker import SearchError, run_search
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, run_cli
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
@@ -160,7 +160,7 @@ def test_a_database_restart_mid_study_loses_nothing(tmp_path, pg_cluster, pg_url
 
 def test_a_server_gone_for_good_stops_the_worker_with_one_line(tmp_path, pg_cluster, pg_url,
                                                                 monkeypatch, capsys):
-    monkeypatch.setattr(nas.storage, "RECONNECT_SECONDS", 1.0)  # not a minute
+    monkeypatch.setattr(nas.search.storage, "RECONNECT_SECONDS", 1.0)  # not a minute
     spec = write_spec(tmp_path, pg_url, n_trials=1, base=ENDLESS)
 
     def drop_database_once_a_trial_validates() -> None:

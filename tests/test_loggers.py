@@ -13,9 +13,9 @@ import urllib.request
 
 import pytest
 
-from nas import loggers
-from nas.config import ConfigError
-from nas.train import train
+from nas.errors import ConfigError
+from nas.training import loggers
+from nas.training.train import train
 from tests.helpers import free_port, tiny
 from tests.processes import wait_for
 
@@ -116,10 +116,10 @@ def test_a_store_that_fails_at_the_end_costs_a_warning_not_the_run(tmp_path, mon
     monkeypatch.chdir(tmp_path)
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "mlartifacts").write_text("not a folder")
-    with caplog.at_level(logging.WARNING, logger="nas.loggers"):
+    with caplog.at_level(logging.WARNING, logger="nas.training.loggers"):
         folder = run(tmp_path, "mlflow")
     assert {"config.yaml", "metrics.json", "model.pt"} <= {p.name for p in folder.iterdir()}
-    [warning] = [r.getMessage() for r in caplog.records if r.name == "nas.loggers"]
+    [warning] = [r.getMessage() for r in caplog.records if r.name == "nas.training.loggers"]
     assert warning.startswith("train.logger: mlflow: the run's results did not reach it (")
     assert warning.endswith("); they are in its metrics.json")
 

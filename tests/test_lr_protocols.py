@@ -8,13 +8,13 @@ import optuna
 import pytest
 import yaml
 
-from nas import lr_sweep
-from nas.arms import best_arms, choose_arms, paired_differences
 from nas.cli import main
-from nas.lr_sweep import halving_choice
-from nas.stats import holm
-from nas.summary import difference_rows, summary_markdown
-from nas.trials import completed, records
+from nas.reading.arms import best_arms, choose_arms, paired_differences
+from nas.reading.stats import holm
+from nas.reading.summary import difference_rows, summary_markdown
+from nas.search import lr_sweep
+from nas.search.lr_sweep import halving_choice
+from nas.search.trials import completed, records
 from tests.helpers import sweep_trial
 
 RATES = [0.001, 0.0014, 0.002]

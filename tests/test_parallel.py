@@ -10,10 +10,10 @@ import time
 import pytest
 from optuna.trial import TrialState
 
-from nas.lit import LitDecoder
-from nas.search import MAX_FAILURES, SearchError, run_search
-from nas.spec import load_spec
-from nas.study import FINISHED, open_study
+from nas.search.spec import load_spec
+from nas.search.study import FINISHED, open_study
+from nas.search.worker import MAX_FAILURES, SearchError, run_search
+from nas.training.lit import LitDecoder
 from tests.helpers import TINY_BASE, quiet
 from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
 
@@ -163,7 +163,7 @@ def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
 
 
 def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkeypatch, capsys):
-    import nas.train
+    import nas.training.train
 
     calls = []
 
@@ -173,8 +173,8 @@ def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkey
             raise RuntimeError(f"boom {len(calls)}")
         return real(cfg, **kw)
 
-    real = nas.train.train
-    monkeypatch.setattr(nas.train, "train", flaky)
+    real = nas.training.train.train
+    monkeypatch.setattr(nas.training.train, "train", flaky)
     path = write_spec(tmp_path, f"sqlite:///{tmp_path}/raise.db", n_trials=2, baselines=False)
     with pytest.raises(SearchError, match=f"{MAX_FAILURES} trials in a row failed.*boom"):
         quiet(load_spec(path))
@@ -186,7 +186,7 @@ def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkey
 
 
 def test_workers_without_an_id_get_distinct_seeds():
-    from nas.search import worker_seed_offset
+    from nas.search.worker import worker_seed_offset
 
     assert worker_seed_offset(False, None) == 0  # alone: reproducible
     assert worker_seed_offset(True, 3) == 3

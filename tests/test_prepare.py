@@ -1,5 +1,5 @@
-"""`nas prepare`: text -> tokenizer.json and train/val/test .bin shards, read back by nas.data,
-trained on, and refused in one line where the input is bad."""
+"""`nas prepare`: text -> tokenizer.json and train/val/test .bin shards, read back by
+nas.training.data, trained on, and refused in one line where the input is bad."""
 
 import json
 import random
@@ -9,11 +9,12 @@ import numpy as np
 import pytest
 import yaml
 
-from nas import prepare as prep
 from nas.cli import main
-from nas.config import ConfigError, from_dict
-from nas.data import read_shard
-from nas.train import train
+from nas.config import from_dict
+from nas.errors import ConfigError
+from nas.training import prepare as prep
+from nas.training.data import read_shard
+from nas.training.train import train
 
 WORDS = ("value residual layer attention head token model train loss shard byte merge "
          "naïve façade 東京 ✓ über").split()
@@ -104,7 +105,7 @@ def test_a_run_config_on_prepared_shards_takes_their_vocab_and_trains(tmp_path, 
 ])
 def test_a_config_that_contradicts_a_prepared_folder_is_refused(tmp_path, corpus, data, model,
                                                                  fragment):
-    from nas.data import TokenDataModule
+    from nas.training.data import TokenDataModule
 
     out = tmp_path / "prepared"
     prep.prepare(corpus, out, vocab_size=300, progress=False)

@@ -9,7 +9,7 @@ import pytest
 from optuna.distributions import CategoricalDistribution
 from optuna.trial import TrialState, create_trial
 
-from nas.pruning import ParetoPruner, nondominated_ranks
+from nas.search.pruning import ParetoPruner, nondominated_ranks
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
 import pruning as bench  # noqa: E402

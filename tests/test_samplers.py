@@ -13,11 +13,11 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from nas.cli import main
-from nas.config import ConfigError
-from nas.samplers import AUTO_GP_MAX_TRIALS, make_sampler
-from nas.spec import load_spec
-from nas.study import enqueue_baselines, open_study
-from nas.trials import TrialRecord, front
+from nas.errors import ConfigError
+from nas.search.samplers import AUTO_GP_MAX_TRIALS, make_sampler
+from nas.search.spec import load_spec
+from nas.search.study import enqueue_baselines, open_study
+from nas.search.trials import TrialRecord, front
 from tests.helpers import TINY_BASE, quiet, write_spec
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
@@ -227,7 +227,7 @@ def test_bad_input_exits_2_with_one_line_and_creates_no_study(tmp_path, capsys, 
 
 
 def test_the_keys_a_warm_start_compares_include_every_modes_own(tmp_path):
-    from nas.warm_start import searched_keys
+    from nas.search.warm_start import searched_keys
 
     spec = load_spec(write_spec(tmp_path, space=yaml.safe_load(
         "{model: {n_layer: [2, 3]}, value_residual: {mode: [resformer, neutreno], "

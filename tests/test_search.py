@@ -8,9 +8,9 @@ import yaml
 from optuna.trial import TrialState
 
 from nas.config import from_dict
-from nas.model import count_params
-from nas.spec import load_spec
-from nas.study import open_study
+from nas.model.decoder import count_params
+from nas.search.spec import load_spec
+from nas.search.study import open_study
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

@@ -14,7 +14,7 @@ import pytest
 import sqlalchemy
 from optuna.trial import TrialState
 
-from nas.storage import ServerStorage, make_storage
+from nas.search.storage import ServerStorage, make_storage
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -98,7 +98,7 @@ def test_creating_a_study_is_not_made_again(storage):
 
 def test_workers_starting_together_on_a_new_database_all_open_it(pg_cluster):
     url = pg_cluster.create_database("t_first_workers")
-    opener = ("import sys; from nas.storage import make_storage; import optuna; "
+    opener = ("import sys; from nas.search.storage import make_storage; import optuna; "
               "print(optuna.get_all_study_names(make_storage(sys.argv[1])))")
     workers = [subprocess.Popen([sys.executable, "-c", opener, url], stdout=subprocess.PIPE,
                                 stderr=subprocess.PIPE, text=True) for _ in range(4)]

@@ -10,17 +10,17 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from nas import lr_sweep
-from nas.arms import best_arms, choose_arms, paired_differences
 from nas.config import MODEL_PRESETS, from_dict
-from nas.data import TokenDataModule
-from nas.fits import Interpolation
-from nas.model import count_params
-from nas.pruning import ParetoPruner
-from nas.scaling import Level, equivalent_saving, parameter_savings
-from nas.stats import mean_interval, sign_flip_p
-from nas.train import train
-from nas.trials import TrialRecord, records
+from nas.model.decoder import count_params
+from nas.reading.arms import best_arms, choose_arms, paired_differences
+from nas.reading.fits import Interpolation
+from nas.reading.scaling import Level, equivalent_saving, parameter_savings
+from nas.reading.stats import mean_interval, sign_flip_p
+from nas.search import lr_sweep
+from nas.search.pruning import ParetoPruner
+from nas.search.trials import TrialRecord, records
+from nas.training.data import TokenDataModule
+from nas.training.train import train
 from tests.helpers import env_for_cli, nas_cmd, sweep_trial, tiny
 
 # -- budgets -----------------------------------------------------------------------------------
@@ -60,8 +60,8 @@ def test_a_run_reports_its_tokens_per_param_and_a_held_out_test_loss():
     vanilla = count_params(tiny("vanilla"))["n_params_non_embedding"]
     assert m["n_params_non_embedding"] > vanilla
     assert 0.2 * vanilla <= m["tokens"] < 0.2 * vanilla + cfg.tokens_per_step
-    assert m["tokens_per_param"] == pytest.approx(m["tokens"] / m["n_params_non_embedding"])
-    assert m["tokens_per_param"] < m["tokens"] / vanilla
+    assert m["tokens_per_model_param"] == pytest.approx(m["tokens"] / m["n_params_non_embedding"])
+    assert m["tokens_per_model_param"] < m["tokens"] / vanilla
     for split in ("val", "test"):
         assert len(m[f"{split}_batch_losses"]) == 4
         assert m[f"{split}_loss_se"] == pytest.approx(
@@ -192,6 +192,7 @@ def _saving_study(rng, seeds=4, saving=0.2, noise=0.003):
             for name, loss in (("vanilla", vanilla(n)), ("identity", vanilla(n / (1 - saving)))):
                 t = sweep_trial(name, d, 0.003, seed, loss + noise * rng.standard_normal(), 0.0)
                 t.user_attrs.update(n_params_non_embedding=n, tokens=20 * n,
+                                    tokens_per_model_param=20.0,
                                     test_loss=t.user_attrs["val_loss"])
                 trials.append(TrialRecord.from_trial(t))
     return trials
@@ -242,7 +243,7 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
         assert a.choice_seeds == [0] and sorted(t.seed for t in a.trials) == [0, 1, 2]
         assert a.lr == min(a.val_by_lr, key=a.val_by_lr.get)
     for t in done:
-        assert t.test_loss is not None and t.tokens_per_param > 0.2
+        assert t.test_loss is not None and t.tokens_per_model_param > 0.2
     out = tmp_path / "r.html"
     proc = subprocess.run(nas_cmd("report", str(path), "--out", str(out)), capture_output=True,
                           text=True, env=env_for_cli(), timeout=600)
@@ -280,7 +281,7 @@ def test_data_saving_interpolates_between_budgets_and_reads_losses_both_ways():
 
 
 def test_per_layer_tables_cover_every_learned_weight_and_show_no_spread_for_one_seed():
-    from nas.summary import profile_rows
+    from nas.reading.summary import profile_rows
 
     def record(mode: str, seed: int, coefficients: dict[str, float]) -> TrialRecord:
         return TrialRecord(number=seed, state=TrialState.COMPLETE, mode=mode,

@@ -4,8 +4,9 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from nas.config import ConfigError, from_dict
-from nas.space import check_space, mode_params, sample
+from nas.config import from_dict
+from nas.errors import ConfigError
+from nas.search.space import check_space, mode_params, sample
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -84,7 +85,7 @@ def test_fixed_values_are_not_searched():
 
 
 def test_a_forced_mode_is_recorded_with_the_spaces_distribution():
-    # as the baselines are queued (nas.study.enqueue_baselines): its keys none
+    # as the baselines are queued (nas.search.study.enqueue_baselines): its keys none
     study = optuna.create_study()
     study.enqueue_trial(mode_params(SPACE, "vanilla"))
     trial = study.ask()
@@ -193,7 +194,7 @@ def test_the_shipped_spaces_explore_the_value_embedding_family(study):
     """studies/pareto.yaml (search_spaces/all.yaml) and studies/value_embeddings.yaml load, and
     their draws train the family's both modes with every table count the space offers, and
     suggest only the keys the family reads."""
-    from nas.spec import draw_configs, load_spec
+    from nas.search.spec import draw_configs, load_spec
     from tests.helpers import ROOT
 
     spec = load_spec(ROOT / "studies" / f"{study}.yaml")

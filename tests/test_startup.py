@@ -50,7 +50,7 @@ def test_nas_prepare_imports_neither_torch_nor_lightning(tmp_path):
     text.write_text("the quick brown fox jumps over the lazy dog\n" * 400)
     modules = imported("prepare", str(text), "--out", str(tmp_path / "out"), "--vocab-size",
                        "300", "--no-progress")
-    assert "nas.prepare" in modules and not heavy(modules)
+    assert "nas.training.prepare" in modules and not heavy(modules)
     assert (tmp_path / "out" / "tokenizer.json").is_file()
 
 

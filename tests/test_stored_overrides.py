@@ -11,9 +11,10 @@ import optuna
 import pytest
 
 from nas.cli import main
-from nas.config import ConfigError, load_config
-from nas.spec import load_spec
-from nas.study import open_existing
+from nas.config import load_config
+from nas.errors import ConfigError
+from nas.search.spec import load_spec
+from nas.search.study import open_existing
 from tests.helpers import write_spec
 from tests.processes import start, wait_for
 

@@ -8,9 +8,9 @@ import pytest
 import yaml
 
 from nas.config import from_dict
-from nas.data import write_shard
-from nas.lit import DivergenceError
-from nas.train import train
+from nas.training.data import write_shard
+from nas.training.lit import DivergenceError
+from nas.training.train import train
 from tests.helpers import env_for_cli, nas_cmd, tiny
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out

@@ -11,7 +11,7 @@ import optuna
 import yaml
 from optuna.trial import TrialState
 
-from nas.storage import make_storage
+from nas.search.storage import make_storage
 from tests.helpers import TINY_BASE, env_for_cli, nas_cmd
 
 STEPS = {"train": {**TINY_BASE["train"], "steps": 40, "eval_every": 10}}

@@ -1,0 +1,219 @@
+"""The trial objective: space -> trial -> run config -> training -> the trial's stored record.
+
+One `Objective` call claims a slot (a study never runs more than its target), samples a run
+config from the space, refuses configs over a budget (parameters, KV cache) or repeating a
+finished one, trains it through `nas.training.train.train` (imported when a trial runs: this module
+knows nothing of torch) and writes the trial's attributes. Any failure ends the trial FAIL
+with its reason.
+"""
+
+from __future__ import annotations
+
+import shutil
+import traceback
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import optuna
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from nas.config import RunConfig, from_dict
+from nas.errors import ConfigError
+from nas.interrupt import CTRL_C
+from nas.modes import BASELINE_MODE
+from nas.search import space as spaces
+from nas.search.artifacts import checkpoint_folder, upload_trial_artifacts
+from nas.search.lease import HEARTBEAT, Lease, worker_name
+from nas.search.pruning import judged_on
+from nas.search.samplers import pareto_pruner
+from nas.search.spec import CONSTRAINTS, StudySpec
+from nas.search.study import FINISHED, own_trials
+from nas.search.trials import TrialRecord, write_record
+
+
+class SurplusTrial(Exception):
+    """Another worker already started the study's last trial."""
+
+
+class Objective:
+    def __init__(self, spec: StudySpec, target: int | None, artifacts: Path | None = None,
+                 lease_interval: float = HEARTBEAT["interval"],
+                 echo: Callable[[str], None] = print):
+        self.spec = spec
+        self.target = target
+        self.artifacts = artifacts  # where config.yaml and curve.csv of each trial go
+        self.lease_interval, self.echo = lease_interval, echo  # echo: the lease's lines
+        self.started = 0  # trials this objective was called for
+        self.trial: optuna.Trial | None = None  # the last of them, until it is dropped
+        self.space = spec.trial_space
+        self.pareto = pareto_pruner(spec)
+
+    def _claim_slot(self, trial: optuna.Trial) -> None:
+        """A queue-driven study's trial (a derived study's, an lr sweep's) runs only from its
+        queue. With a target, a trial runs only while fewer than `target` trials are finished
+        or ahead of it (RUNNING or WAITING with a lower number). Trial numbers give every pair
+        of workers the same order, so two workers never both take the last slot."""
+        if self.spec.queue_driven and "fixed_params" not in (
+                trial.storage.get_trial_system_attrs(trial._trial_id)):
+            # Such a study runs its queue alone: another worker took the last queued trial
+            # between this worker's check and its ask, and Optuna began a trial of its own
+            # (an lr sweep's sampler would repeat a run, and its arm would keep the luckier).
+            write_record(trial, failure="surplus: nothing left in the study's queue")
+            raise SurplusTrial("nothing left in the study's queue")
+        if self.target is None:
+            return
+        ahead = sum(t.state in FINISHED or (t.state in (TrialState.RUNNING, TrialState.WAITING)
+                                            and t.number < trial.number)
+                    for t in own_trials(trial.study))
+        if ahead >= self.target:
+            write_record(trial, failure=f"surplus: the study already has its {self.target} "
+                         "trials")
+            raise SurplusTrial(f"study already has {self.target} trials")
+
+    def __call__(self, trial: optuna.Trial) -> float | tuple[float, ...]:
+        """Run one trial. Any failure is recorded in the trial's `failure` attribute and the
+        trial ends FAIL (the search goes on); Ctrl+C fails the trial and stops the worker. The
+        trial holds a lease (`nas.search.lease`) throughout; one that another worker failed
+        meanwhile raises TrialLost, with nothing more written to it."""
+        from nas.training.lit import DivergenceError
+        from nas.training.train import TimeLimitError
+
+        self.started += 1
+        self.trial = trial
+        with Lease(trial, self.lease_interval, self.echo) as lease:
+            try:
+                self._claim_slot(trial)
+                write_record(trial, worker=worker_name())
+                return self._run(trial, lease)
+            except UpdateFinishedTrialError:  # a write found the trial failed by another worker
+                raise lease.lost_trial() from None
+            except (optuna.TrialPruned, SurplusTrial):
+                raise  # a surplus trial keeps its `surplus:` failure, which the gate skips
+            except KeyboardInterrupt as exc:  # Interrupted names its signal; bare is Ctrl+C
+                write_record(trial, failure=str(exc) or "interrupted (Ctrl+C)")
+                raise
+            except Exception as exc:
+                write_record(trial, failure=f"{type(exc).__name__}: {exc}")
+                if not isinstance(exc, (DivergenceError, TimeLimitError)):
+                    traceback.print_exc()  # a bug or a broken machine, not a bad config
+                raise
+
+    def _checkpoints(self, trial: optuna.Trial, cfg: RunConfig) -> tuple[Path | None, int | None]:
+        """Where this trial saves checkpoints (None without `train.checkpoint_every` or an
+        artifact folder), and the step it resumes at from the last one an earlier attempt left
+        there (None: from step 0). Optuna retries a trial whose worker died as a new trial
+        that records the first attempt's number (`failed_trial`); all attempts share its
+        folder."""
+        from nas.training.checkpoint import LAST, resume_step
+
+        if not cfg.train.checkpoint_every or self.artifacts is None:
+            return None, None
+        frozen = next(t for t in trial.study.get_trials(deepcopy=False)
+                      if t.number == trial.number)
+        first = frozen.system_attrs.get("failed_trial", trial.number)
+        folder = checkpoint_folder(self.artifacts, self.spec.name, first)
+        if not (folder / LAST).is_file():
+            return folder, None
+        return folder, resume_step(folder / LAST, cfg)
+
+    def _run(self, trial: optuna.Trial, lease: Lease) -> float | tuple[float, ...]:
+        from nas.model.decoder import count_params, kv_bytes_per_token
+        from nas.training.train import train
+
+        force = BASELINE_MODE if TrialRecord.from_trial(trial).baseline else None
+        raw = spaces.sample(self.space, trial, force_mode=force)
+        try:
+            cfg = from_dict(raw, where="trial")
+        except ConfigError as exc:
+            write_record(trial, pruned_reason=f"invalid config: {exc}")
+            raise optuna.TrialPruned(str(exc)) from None
+        counts = count_params(cfg)
+        vr = cfg.value_residual
+        attrs = {**counts, "kv_bytes_per_token": kv_bytes_per_token(cfg),
+                 "mode": vr.mode, "source": vr.source,
+                 "receiving_layers": vr.receiving(cfg.model.n_layer), "config": cfg.to_dict()}
+        if self.space.get("variants"):
+            attrs["variant"] = force or trial.params["variant"]
+        write_record(trial, **attrs)
+        # Every budget's constraint before pruning on any: GP wants as many on every trial.
+        over = []
+        for key, (name, unit) in CONSTRAINTS.items():
+            limit = getattr(self.spec, key)
+            if limit is not None:
+                trial.set_constraint(name, attrs[name] - limit)
+                if attrs[name] > limit:
+                    over.append(f"{attrs[name]:,} > {limit:,} {unit}")
+        if over:
+            reason = f"over budget: {'; '.join(over)}"
+            write_record(trial, pruned_reason=reason)
+            raise optuna.TrialPruned(reason)
+        if self.pareto is not None:
+            reason = self.pareto.duplicate_of(trial.study, attrs["config"])
+            if reason:
+                write_record(trial, pruned_reason=reason, steps_trained=0)
+                raise optuna.TrialPruned(reason)
+
+        known = {name: attrs[name] for name in judged_on(self.spec.objectives)}
+        curve: list[list[float]] = []
+        reports_to_optuna = not self.spec.multi_objective and self.spec.pruner["type"] in (
+            "median", "hyperband")
+
+        def on_validation(step: int, loss: float) -> None:
+            CTRL_C.check()
+            lease.check()
+            if curve and curve[-1][0] == step:  # the final validation, on every batch
+                curve.pop()
+            curve.append([step, round(loss, 6)])
+            # The latest point only: the whole curve is written once, when the trial ends.
+            write_record(trial, last_validation=curve[-1])
+            if step >= cfg.train.steps:
+                return  # fully trained: nothing left to save by stopping it; it completes
+            if reports_to_optuna:
+                # At the global step: the median and hyperband pruners compare trials at equal
+                # training progress (optuna-integration's Lightning callback reports the epoch,
+                # and a run is one epoch).
+                trial.report(loss, step)
+                if trial.should_prune():
+                    reason = f"{self.spec.pruner['type']}: pruned at step {step}"
+                    write_record(trial, pruned_reason=reason)
+                    raise optuna.TrialPruned(reason)
+            if self.pareto is not None:
+                reason = self.pareto.reason_to_prune(trial.study, known, curve,
+                                                     cfg.train.steps)
+                if reason:
+                    write_record(trial, pruned_reason=reason)
+                    raise optuna.TrialPruned(reason)
+
+        checkpoints, resumed_step = self._checkpoints(trial, cfg)
+        # written even when None: a retry starts with a copy of the dead attempt's record
+        write_record(trial, resumed_step=resumed_step)
+        try:
+            metrics = train(cfg, progress=False, on_validation=on_validation,
+                            checkpoints=checkpoints, resume=resumed_step is not None)
+        except (Exception, KeyboardInterrupt) as exc:
+            if isinstance(exc, UpdateFinishedTrialError):
+                lease.lost = True  # another worker failed this trial: it takes no more writes
+                raise
+            # A trial that stops early (pruned, failed, interrupted) keeps the curve it reached.
+            ended: dict[str, Any] = {"curve": curve} if curve else {}
+            if isinstance(exc, optuna.TrialPruned):
+                ended["steps_trained"] = curve[-1][0] if curve else 0
+            write_record(trial, **ended)
+            raise
+        finally:
+            if not lease.lost:
+                upload_trial_artifacts(trial, attrs["config"], curve, self.artifacts)
+            # However this attempt ends here, the trial ends with it: only an attempt whose
+            # worker died leaves its checkpoints, for the retry.
+            if checkpoints is not None and not cfg.train.keep_checkpoints:
+                shutil.rmtree(checkpoints, ignore_errors=True)
+        write_record(trial, steps_trained=metrics["steps"], **{
+            key: metrics[key] for key in (
+                "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
+                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
+                "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
+                "decode_tokens_per_s", "numerics")})
+        values = tuple(float(metrics[o]) for o in self.spec.objectives)
+        return values if self.spec.multi_objective else values[0]
