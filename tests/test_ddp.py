@@ -40,7 +40,7 @@ def write_config(path, steps: int, **train) -> str:
 
 
 def env() -> dict:
-    # one thread a process, as in every comparison of losses here (README "Determinism")
+    # one thread a process, as in every comparison of losses (docs/configuration.md, Determinism)
     return {**env_for_cli(), "OMP_NUM_THREADS": "1"}
 
 
@@ -127,3 +127,21 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
     assert not checkpoint_dir(out).exists()  # finished: its checkpoints are gone
     print(f"val_loss resumed at step {a['resumed_step']} {a['val_loss']!r} "
           f"whole {b['val_loss']!r}")
+
+
+@pytest.mark.parametrize("train,says", [
+    ({"batch_size": 7}, "train.batch_size: 7 does not split into 2 processes"),
+    ({"eval_batches": 1}, "train.eval_batches: 1 gives 1 validation or test batch(es)"),
+], ids=["odd-batch", "one-validation-batch"])
+def test_a_run_two_processes_cannot_split_is_refused_before_they_start(tmp_path, train, says):
+    """The global batch in equal slices, a validation and test batch for each process: else
+    one line, exit 2, before Lightning starts rank 1, and nothing left behind."""
+    cfg = tiny("learnable", n_layer=2, d_model=32, steps=4, **{"batch_size": 8, **train, **DDP})
+    config = tmp_path / "run.yaml"
+    config.write_text(yaml.safe_dump(cfg.to_dict()))
+    proc = subprocess.run(nas_cmd("train", str(config), "--out", str(tmp_path / "out")),
+                          capture_output=True, text=True, env=env(), timeout=300)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(f"nas train: error: {says}"), proc.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["run.yaml"]

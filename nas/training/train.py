@@ -131,7 +131,7 @@ def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
 
 
 def numerics(device: torch.device, processes: int = 1) -> dict[str, Any]:
-    """What a run's losses depend on beyond its config (README "Determinism"): the torch
+    """What a run's losses depend on beyond its config (docs/configuration.md): the torch
     build and, on the CPU, the instruction set ATen's kernels use (AVX512 and AVX2 round
     differently) and the thread count; on a GPU, the GPU; under DDP, its processes (each
     sums the gradient of its slice of the batch: another order of float additions)."""
