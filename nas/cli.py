@@ -22,16 +22,19 @@ if TYPE_CHECKING:
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nas.overrides import load_config as load_with_overrides
+    from nas.paths import first_process
     from nas.run_folder import METRICS_FILE
 
     cfg = load_with_overrides(args.config, args.set, args.data)
     out = Path(args.out) if args.out is not None else Path("runs") / "train" / Path(
         args.config).stem
     size, plan = cfg.model, cfg.value_residual
-    # at once, before the seconds torch and Lightning take to import
-    print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
-          f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
-          flush=True)
+    # at once, before the seconds torch and Lightning take to import; once, by DDP's rank 0
+    # (Lightning's DDP runs this command again for each other process)
+    if first_process():
+        print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
+              f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
+              flush=True)
     from nas.training.lit import DivergenceError
     from nas.training.train import TimeLimitError, check_memory, train
 
@@ -43,6 +46,8 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (DivergenceError, TimeLimitError) as exc:
         print(f"nas train: {exc}", file=sys.stderr)
         return 1
+    if not first_process():
+        return 0  # another DDP process of the run: rank 0 says how it ended
     print(f"val_loss {m['val_loss']:.4f}  n_params {m['n_params']:,}  "
           f"tokens {m['tokens']:,}  {m['tokens_per_s']:,.0f} tokens/s  -> {out / METRICS_FILE}")
     return 0

@@ -194,6 +194,10 @@ class TrainConfig:
     tokens: int | None = Field(None, gt=0, allow_inf_nan=False)
     # validated when absent too: its validator checks the three keys together
     tokens_per_param: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)
+    # The global batch, whatever train.devices: under DDP each process trains on its equal
+    # slice of the rows one process would draw (nas.training.data.RandomWindows), so a run's
+    # tokens, steps and losses do not depend on how many devices share it. It must split evenly
+    # between them.
     batch_size: int = Field(32, gt=0)
     lr: float = Field(3.0e-3, gt=0)
     seed: int = Field(0, ge=0, lt=2**32)  # what numpy's and Lightning's seeding accept

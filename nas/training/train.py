@@ -27,7 +27,7 @@ from nas.errors import ConfigError
 from nas.interrupt import lightning_interrupts
 from nas.model.analysis import analyze
 from nas.model.decoder import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
-from nas.paths import PID_ROOM, check_output, removed_if_refused
+from nas.paths import PID_ROOM, check_output, first_process, removed_if_refused
 from nas.run_folder import CONFIG_FILE, KEPT_CHECKPOINTS, METRICS_FILE, MODEL_FILE
 from nas.training.checkpoint import (
     LAST,
@@ -116,6 +116,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*logs directory.*exists and is not empty.*")
+    # Under DDP: val_loss and val_ppl are logged once every process holds all batches' losses
+    # (LitDecoder._end_eval), so a sync_dist reduction would only repeat them.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 
 
 def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
@@ -127,11 +130,14 @@ def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
             for k, v in result.items()}
 
 
-def numerics(device: torch.device) -> dict[str, Any]:
+def numerics(device: torch.device, processes: int = 1) -> dict[str, Any]:
     """What a run's losses depend on beyond its config (docs/configuration.md): the torch
     build and, on the CPU, the instruction set ATen's kernels use (AVX512 and AVX2 round
-    differently) and the thread count; on a GPU, the GPU."""
+    differently) and the thread count; on a GPU, the GPU; under DDP, its processes (each
+    sums the gradient of its slice of the batch: another order of float additions)."""
     found: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if processes > 1:  # only then: the records of one-process runs stay what they were
+        found["processes"] = processes
     if device.type == "cuda":
         return {**found, "gpu": torch.cuda.get_device_name(device)}
     return {**found, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -249,6 +255,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
     """
     if checkpoints is None and out is not None:
         checkpoints = checkpoint_dir(Path(out))
+    if not first_process():
+        # Another DDP process of this run: rank 0 writes the run folder, clears or keeps the
+        # checkpoints (it saves them too, see PeriodicCheckpoint); this one only trains, and
+        # reads the checkpoint it resumes from.
+        resumed = resume_step(checkpoints / LAST, cfg) if resume and checkpoints else None
+        return _train(cfg, None, progress, on_validation, checkpoints, resumed)
     if out is None:
         resumed = _resumed_step(cfg, checkpoints, resume, refuse_unfinished=False)
         metrics = _train(cfg, None, progress, on_validation, checkpoints, resumed)
@@ -306,6 +318,10 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         val_check_interval=t.eval_interval,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
+        # Our loaders split themselves between DDP's processes (TokenDataModule): an item is a
+        # whole batch, so Lightning's DistributedSampler would give each process every other
+        # step, not its rows of every step (and cannot be put into StepLoader at all).
+        use_distributed_sampler=False,
         gradient_clip_val=t.grad_clip,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -321,6 +337,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         callbacks=extra,
         max_time=timedelta(seconds=t.max_time) if t.max_time is not None else None,
     )
+    data.check_world(trainer.world_size)  # before DDP starts its other processes
     compiled = should_compile(cfg, trainer.strategy.root_device)
     if compiled:
         forget_other_graphs(cfg)
@@ -361,7 +378,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         "steps": trainer.global_step,
         "resumed_step": resumed,  # None: trained from step 0
         "compiled": compiled,
-        "numerics": numerics(trainer.strategy.root_device),
+        "numerics": numerics(trainer.strategy.root_device, trainer.world_size),
         "mode": cfg.value_residual.mode,
         "source": cfg.value_residual.source,
         "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer),
@@ -377,8 +394,17 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if logger is not None:
         log_results(logger, cfg, metrics, folder, trainer.global_step)
+    _wait_for_ranks(trainer)
     del trainer, lit, data
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the next trial may be a different size
     return metrics
+
+
+def _wait_for_ranks(trainer: pl.Trainer) -> None:
+    """Wait for the DDP processes Lightning started (none elsewhere), so that `nas train`
+    exits once its run has, and fails if one of them failed."""
+    for proc in getattr(trainer.strategy.launcher, "procs", []):
+        if proc.wait() != 0:
+            raise RuntimeError(f"DDP process {proc.pid} of this run exited with {proc.returncode}")
