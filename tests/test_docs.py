@@ -97,3 +97,22 @@ def test_mkdocs_builds_the_site_strictly(tmp_path):
     # the anchors the pages link by are GitHub's (the hook), e.g. `--set` keeps its hyphens
     html = (site / "configuration" / "index.html").read_text()
     assert 'id="overrides---set-keyvalue"' in html
+
+
+NAMED_TEST = re.compile(r"`(test_\w+\.py)::(test_\w+)(\[[^\]`]*\])?`")
+
+
+def test_every_test_the_docs_name_exists():
+    """A cell of "What survives what" (or any page) that names a test names one that exists,
+    with a parameter id it really has where it gives one."""
+    missing = []
+    for page in [README, *sorted((ROOT / "docs").glob("*.md"))]:
+        for file, name, param in NAMED_TEST.findall(page.read_text(encoding="utf-8")):
+            source = ROOT / "tests" / file
+            text = source.read_text(encoding="utf-8") if source.is_file() else ""
+            if not re.search(rf"^\s*(async )?def {name}\(", text, flags=re.M):
+                missing.append(f"{page.name}: {file}::{name}")
+            elif param and not all(part in text for part in param.strip("[]").split("-")
+                                   if not part.isdigit()):
+                missing.append(f"{page.name}: {file}::{name}{param}")
+    assert not missing, missing
