@@ -1,6 +1,6 @@
 """The `nas` command line: train, search, confirm, export, report, analyze, generate,
 dashboard, prepare. Each command is a small function that parses, calls the module that owns
-the work and prints; the parser is one piece (about 480 lines with it) so `nas --help` and every
+the work and prints; the parser is one piece (about 500 lines with it) so `nas --help` and every
 option's help text live in one place.
 """
 

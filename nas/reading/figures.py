@@ -1,7 +1,7 @@
 """The report's figures: one plotly builder per figure, and one registry (`FIGURES`: title,
 builder, explanation) that the HTML report and the dashboard both read. Adding a figure is one
 builder and one entry. Reads trials (through nas.reading.arms and nas.reading.scaling for the
-scaling figures); knows nothing of torch. One piece (about 560 lines) because the twelve builders
+scaling figures); knows nothing of torch. One piece (about 580 lines) because the twelve builders
 share the palette and axis helpers and the registry must see them all.
 """
 

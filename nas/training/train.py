@@ -1,4 +1,6 @@
-"""Train one run config through Lightning and return its metrics."""
+"""Train one run config through Lightning and return its metrics. One piece (about 410 lines):
+the run folder's staging, the trainer's set-up, the fit and the metrics are one sequence whose
+steps share the run's state."""
 
 from __future__ import annotations
 
