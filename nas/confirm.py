@@ -40,6 +40,7 @@ from nas.reading.arms import Arm, budget_key, choose_arms, plan_key
 from nas.reading.confirmation import CONFIRM_ATTR
 from nas.reading.export import choose_trials
 from nas.search import lr_sweep
+from nas.search.replicates import replicate_seeds
 from nas.search.spec import NAME, StudySpec
 from nas.search.study import open_existing, resolve_storage
 from nas.search.trials import TrialRecord, completed, front_indices
@@ -74,8 +75,10 @@ def _span(seeds: Sequence[int]) -> str:
     return f"{seeds[0]}..{seeds[-1]}" if len(seeds) > 1 else str(seeds[0])
 
 
-def study_seeds(study: optuna.Study, space: dict) -> set[int]:
-    """Every seed the study's space declares (a list, a range, a number) or any trial ran."""
+def study_seeds(study: optuna.Study, space: dict, replicates: int = 1) -> set[int]:
+    """Every seed the study's space declares (a list, a range, a number) or any trial ran or
+    is queued to run, each with the seeds after it that its replicates train on
+    (`replicates`, the study's; nas.search.replicates)."""
     declared = space.get("train", {}).get("seed", 0)
     if isinstance(declared, dict):
         used = set(range(declared["low"], declared["high"] + 1, declared.get("step", 1)))
@@ -87,7 +90,8 @@ def study_seeds(study: optuna.Study, space: dict) -> set[int]:
                 used.add(int(params["train.seed"]))
         if (r := TrialRecord.from_trial(t)).config:
             used.add(r.seed)
-    return used
+    # each seed a trial starts from, and those its replicates train after it
+    return {seed for first in used for seed in replicate_seeds(first, replicates)}
 
 
 def parse_trials(text: str) -> list[int]:
@@ -146,7 +150,7 @@ def _entry(name: str, config: dict, rates: list[float], arm: Arm | None, trial: 
     label = name if trial is None or name == BASELINE_MODE else f"#{trial} {arm.first.label}"
     return {"name": name, "label": label, "trial": trial, "config": config, "rates": rates,
             "search_val": None if arm is None else arm.val,
-            "search_seeds": 0 if arm is None else len(arm.trials),
+            "search_seeds": 0 if arm is None else sum(len(r.trained_seeds) for r in arm.trials),
             "on_front": arm is not None and id(arm) in front, "reference": None}
 
 
@@ -315,7 +319,8 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None 
         raise ConfigError(f"study {spec.name!r} has no completed trials; nothing to confirm")
     arms = choose_arms(done, lr_sweep.stored_protocol(study))
     chosen = choose_plans(study, arms, top, pareto, numbers)
-    fresh = fresh_seeds(study_seeds(study, spec.merged_space), seeds, first_seed)
+    fresh = fresh_seeds(study_seeds(study, spec.merged_space, spec.replicates), seeds,
+                        first_seed)
     entries = plan_entries(spec, arms, chosen)
     choice = (f"--top {top}" if top is not None else "--pareto" if pareto
               else f"--trials {','.join(map(str, numbers or []))}")

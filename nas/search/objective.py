@@ -4,7 +4,8 @@ One `Objective` call claims a slot (a study never runs more than its target), sa
 config from the space, refuses configs over a budget (parameters, KV cache) or repeating a
 finished one, trains it through `nas.training.train.train` (imported when a trial runs: this module
 knows nothing of torch) and writes the trial's attributes. Any failure ends the trial FAIL
-with its reason.
+with its reason. With `replicates: R` > 1 the config trains on R seeds after replicate 0, which
+alone the pruners watch, and the trial stores their combination (`nas.search.replicates`).
 """
 
 from __future__ import annotations
@@ -27,6 +28,8 @@ from nas.search import space as spaces
 from nas.search.artifacts import checkpoint_folder, upload_trial_artifacts
 from nas.search.lease import Heartbeat, Lease, worker_name
 from nas.search.pruning import judged_on
+from nas.search.replicates import FIELDS as REPLICATE_FIELDS
+from nas.search.replicates import combine, replicate_seeds
 from nas.search.samplers import pareto_pruner
 from nas.search.spec import CONSTRAINTS, StudySpec
 from nas.search.study import FINISHED, own_trials
@@ -157,7 +160,7 @@ class Objective:
 
         known = {name: attrs[name] for name in judged_on(self.spec.objectives)}
         curve: list[list[float]] = []
-        reports_to_optuna = not self.spec.multi_objective and self.spec.pruner["type"] in (
+        reports_to_optuna = not self.spec.multi_objective and self.spec.pruner.type in (
             "median", "hyperband")
 
         def on_validation(step: int, loss: float) -> None:
@@ -176,7 +179,7 @@ class Objective:
                 # and a run is one epoch).
                 trial.report(loss, step)
                 if trial.should_prune():
-                    reason = f"{self.spec.pruner['type']}: pruned at step {step}"
+                    reason = f"{self.spec.pruner.type}: pruned at step {step}"
                     write_record(trial, pruned_reason=reason)
                     raise optuna.TrialPruned(reason)
             if self.pareto is not None:
@@ -201,6 +204,10 @@ class Objective:
             if isinstance(exc, optuna.TrialPruned):
                 ended["steps_trained"] = curve[-1][0] if curve else 0
             write_record(trial, **ended)
+            # the later replicates will not run: what a dead attempt left of them goes too
+            for index in range(1, self.spec.replicates):
+                if checkpoints is not None and not cfg.train.keep_checkpoints:
+                    shutil.rmtree(_replicate_folder(checkpoints, index), ignore_errors=True)
             raise
         finally:
             if not lease.lost:
@@ -209,11 +216,55 @@ class Objective:
             # worker died leaves its checkpoints, for the retry.
             if checkpoints is not None and not cfg.train.keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
+        replicated = ()
+        if self.spec.replicates > 1:
+            # Replicate 0 survived the pruner: the later seeds train unwatched (the module
+            # docstring of nas.search.replicates), and the trial stores their combination.
+            seeds = replicate_seeds(cfg.train.seed, self.spec.replicates)
+            # as a trial stopped early keeps its curve, one that fails in a later replicate
+            # keeps replicate 0's
+            write_record(trial, curve=curve)
+            runs = [metrics, *(self._replicate(trial, lease, cfg, i, seed, checkpoints)
+                               for i, seed in enumerate(seeds[1:], start=1))]
+            metrics, replicated = combine(runs, seeds), REPLICATE_FIELDS
         write_record(trial, steps_trained=metrics["steps"], **{
             key: metrics[key] for key in (
                 "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
                 "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
                 "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
-                "decode_tokens_per_s", "numerics")})
+                "decode_tokens_per_s", "numerics", *replicated) if key in metrics})
         values = tuple(float(metrics[o]) for o in self.spec.objectives)
         return values if self.spec.multi_objective else values[0]
+
+    def _replicate(self, trial: optuna.Trial, lease: Lease, cfg: RunConfig, index: int,
+                   seed: int, checkpoints: Path | None) -> dict[str, Any]:
+        """Train replicate `index` (`cfg` on `seed`) and return its metrics. It reports to no
+        pruner; it resumes from the checkpoint a dead attempt left in its own folder beside
+        replicate 0's, and whatever ends it removes that folder, as replicate 0's."""
+        from nas.training.checkpoint import LAST, resume_step
+        from nas.training.train import train
+
+        raw = cfg.to_dict()
+        raw["train"]["seed"] = seed
+        run = from_dict(raw, where=f"replicate {index} (train.seed {seed})")
+        folder = None if checkpoints is None else _replicate_folder(checkpoints, index)
+        resumed = (resume_step(folder / LAST, run)
+                   if folder is not None and (folder / LAST).is_file() else None)
+        if resumed is not None:
+            write_record(trial, resumed_step=resumed)
+
+        def on_validation(step: int, loss: float) -> None:
+            CTRL_C.check()
+            lease.check()
+
+        try:
+            return train(run, progress=False, on_validation=on_validation, checkpoints=folder,
+                         resume=resumed is not None)
+        finally:
+            if folder is not None and not run.train.keep_checkpoints:
+                shutil.rmtree(folder, ignore_errors=True)
+
+
+def _replicate_folder(checkpoints: Path, index: int) -> Path:
+    """Replicate `index`'s checkpoints, beside replicate 0's (the trial's own folder)."""
+    return checkpoints.with_name(f"{checkpoints.name}-replicate-{index}")

@@ -37,6 +37,7 @@ from nas.search import lr_sweep
 from nas.search import space as spaces
 from nas.search.lease import Heartbeat
 from nas.search.lr_sweep import Sweep
+from nas.search.replicates import MAX_REPLICATES, SEED_LIMIT
 from nas.search.storage import redact
 from nas.search.trials import OBJECTIVES, PLANNED
 
@@ -123,6 +124,10 @@ class StudySpec:
     objectives: Annotated[list, NOT_OBJECTIVES] = Field(
         default_factory=lambda: ["val_loss", "n_params"], min_length=1)
     pruner: Choice = field(default_factory=lambda: Choice("none"))
+    # Seeds each trial trains on, its objective their mean (nas.search.replicates).
+    replicates: Annotated[int, Refusal(
+        f"must be an integer in 1..{MAX_REPLICATES} (seeds each trial trains on), got "
+        "{value!r}")] = Field(1, ge=1, le=MAX_REPLICATES)
     sampler: Choice = field(default_factory=lambda: Choice("tpe"))
     # Below 2**31: a joining worker adds an offset below 2**31, and samplers' numpy seeds must be
     # below 2**32.
@@ -282,6 +287,7 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
     spaces.check_space(spec.base, f"{where}: base")
     _check_lr_grid(spec, where)
     spec.draws = draw_configs(spec, where)
+    _check_replicates(spec, where)
     if sets:  # into the space, which the base cannot override: a searched key becomes fixed
         given = overrides.parse_all(sets)
         spec.space = overrides.apply(spec.space, given)
@@ -291,7 +297,24 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
         spaces.check_space(spec.space, overrides.WHERE)
         _check_lr_grid(spec, overrides.WHERE)
         spec.draws = draw_configs(spec, overrides.WHERE)
+        _check_replicates(spec, overrides.WHERE)
     return spec
+
+
+def _check_replicates(spec: StudySpec, where: str) -> None:
+    """Replicates on top of a learning-rate sweep, which runs every listed seed as a trial of
+    its own already, would train the seeds twice over; and a replicate's seed must be one
+    train.seed accepts."""
+    if spec.replicates == 1:
+        return
+    if lr_sweep.is_sweep(spec.merged_space):
+        raise ConfigError(f"{where}: replicates: an lr sweep trains each seed of train.seed "
+                          "as a trial of its own; list more seeds there instead")
+    top = max(cfg.train.seed for cfg in spec.draws) + spec.replicates - 1
+    if top >= SEED_LIMIT:
+        raise ConfigError(f"{where}: replicates: seeds train.seed .. train.seed + "
+                          f"{spec.replicates - 1} reach {top}; train.seed must stay below "
+                          f"{SEED_LIMIT}")
 
 
 def _check_lr_grid(spec: StudySpec, where: str) -> None:

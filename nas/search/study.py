@@ -6,8 +6,9 @@ dashboard). Storages themselves live in `nas.search.storage`; the worker loop in
 
 A study stores one fingerprint (the user attribute `fingerprint`): a digest of each thing that
 changes a trial's numbers, namely the objectives, the budgets (`max_params`; `max_kv_bytes`
-where set), the `--set` overrides it was searched with (where there were any; the overrides
-themselves are the attribute `overrides`, which `nas.search.stored_overrides` applies again), the
+where set), the seeds per trial (`replicates`, where above 1), the `--set` overrides it was
+searched with (where there were any; the overrides themselves are the attribute `overrides`,
+which `nas.search.stored_overrides` applies again), the
 space merged with the base config (less `data.source`, a path that may differ per machine) and
 the validation and test tokens themselves (`nas.search.spec.data_fingerprint`). A
 search that resumes the study with any of them changed is refused, naming what changed; so a
@@ -50,6 +51,7 @@ from nas.search.trials import OBJECTIVES, TrialRecord, record_attrs
 
 FINISHED = (TrialState.COMPLETE, TrialState.PRUNED)  # the trials that count toward n_trials
 FINGERPRINT = "fingerprint"  # the study's user attribute: part name -> digest
+REPLICATES = "replicates"  # the study's user attribute and fingerprint part, where above 1
 # How long a search waits for the fingerprint of a study without one and without trials, which
 # another worker may have created a moment ago; the creator writes it within milliseconds.
 FINGERPRINT_WAIT = 15.0
@@ -108,6 +110,8 @@ def open_study(spec: StudySpec, storage_url: str | None = None, *, create: bool 
             study.set_user_attr(overrides.STUDY_ATTR, spec.overrides)
             for key in CONSTRAINTS:
                 study.set_user_attr(key, getattr(spec, key))
+            if spec.replicates > 1:  # for the line that refuses a resume with another count
+                study.set_user_attr(REPLICATES, spec.replicates)
             # Last of the attributes: a worker that finds it finds the others.
             study.set_user_attr(FINGERPRINT, fingerprint(spec, data))
             enqueue_baselines(study, spec)
@@ -170,7 +174,10 @@ def fingerprint(spec: StudySpec, data: str | None) -> dict[str, str]:
                 if key != "max_params" and getattr(spec, key) is not None},
              # the extension decides which trials run (the protocols differ in how the same
              # trials are read, except first_seed, whose studies predate this part)
-             **({"lr_extend": spec.lr_sweep.extend} if spec.lr_sweep.extend else {})}
+             **({"lr_extend": spec.lr_sweep.extend} if spec.lr_sweep.extend else {}),
+             # a trial's objective is a mean over this many seeds; only where above 1, so
+             # studies without the key resume unchanged
+             **({REPLICATES: spec.replicates} if spec.replicates > 1 else {})}
     digests = {part: _digest(value) for part, value in parts.items()}
     return digests if data is None else {**digests, "data": data}
 
@@ -240,6 +247,9 @@ def _what_changed(study: optuna.Study, spec: StudySpec, part: str) -> str:
     if part in CONSTRAINTS:
         return (f"{part}: the stored study {spec.name!r} has {attrs.get(part)}, the spec "
                 f"{getattr(spec, part)}")
+    if part == REPLICATES:
+        return (f"replicates: the stored study {spec.name!r} has {attrs.get(REPLICATES, 1)}, "
+                f"the spec {spec.replicates}")
     if part == "space":
         theirs, ours = _without_source(attrs.get("space") or {}), _without_source(spec.merged_space)
         key = _first_difference(theirs, ours)

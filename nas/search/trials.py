@@ -71,10 +71,20 @@ class TrialRecord:
     # What its losses depend on beyond the config: torch, CPU instruction set, threads
     # (nas.training.train.numerics)
     numerics: dict[str, Any] | None = None
-    steps_trained: int | None = None
+    steps_trained: int | None = None  # by one run (each replicate trains as many)
     # The step this attempt resumed at, from the checkpoint an earlier attempt left when its
-    # worker died (None: trained from step 0).
+    # worker died (None: trained from step 0); with replicates, that of the replicate the
+    # attempt resumed (the others train from step 0).
     resumed_step: int | None = None
+    # A trial of a study with `replicates: R` > 1 (nas.search.replicates; never written with
+    # R = 1): the seeds it trained on, each one's losses, and the standard error of their mean.
+    # val_loss and test_loss are then those means, and curve, coefficients and analysis are
+    # replicate 0's.
+    replicate_seeds: list[int] | None = None
+    replicate_val_losses: list[float] | None = None
+    replicate_val_se: float | None = None
+    replicate_test_losses: list[float] | None = None
+    replicate_test_se: float | None = None
     coefficients: dict[str, float] = field(default_factory=dict)
     # [step, val_loss] per validation, written when the trial ends; while it runs, only its
     # latest validation (rewriting the whole curve at each would grow a journal file with the
@@ -130,6 +140,11 @@ class TrialRecord:
     @property
     def seed(self) -> int:
         return int(self.train.get("seed", 0))
+
+    @property
+    def trained_seeds(self) -> list[int]:
+        """Every seed it trained on: its replicates' (nas.search.replicates), or its own."""
+        return list(self.replicate_seeds) if self.replicate_seeds else [self.seed]
 
     @property
     def lr(self) -> float:
@@ -247,17 +262,22 @@ COLUMNS = {
 def front_rows(study: optuna.Study) -> list[dict[str, Any]]:
     """The study's front as table rows (terminal, report, dashboard note): the trial, its plan,
     every objective of the study, and its parameter count and training throughput where they
-    are not objectives."""
+    are not objectives; in a study with replicates, the standard error of val_loss over the
+    seeds."""
     objectives = study_objectives(study)
     shown = [*objectives, *(c for c in ("n_params", "tokens_per_s") if c not in objectives)]
+    shown_front = [t for t in front(study) if t.measured]
+    # A study with replicates (nas.search.replicates) shows how far its seeds agree.
+    replicated = any(t.replicate_val_se is not None for t in shown_front)
     rows = []
-    for t in front(study):
-        if not t.measured:
-            continue
+    for t in shown_front:
         row: dict[str, Any] = {"trial": t.number, "plan": t.label}
         for name in shown:
             header, form = COLUMNS.get(name, (name, "{:,.4g}"))
             value = getattr(t, name)
             row[header] = "" if value is None else form.format(value)
+            if name == "val_loss" and replicated:
+                row["val_se (seeds)"] = ("" if t.replicate_val_se is None else
+                                         f"{t.replicate_val_se:.4f} ({len(t.trained_seeds)})")
         rows.append(row)
     return rows
