@@ -157,7 +157,7 @@ class Objective:
 
         known = {name: attrs[name] for name in judged_on(self.spec.objectives)}
         curve: list[list[float]] = []
-        reports_to_optuna = not self.spec.multi_objective and self.spec.pruner["type"] in (
+        reports_to_optuna = not self.spec.multi_objective and self.spec.pruner.type in (
             "median", "hyperband")
 
         def on_validation(step: int, loss: float) -> None:
@@ -176,7 +176,7 @@ class Objective:
                 # and a run is one epoch).
                 trial.report(loss, step)
                 if trial.should_prune():
-                    reason = f"{self.spec.pruner['type']}: pruned at step {step}"
+                    reason = f"{self.spec.pruner.type}: pruned at step {step}"
                     write_record(trial, pruned_reason=reason)
                     raise optuna.TrialPruned(reason)
             if self.pareto is not None:
