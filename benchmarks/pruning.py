@@ -241,7 +241,7 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=150)
     parser.add_argument("--seeds", type=int, nargs="+", default=list(range(9)))
     # Seeds 0-2 chose the first rule, which failed on 3-5; 0-5 chose the default, held out on
-    # 6-8 (README).
+    # 6-8 (docs/benchmarks.md).
     parser.add_argument("--tuning", type=int, nargs="*", default=list(range(6)),
                         help="the seeds defaults may be chosen on; the rest are held out")
     parser.add_argument("--live", type=int, nargs="*", default=[],

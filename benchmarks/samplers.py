@@ -21,7 +21,7 @@ The table's configs are also the best front, so each space keeps its own table: 
 defaults to runs/samplers-table-NAME.json. The built-in corpus is read from its cached file
 (the same bytes; no re-listing of the standard library per trial).
 
-    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # the README's table
+    OMP_NUM_THREADS=1 python benchmarks/samplers.py            # docs/searching.md's table
     python benchmarks/samplers.py --objectives val_loss n_params kv_bytes_per_token
     OMP_NUM_THREADS=1 python benchmarks/samplers.py --study studies/quickstart.yaml
 
@@ -44,7 +44,8 @@ import optuna
 from optuna._hypervolume import compute_hypervolume
 from optuna.trial import TrialState
 
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
 from nas.search import space as spaces
 from nas.search.samplers import make_sampler
 from nas.search.spec import StudySpec, load_spec

@@ -22,7 +22,8 @@ import argparse
 
 from optuna.trial import FixedTrial
 
-from nas.config import RunConfig, from_dict, vanilla_non_embedding_params
+from nas.config import RunConfig, from_dict
+from nas.params import vanilla_non_embedding_params
 from nas.search import lr_sweep
 from nas.search import space as spaces
 from nas.search.spec import load_spec

@@ -1,6 +1,6 @@
 """The `nas` command line: train, search, confirm, export, report, analyze, generate,
 dashboard, prepare. Each command is a small function that parses, calls the module that owns
-the work and prints; the parser is one piece (about 480 lines with it) so `nas --help` and every
+the work and prints; the parser is one piece (about 500 lines with it) so `nas --help` and every
 option's help text live in one place.
 """
 
@@ -8,31 +8,33 @@ from __future__ import annotations
 
 import argparse
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from nas.errors import ConfigError, first_line, shorten
+from nas.errors import ConfigError, shorten
 from nas.flags import Parser, integer, number, text
 from nas.interrupt import CTRL_C, Interrupted
 
 if TYPE_CHECKING:
-    from nas.config import RunConfig
-    from nas.model.decoder import Decoder
     from nas.search.spec import StudySpec
 
 
 def cmd_train(args: argparse.Namespace) -> int:
     from nas.overrides import load_config as load_with_overrides
+    from nas.paths import first_process
+    from nas.run_folder import METRICS_FILE
 
     cfg = load_with_overrides(args.config, args.set, args.data)
     out = Path(args.out) if args.out is not None else Path("runs") / "train" / Path(
         args.config).stem
     size, plan = cfg.model, cfg.value_residual
-    # at once, before the seconds torch and Lightning take to import
-    print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
-          f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
-          flush=True)
+    # at once, before the seconds torch and Lightning take to import; once, by DDP's rank 0
+    # (Lightning's DDP runs this command again for each other process)
+    if first_process():
+        print(f"training {args.config} into {out}: {plan.mode}, {size.n_layer} layers, d_model "
+              f"{size.d_model}, {cfg.train.steps:,} steps of {cfg.tokens_per_step:,} tokens",
+              flush=True)
     from nas.training.lit import DivergenceError
     from nas.training.train import TimeLimitError, check_memory, train
 
@@ -44,8 +46,10 @@ def cmd_train(args: argparse.Namespace) -> int:
     except (DivergenceError, TimeLimitError) as exc:
         print(f"nas train: {exc}", file=sys.stderr)
         return 1
+    if not first_process():
+        return 0  # another DDP process of the run: rank 0 says how it ended
     print(f"val_loss {m['val_loss']:.4f}  n_params {m['n_params']:,}  "
-          f"tokens {m['tokens']:,}  {m['tokens_per_s']:,.0f} tokens/s  -> {out / 'metrics.json'}")
+          f"tokens {m['tokens']:,}  {m['tokens_per_s']:,.0f} tokens/s  -> {out / METRICS_FILE}")
     return 0
 
 
@@ -138,6 +142,7 @@ def _export_hf(args: argparse.Namespace) -> int:
     """`nas export RUN_DIR --hf`: the run as a Hugging Face model folder."""
     from nas.hf.export import export_hf
     from nas.paths import check_output
+    from nas.training.trained_run import load_run
 
     chosen = [flag for flag, value in (("--pareto", args.pareto), ("--best", args.best),
                                        ("--storage", args.storage)) if value]
@@ -146,7 +151,7 @@ def _export_hf(args: argparse.Namespace) -> int:
                           "choose(s) trials of a study")
     check_output(args.out, "--out", folder=True)
     run, out = Path(args.study), Path(args.out)
-    cfg, model = _load_run(run)
+    cfg, model = load_run(run)
     carried = export_hf(cfg, model, out, run)  # what tokenizer the folder carries
     print(f"wrote {out}: with {carried}; use it with pipeline('text-generation', "
           f"model={str(out)!r}, trust_remote_code=True)")
@@ -208,45 +213,12 @@ def cmd_analyze(args: argparse.Namespace) -> int:
     return 0
 
 
-def _load_run(folder: Path) -> tuple[RunConfig, Decoder]:
-    """The run config and the trained model (on the CPU) of a `nas train --out` folder."""
-    import pickle
-
-    import torch
-
-    from nas.config import load_config
-    from nas.model.decoder import build_model
-
-    if not folder.is_dir():
-        raise ConfigError(f"{folder}: no such folder; expected a `nas train --out` folder")
-    for name in ("config.yaml", "model.pt"):
-        if not (folder / name).is_file():
-            raise ConfigError(f"{folder}: no {name}; expected a `nas train --out` folder")
-    cfg = load_config(folder / "config.yaml")
-    model = build_model(cfg)
-    try:
-        state = torch.load(folder / "model.pt", weights_only=True, map_location="cpu")
-    except (pickle.UnpicklingError, EOFError, RuntimeError, OSError, ValueError) as exc:
-        # weights_only refuses a pickle of anything but tensors and plain values unrun; its
-        # message would suggest weights_only=False, which would run it
-        raise ConfigError(f"{folder / 'model.pt'}: not a state dict of tensors as `nas train` "
-                          f"writes (refused unloaded: {type(exc).__name__})") from None
-    if not isinstance(state, dict):
-        raise ConfigError(f"{folder / 'model.pt'}: holds a {type(state).__name__}, not a "
-                          "state dict of tensors as `nas train` writes")
-    try:
-        model.load_state_dict(state)
-    except (RuntimeError, OSError, ValueError) as exc:
-        raise ConfigError(f"{folder / 'model.pt'}: does not fit config.yaml: "
-                          f"{first_line(exc)}") from None
-    return cfg, model
-
-
 def _analyze_run_folder(folder: Path) -> dict:
     from nas.training.data import TokenDataModule
     from nas.training.train import analyze_windows
+    from nas.training.trained_run import load_run
 
-    cfg, model = _load_run(folder)
+    cfg, model = load_run(folder)
     return {"analysis": analyze_windows(model, TokenDataModule.for_run(cfg)),
             "coefficients": model.residual.coefficients(),
             "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer)}
@@ -276,9 +248,11 @@ def cmd_generate(args: argparse.Namespace) -> int:
     """Continue --prompt with text sampled from a trained run, through the model's KV cache."""
     import torch
 
+    from nas.training.trained_run import codec, load_run
+
     folder = Path(args.run_dir)
-    cfg, model = _load_run(folder)
-    encode, decode = _codec(folder, cfg.model.vocab_size)
+    cfg, model = load_run(folder)
+    encode, decode = codec(folder, cfg.model.vocab_size)
     ids = encode(args.prompt)
     if not ids:
         raise ConfigError(f"--prompt: {args.prompt!r} encodes to no tokens")
@@ -290,32 +264,6 @@ def cmd_generate(args: argparse.Namespace) -> int:
                                 args.top_k)
     print(decode(out[0].tolist()))
     return 0
-
-
-def _codec(folder: Path, vocab_size: int
-           ) -> tuple[Callable[[str], list[int]], Callable[[list[int]], str]]:
-    """Encode and decode for a run's model: with the folder's tokenizer.json (the `tokenizers`
-    library), else as UTF-8 bytes for a byte-level model (vocab_size 256)."""
-    path = folder / "tokenizer.json"
-    if path.is_file():
-        try:
-            from tokenizers import Tokenizer
-        except ImportError:
-            raise ConfigError(f"{path}: reading it needs the tokenizers package "
-                              "(pip install tokenizers)") from None
-        try:
-            tokenizer = Tokenizer.from_file(str(path))
-        except Exception as exc:  # the library raises a bare Exception for a bad file
-            raise ConfigError(f"{path}: not a tokenizer file: {first_line(exc)}") from None
-        if tokenizer.get_vocab_size() > vocab_size:
-            raise ConfigError(f"{path}: {tokenizer.get_vocab_size()} tokens, more than the "
-                              f"model's vocab_size {vocab_size}")
-        return (lambda text: tokenizer.encode(text).ids), tokenizer.decode
-    if vocab_size != 256:
-        raise ConfigError(f"{folder}: no tokenizer.json, and the model is not byte-level "
-                          f"(vocab_size {vocab_size}, not 256)")
-    return (lambda text: list(text.encode("utf-8")),
-            lambda ids: bytes(ids).decode("utf-8", errors="replace"))
 
 
 def cmd_dashboard(args: argparse.Namespace) -> int:

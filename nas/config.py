@@ -4,17 +4,17 @@ A run config has four sections (`model`, `value_residual`, `train`, `data`). Eac
 pydantic dataclass that declares its keys, their types and ranges (`Field(gt=0)`, `Literal`) and,
 in validators, the rules that span several keys. A typo or a bad value is a ValidationError that
 `nas.parsing.config_error` turns into one line naming the file, the key and what is allowed,
-never a silently ignored setting. This module knows nothing of torch. One piece (about 470
+never a silently ignored setting. This module knows nothing of torch. One piece (about 400
 lines): it is the single source of truth for every run-config key, its default and the rules
 between keys (the budget, the tokenizer's vocabulary), which the model, the space and the
-trainer all read.
+trainer all read. What it does not own lives beside it: the vanilla parameter formula
+(`nas.params`), tokenizer.json and shard files (`nas.corpus_files`), and how records made
+before later keys stay equal (`nas.old_records`).
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
-import json
 import math
 from dataclasses import field
 from pathlib import Path
@@ -30,8 +30,11 @@ from pydantic import (
 )
 from pydantic.dataclasses import dataclass
 
+from nas.corpus_files import shard_tokenizer, tokenizer_vocab
 from nas.errors import ConfigError
-from nas.modes import MODES
+from nas.modes import BASELINE_MODE, MODES
+from nas.old_records import as_recorded_before
+from nas.params import vanilla_non_embedding_params
 from nas.parsing import STRICT, Refusal, parse, read_yaml, refuse, unknown
 
 Source = Literal["first_layer", "value_embedding"]
@@ -99,7 +102,7 @@ class ModelConfig:
 
 @dataclass(config=STRICT)
 class ValueResidualConfig:
-    mode: str = "vanilla"
+    mode: str = BASELINE_MODE
     # "all" (every layer after the first) or a list of 0-based receiving layers.
     layers: str | list[int] = "all"
     # Any finite coefficient (STRICT): a negative or large one is an odd mix, not an impossible
@@ -167,7 +170,7 @@ class ValueResidualConfig:
     def receiving(self, n_layer: int) -> list[int]:
         """The 0-based layers that receive the residual (none for vanilla); for the
         value-embedding family, the layers that read a table (layer 0 among them)."""
-        if self.mode == "vanilla":
+        if self.mode == BASELINE_MODE:
             return []
         if self.reads("value_embeddings"):
             return sorted(self.table_layout(n_layer))
@@ -191,6 +194,10 @@ class TrainConfig:
     tokens: int | None = Field(None, gt=0, allow_inf_nan=False)
     # validated when absent too: its validator checks the three keys together
     tokens_per_param: float | None = Field(None, gt=0, allow_inf_nan=False, validate_default=True)
+    # The global batch, whatever train.devices: under DDP each process trains on its equal
+    # slice of the rows one process would draw (nas.training.data.RandomWindows), so a run's
+    # tokens, steps and losses do not depend on how many devices share it. It must split evenly
+    # between them.
     batch_size: int = Field(32, gt=0)
     lr: float = Field(3.0e-3, gt=0)
     seed: int = Field(0, ge=0, lt=2**32)  # what numpy's and Lightning's seeding accept
@@ -251,15 +258,6 @@ class TrainConfig:
     @property
     def eval_interval(self) -> int:
         return self.eval_every if self.eval_every is not None else max(1, self.steps // 10)
-
-
-# Train and value_residual keys added after studies had stored run configs, with their defaults:
-# `RunConfig.to_dict` leaves each out at its default, so the record of a run stays what it was
-# before they existed (the duplicate check compares records).
-LATE_VALUE_RESIDUAL_KEYS: dict[str, Any] = {"value_embeddings": 1, "v_lambda": 0.5,
-                                            "ve_lambda": 0.5}
-LATE_TRAIN_KEYS: dict[str, Any] = {"checkpoint_every": None, "keep_checkpoints": False,
-                                   "compile": "auto", "logger": "csv", "curve_batches": None}
 
 
 DEFAULT_TEST_FRACTION = 0.05
@@ -362,28 +360,11 @@ class RunConfig:
         for other in BUDGET_KEYS:
             if other != key:
                 out["train"].pop(other)
-        # Only neutreno records neutreno_lambda, and neutreno no lambda1: every other mode's
-        # record stays as it was before the key existed (duplicate checks compare records).
-        out["value_residual"].pop(
-            "lambda1" if self.value_residual.mode == "neutreno" else "neutreno_lambda")
-        # Likewise keys added later are recorded only where they differ from their default.
-        for section, late in (("train", LATE_TRAIN_KEYS),
-                              ("value_residual", LATE_VALUE_RESIDUAL_KEYS)):
-            for key, default in late.items():
-                if out[section][key] == default:
-                    out[section].pop(key)
-        return out
+        return as_recorded_before(out, self.value_residual.mode)
 
     @property
     def tokens_per_step(self) -> int:
         return self.train.batch_size * self.model.seq_len
-
-
-def vanilla_non_embedding_params(m: ModelConfig) -> int:
-    """Non-embedding parameters of the vanilla model of this shape (the output head counts):
-    per layer two norms, Q, K, V, O and the SwiGLU MLP; a final norm; the head."""
-    per_layer = 2 * m.d_model + 4 * m.d_model ** 2 + 3 * m.d_model * m.ffn
-    return m.n_layer * per_layer + m.d_model + m.vocab_size * m.d_model
 
 
 def resolve_steps(cfg: RunConfig) -> int:
@@ -404,47 +385,6 @@ def from_dict(raw: Any, where: str = "config") -> RunConfig:
     if not isinstance(raw, dict):
         raise ConfigError(f"{where}: expected a mapping with sections {', '.join(SECTIONS)}")
     return parse(RunConfig, _with_tokenizer_vocab(raw, where), where)
-
-
-TOKENIZER_FILE = "tokenizer.json"  # beside a corpus's .bin shards: the ids' vocabulary
-
-
-def is_shard_glob(source: str) -> bool:
-    """Whether a data source names nanoGPT .bin shards by a glob or a .bin path (a folder of
-    them is the other way to name shards, `nas prepare`'s)."""
-    return any(ch in source for ch in "*?[") or source.endswith(".bin")
-
-
-def shard_tokenizer(source: str) -> Path | None:
-    """The tokenizer.json of a shard source: in its folder, or in the folder its glob names
-    (None for builtin text or a text file, which are bytes)."""
-    if Path(source).is_dir():
-        path = Path(source) / TOKENIZER_FILE
-    elif is_shard_glob(source):
-        path = Path(source).parent / TOKENIZER_FILE
-    else:
-        return None
-    return path if path.is_file() else None
-
-
-def tokenizer_vocab(path: Path) -> int:
-    """The vocabulary a model needs for a tokenizer.json's ids: the largest id + 1, its added
-    tokens included. Read as JSON, so training on shards needs no tokenizers package."""
-    stat = path.stat()
-    return _tokenizer_vocab(str(path), stat.st_mtime_ns, stat.st_size)
-
-
-@functools.lru_cache(maxsize=16)
-def _tokenizer_vocab(path: str, mtime_ns: int, size: int) -> int:
-    # keyed by the file's stat too: a study draws many configs from one tokenizer, and a
-    # rewritten file is read again
-    try:
-        tokenizer = json.loads(Path(path).read_text(encoding="utf-8"))
-        vocab, added = tokenizer["model"]["vocab"], tokenizer.get("added_tokens") or []
-        ids = list(vocab.values()) if isinstance(vocab, dict) else list(range(len(vocab)))
-        return max(ids + [t["id"] for t in added]) + 1
-    except (OSError, ValueError, KeyError, TypeError) as exc:
-        raise ConfigError(f"{path}: not a tokenizer file ({type(exc).__name__}: {exc})") from None
 
 
 def _with_tokenizer_vocab(raw: dict, where: str) -> dict:

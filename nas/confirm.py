@@ -32,7 +32,10 @@ from typing import Any
 import optuna
 from optuna.trial import TrialState
 
-from nas.config import LATE_TRAIN_KEYS, ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
+from nas.modes import BASELINE_MODE
+from nas.old_records import LATE_TRAIN_KEYS
 from nas.reading.arms import Arm, budget_key, choose_arms, plan_key
 from nas.reading.confirmation import CONFIRM_ATTR
 from nas.reading.export import choose_trials
@@ -41,7 +44,6 @@ from nas.search.spec import NAME, StudySpec
 from nas.search.study import open_existing, resolve_storage
 from nas.search.trials import TrialRecord, completed, front_indices
 
-VANILLA = "vanilla"  # the references' variant (nas.reading.arms pairs every plan with it)
 MIN_SEEDS = 2  # an interval over seeds needs two
 
 
@@ -114,7 +116,7 @@ def choose_plans(study: optuna.Study, arms: list[Arm], top: int | None, pareto: 
         raise ConfigError("choose the plans with exactly one of --top K, --pareto and "
                           "--trials N,M,...")
     if top is not None:
-        ranked = sorted((a for a in arms if a.first.mode != VANILLA),
+        ranked = sorted((a for a in arms if a.first.mode != BASELINE_MODE),
                         key=lambda a: (a.val, a.n_params, _best_run(a).number))
         if not 1 <= top <= len(ranked):
             raise ConfigError(f"--top: must be in 1..{len(ranked)}, the plans (vanilla aside) "
@@ -141,7 +143,7 @@ def _entry(name: str, config: dict, rates: list[float], arm: Arm | None, trial: 
            front: set[int]) -> dict[str, Any]:
     """One plan of the confirmation as stored: its variant's name and its label, what it runs
     and what the study measured of it."""
-    label = name if trial is None or name == VANILLA else f"#{trial} {arm.first.label}"
+    label = name if trial is None or name == BASELINE_MODE else f"#{trial} {arm.first.label}"
     return {"name": name, "label": label, "trial": trial, "config": config, "rates": rates,
             "search_val": None if arm is None else arm.val,
             "search_seeds": 0 if arm is None else len(arm.trials),
@@ -152,7 +154,7 @@ def _with(config: dict, vanilla: bool = False, lr: float | None = None) -> dict:
     """`config` (with vanilla's plan, another rate) as a run config records it today."""
     raw = json.loads(json.dumps(config))
     if vanilla:
-        raw["value_residual"] = {"mode": VANILLA}
+        raw["value_residual"] = {"mode": BASELINE_MODE}
     if lr is not None:
         raw["train"]["lr"] = lr
     return from_dict(raw, where="confirm").to_dict()
@@ -180,7 +182,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
         config = _with(_best_run(arm).config)
         rates = sorted(set(grid) | set(arm.grid)) if sweep else [arm.lr]
         level = (arm.first.shape_key, budget_key(arm.first))
-        vanillas = [a for a in arms if a.first.mode == VANILLA
+        vanillas = [a for a in arms if a.first.mode == BASELINE_MODE
                     and (a.first.shape_key, budget_key(a.first)) == level]
         best = min(vanillas, key=lambda a: a.val) if vanillas else None
         if best is None and not (sweep or lr_fixed):
@@ -194,7 +196,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
         # the study's vanilla arm speaks for the reference only where it ran the same config
         speaks = best is not None and plan_key(_with(_best_run(best).config)) == plan_key(
             ref_config)
-        ref = add(_entry(VANILLA, ref_config, ref_rates, best if speaks else None,
+        ref = add(_entry(BASELINE_MODE, ref_config, ref_rates, best if speaks else None,
                          _best_run(best).number if speaks else None, front_arms))
         if plan_key(config) == plan_key(ref_config) and rates == ref_rates:
             continue  # a chosen vanilla plan that is its own reference
@@ -285,7 +287,7 @@ def check_resume(storage: optuna.storages.BaseStorage, derived: StudySpec) -> No
 
     def what(record: dict) -> str:
         names = ", ".join(e["label"] for e in record["plans"] if e["reference"] is not None)
-        return f"{names or VANILLA} on seeds {_span(record['seeds'])} ({record['choice']})"
+        return f"{names or BASELINE_MODE} on seeds {_span(record['seeds'])} ({record['choice']})"
 
     def same(record: dict) -> tuple:
         return (record["study"], record["seeds"],

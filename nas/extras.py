@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import importlib.util
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 
 # extra -> the modules it installs that nas imports, as pyproject.toml's extras say
 MODULES: dict[str, tuple[str, ...]] = {

@@ -23,6 +23,9 @@ from __future__ import annotations
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
+# The plan without a value residual: what every variant is paired with, and the baselines run.
+BASELINE_MODE = "vanilla"
+
 # (d_model, n_head, receiving layers, sources before layer 0) -> parameters added to vanilla,
 # less the value-embedding tables (the sources before layer 0: vocab_size x d_model each)
 ParamFormula = Callable[[int, int, Sequence[int], int], int]
@@ -44,7 +47,7 @@ SOURCE_KEYS = ("layers", "source")
 VE_KEYS = ("value_embeddings", "v_lambda", "ve_lambda")
 
 MODES: dict[str, Mode] = {m.name: m for m in (
-    Mode("vanilla", (), False, "", lambda d, h, r, s: 0, "V_n"),
+    Mode(BASELINE_MODE, (), False, "", lambda d, h, r, s: 0, "V_n"),
     Mode("resformer", (*SOURCE_KEYS, "lambda1", "lambda2"), False, "LinearMix",
          lambda d, h, r, s: 0, "lambda1 V_src + lambda2 V_n, fixed"),
     Mode("learnable", (*SOURCE_KEYS, "lambda1", "lambda2"), True, "LinearMix",

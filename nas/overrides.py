@@ -21,8 +21,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from nas.config import MODEL_PRESETS, ConfigError, RunConfig, from_dict
-from nas.errors import excerpt, shorten
+from nas.config import MODEL_PRESETS, RunConfig, from_dict
+from nas.errors import ConfigError, excerpt, shorten
 from nas.parsing import load_yaml, read_yaml
 
 WHERE = "--set"

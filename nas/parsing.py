@@ -77,8 +77,13 @@ def config_error(exc: ValidationError, where: str, root: type) -> ConfigError:
 
 
 def _field_type(owner: type, name: str) -> Any:
+    """A field's type; an optional section's (`WarmStart | None`) is the section's."""
     declared = getattr(owner, "__pydantic_fields__", {}).get(name)
-    return declared.annotation if declared else None
+    if declared is None:
+        return None
+    members = [t for t in get_args(declared.annotation) if t is not type(None)]
+    optional = len(members) == 1 and type(None) in get_args(declared.annotation)
+    return members[0] if optional else declared.annotation
 
 
 def _problem(error: ErrorDetails, owner: type, name: str) -> str:
@@ -143,6 +148,17 @@ def first_non_finite(value: Any) -> float | None:
 
 
 Validated = TypeVar("Validated")
+
+
+def section(cls: type[Validated], raw: Any, not_a_mapping: str) -> Validated:
+    """A nested section from its mapping, in a `mode="before"` validator (a strict dataclass
+    accepts only its own instances, so it is built here); `not_a_mapping` is the line for any
+    other value."""
+    if isinstance(raw, cls):
+        return raw
+    if not isinstance(raw, dict):
+        raise refuse(not_a_mapping.format(value=Quoted(raw)))
+    return cls(**{str(k): v for k, v in raw.items()})
 
 
 def parse(cls: type[Validated], raw: dict, where: str) -> Validated:

@@ -17,6 +17,16 @@ from nas.errors import ConfigError, shorten
 PID_ROOM = "4194304"  # the longest pid Linux gives (pid_max): for `<name>.incomplete-<pid>`
 
 
+def first_process() -> bool:
+    """Whether this process is its run's global rank 0, or its only process. Read from the
+    variables the launchers set (Lightning's DDP launcher for the processes it starts again
+    with this command, torchrun), since it is needed before a Trainer exists, or torch is
+    imported: only rank 0 writes the run folder, handles its checkpoint folder and prints."""
+    if "RANK" in os.environ:
+        return os.environ["RANK"] == "0"
+    return all(os.environ.get(key, "0") == "0" for key in ("LOCAL_RANK", "NODE_RANK"))
+
+
 def _limit(folder: Path, name: str, default: int) -> int:
     try:
         return os.pathconf(folder, name)

@@ -141,6 +141,7 @@ def sweep_trial(variant: str, d: int, lr: float, seed: int, val: float, test: fl
         values=[val, 1000.0 * d], user_attrs={
             "variant": variant, "mode": "vanilla" if variant == "vanilla" else "resformer",
             "n_params": 1000 * d, "n_params_non_embedding": 900 * d, "tokens": 20 * 900 * d,
+            "tokens_per_model_param": 20.0,
             "val_loss": val, "test_loss": test, "curve": curve or [[10, val]],
             **({"val_batch_losses": val_batches} if val_batches else {}),
             "config": {"model": {"n_layer": 4, "d_model": d},

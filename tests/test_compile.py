@@ -10,7 +10,8 @@ import torch
 import yaml
 from torch._dynamo.utils import counters
 
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
 from nas.training import compiling
 from nas.training.compiling import should_compile
 from nas.training.train import train

@@ -6,7 +6,8 @@ import pytest
 import yaml
 
 from nas.cli import main
-from nas.config import MODEL_PRESETS, ConfigError, ModelConfig, from_dict, load_config
+from nas.config import MODEL_PRESETS, ModelConfig, from_dict, load_config
+from nas.errors import ConfigError
 from tests.helpers import ROOT
 
 GOOD = {

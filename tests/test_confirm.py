@@ -20,8 +20,9 @@ import yaml
 from optuna.trial import FixedTrial, TrialState, create_trial
 
 from nas.cli import main
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
 from nas.confirm import choose_plans, confirmation_spec, fresh_seeds, plan_entries, study_seeds
+from nas.errors import ConfigError
 from nas.reading.arms import choose_arms, plan_key
 from nas.reading.confirmation import Plan, read
 from nas.reading.summary import confirmation_sections, sections_markdown

@@ -1,6 +1,6 @@
-"""The determinism the README promises: one config trained twice on the CPU with the same torch
-build, CPU instruction set and thread count gives the same losses bit for bit, in one process
-and in another; a run records those three (`numerics` in metrics.json)."""
+"""The determinism docs/configuration.md promises: one config trained twice on the CPU with the
+same torch build, CPU instruction set and thread count gives the same losses bit for bit, in one
+process and in another; a run records those three (`numerics` in metrics.json)."""
 
 import json
 import subprocess

@@ -19,7 +19,7 @@ import pytest
 
 import nas.search.study
 from nas.cli import main
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.spec import data_fingerprint, load_spec
 from nas.search.storage import make_storage
 from nas.search.study import FINGERPRINT, fingerprint, open_study

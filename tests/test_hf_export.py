@@ -240,7 +240,7 @@ def test_a_pipeline_continues_text_as_nas_generate_does(auto_model, bpe_run, tmp
     assert tokenizer.pad_token_id == tokenizer.bos_token_id == eos[1]
     assert tokenizer.padding_side == "left"
     # without trust_remote_code: the tokenizer's own class reads the folder (AutoTokenizer
-    # first builds the model's config, the folder's own code; see the README)
+    # first builds the model's config, the folder's own code; see docs/inspecting.md)
     plain = PreTrainedTokenizerFast.from_pretrained(out)
     assert plain("The value residual").input_ids == tokenizer("The value residual").input_ids
     assert plain.eos_token_id == tokenizer.eos_token_id

@@ -13,7 +13,7 @@ import urllib.request
 
 import pytest
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.training import loggers
 from nas.training.train import train
 from tests.helpers import free_port, tiny

@@ -44,7 +44,7 @@ def test_the_core_is_what_training_needs_and_test_and_all_name_the_extras():
     assert [(r.name, r.extras) for r in test if canonicalize_name(r.name) == PROJECT] == [
         (PROJECT, {"all"})]
     assert {canonicalize_name(r.name) for r in test} - {PROJECT} == {
-        "pytest", "pytest-timeout", "pytest-xdist", "ruff"}  # tools only, no package twice
+        "pytest", "pytest-timeout", "pytest-xdist", "ruff", "mkdocs"}  # tools only, none twice
 
 
 def core_site(tmp_path):

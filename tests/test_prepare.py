@@ -10,7 +10,8 @@ import pytest
 import yaml
 
 from nas.cli import main
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
 from nas.training import prepare as prep
 from nas.training.data import read_shard
 from nas.training.train import train

@@ -13,7 +13,7 @@ from optuna.distributions import CategoricalDistribution, FloatDistribution
 from optuna.trial import TrialState, create_trial
 
 from nas.cli import main
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.samplers import AUTO_GP_MAX_TRIALS, make_sampler
 from nas.search.spec import load_spec
 from nas.search.study import enqueue_baselines, open_study

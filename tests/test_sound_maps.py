@@ -61,8 +61,8 @@ def test_a_run_reports_its_tokens_per_param_and_a_held_out_test_loss():
     vanilla = count_params(tiny("vanilla"))["n_params_non_embedding"]
     assert m["n_params_non_embedding"] > vanilla
     assert 0.2 * vanilla <= m["tokens"] < 0.2 * vanilla + cfg.tokens_per_step
-    assert m["tokens_per_param"] == pytest.approx(m["tokens"] / m["n_params_non_embedding"])
-    assert m["tokens_per_param"] < m["tokens"] / vanilla
+    assert m["tokens_per_model_param"] == pytest.approx(m["tokens"] / m["n_params_non_embedding"])
+    assert m["tokens_per_model_param"] < m["tokens"] / vanilla
     for split in ("val", "test"):
         assert len(m[f"{split}_batch_losses"]) == 4
         assert m[f"{split}_loss_se"] == pytest.approx(
@@ -193,6 +193,7 @@ def _saving_study(rng, seeds=4, saving=0.2, noise=0.003):
             for name, loss in (("vanilla", vanilla(n)), ("identity", vanilla(n / (1 - saving)))):
                 t = sweep_trial(name, d, 0.003, seed, loss + noise * rng.standard_normal(), 0.0)
                 t.user_attrs.update(n_params_non_embedding=n, tokens=20 * n,
+                                    tokens_per_model_param=20.0,
                                     test_loss=t.user_attrs["val_loss"])
                 trials.append(TrialRecord.from_trial(t))
     return trials
@@ -243,7 +244,7 @@ def test_first_seed_protocol_then_report_with_intervals(tmp_path):
         assert a.choice_seeds == [0] and sorted(t.seed for t in a.trials) == [0, 1, 2]
         assert a.lr == min(a.val_by_lr, key=a.val_by_lr.get)
     for t in done:
-        assert t.test_loss is not None and t.tokens_per_param > 0.2
+        assert t.test_loss is not None and t.tokens_per_model_param > 0.2
     out = tmp_path / "r.html"
     proc = subprocess.run(nas_cmd("report", str(path), "--out", str(out)), capture_output=True,
                           text=True, env=env_for_cli(), timeout=600)

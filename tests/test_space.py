@@ -4,7 +4,8 @@ import optuna
 import pytest
 from optuna.distributions import CategoricalDistribution
 
-from nas.config import ConfigError, from_dict
+from nas.config import from_dict
+from nas.errors import ConfigError
 from nas.search.space import check_space, mode_params, sample
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

@@ -11,7 +11,8 @@ import optuna
 import pytest
 
 from nas.cli import main
-from nas.config import ConfigError, load_config
+from nas.config import load_config
+from nas.errors import ConfigError
 from nas.search.spec import load_spec
 from nas.search.study import open_existing
 from tests.helpers import write_spec

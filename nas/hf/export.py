@@ -38,8 +38,8 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from nas.config import ConfigError, ModelConfig, RunConfig
-from nas.errors import first_line
+from nas.config import ModelConfig, RunConfig
+from nas.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
     from nas.model.decoder import Decoder

@@ -20,8 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from nas.config import TOKENIZER_FILE, ConfigError
-from nas.errors import first_line
+from nas.corpus_files import TOKENIZER_FILE
+from nas.errors import ConfigError, first_line
 from nas.training.prepare import EOT
 
 if TYPE_CHECKING:

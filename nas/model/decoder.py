@@ -5,7 +5,8 @@ attention, untied input and output embeddings, no biases, as in the ResFormer pa
 residual (`nas.model.residual`) hooks into attention right after the value projection and after
 attention; with `mode: vanilla` this is a plain Llama. `Decoder.generate` samples through a
 key/value cache (`KVCache`) that the same forward fills. Plain PyTorch: nothing here knows of
-Lightning or Optuna.
+Lightning or Optuna. One piece (about 420 lines), as nanoGPT's model.py: the blocks, the cache
+that their forward fills and the formulas sized from them read best side by side.
 """
 
 from __future__ import annotations

@@ -26,13 +26,13 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nas.config import BUDGET_KEYS
+from nas.modes import BASELINE_MODE
 from nas.reading.stats import Interval, mean_interval, sign_flip_p
 from nas.search.lr_sweep import best_rate, choosing_halves
 from nas.search.trials import TrialRecord
 
 COIN_FLIP_Z = 1.96  # a margin under this many standard errors is a coin flip
-
-BUDGET_KEYS = ("steps", "tokens", "tokens_per_param")
 
 
 def budget_key(r: TrialRecord) -> str:
@@ -115,8 +115,9 @@ class Arm:
         return float(self.first.tokens)
 
     @property
-    def tokens_per_param(self) -> float:
-        return self.tokens / self.n_params
+    def tokens_per_model_param(self) -> float:
+        """Tokens per non-embedding parameter of this plan's model, as its run measured them."""
+        return float(self.first.tokens_per_model_param)
 
     @property
     def shape(self) -> str:
@@ -232,11 +233,11 @@ class Difference:
 def paired_differences(arms: list[Arm]) -> dict[str, list[Difference]]:
     """Per variant (vanilla aside) of `arms` (best_arms), one Difference per shape and budget
     that vanilla ran too, over the seeds both report, smallest model first."""
-    vanilla = {level_key(a): a for a in arms if a.variant == "vanilla"}
+    vanilla = {level_key(a): a for a in arms if a.variant == BASELINE_MODE}
     out: dict[str, list[Difference]] = {}
     for arm in arms:
         base = vanilla.get(level_key(arm))
-        if arm.variant == "vanilla" or base is None:
+        if arm.variant == BASELINE_MODE or base is None:
             continue
         mine, theirs = arm.by_seed, base.by_seed
         pairs = {s: mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))}

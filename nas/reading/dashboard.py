@@ -26,7 +26,7 @@ import optuna
 import optuna_dashboard
 from optuna.trial import TrialState
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.paths import check_output
 from nas.reading.figures import build_figures
 from nas.reading.summary import markdown_table, sections

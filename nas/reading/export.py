@@ -17,7 +17,8 @@ from typing import Any
 
 import optuna
 
-from nas.config import ConfigError, dump_config, from_dict
+from nas.config import dump_config, from_dict
+from nas.errors import ConfigError
 from nas.search.trials import TrialRecord, completed, front, nondominated
 
 SUMMARY_FIELDS = ("file", "trial", "plan", "mode", "source", "receiving_layers", "baseline",

@@ -1,7 +1,7 @@
 """The report's figures: one plotly builder per figure, and one registry (`FIGURES`: title,
 builder, explanation) that the HTML report and the dashboard both read. Adding a figure is one
 builder and one entry. Reads trials (through nas.reading.arms and nas.reading.scaling for the
-scaling figures); knows nothing of torch. One piece (about 560 lines) because the twelve builders
+scaling figures); knows nothing of torch. One piece (about 580 lines) because the twelve builders
 share the palette and axis helpers and the registry must see them all.
 """
 
@@ -21,7 +21,7 @@ from optuna.trial import TrialState
 from plotly.colors import qualitative
 from plotly.subplots import make_subplots
 
-from nas.modes import MODES
+from nas.modes import BASELINE_MODE, MODES
 from nas.reading.arms import best_arms, choose_arms, profiled_trials, reports_test
 from nas.reading.confirmation import load_confirmations
 from nas.reading.scaling import layer_profile, parameter_levels, parameter_savings, token_levels
@@ -31,7 +31,7 @@ from nas.search.lr_sweep import stored_protocol
 from nas.search.trials import TrialRecord, completed, front, nondominated, records
 
 # vanilla, the reference of every comparison, is dark grey; the other modes take plotly's colours.
-MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), "vanilla": "#404040"}
+MODE_COLORS = {**dict(zip(MODES, qualitative.Plotly, strict=False)), BASELINE_MODE: "#404040"}
 SOURCE_SYMBOLS = {"first_layer": "circle", "value_embedding": "diamond"}
 HEIGHT = 480
 
@@ -190,7 +190,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
     arms = best_arms(trials, stored_protocol(study))
     levels = parameter_levels(arms)
     base, savings = parameter_savings(arms)
-    fits = {"vanilla": base, **{s.variant: s.fit for s in savings}}
+    fits = {BASELINE_MODE: base, **{s.variant: s.fit for s in savings}}
     notes = {s.variant: (f"saving {s.headline:+.1%}" if s.headline is not None else s.note)
              for s in savings}
     all_n = [lv.x for lvs in levels.values() for lv in lvs]
@@ -205,7 +205,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
                      "array": [max(lv.by_seed.values()) - lv.loss for lv in lvs],
                      "arrayminus": [lv.loss - min(lv.by_seed.values()) for lv in lvs]},
             text=[f"{name} at {lv.label}: {len(lv.by_seed)} seed(s), "
-                  f"{lv.tokens_per_param:.3g} tokens/param" for lv in lvs],
+                  f"{lv.tokens_per_model_param:.3g} tokens/param" for lv in lvs],
             hovertemplate="%{text}<br>non-embedding params %{x:,}<br>loss %{y:.4f}"
                           "<extra></extra>"))
         fit = fits.get(name)
@@ -213,7 +213,7 @@ def scaling_figure(study: optuna.Study) -> go.Figure:
             grid = np.geomspace(min(all_n) / 1.2, max(all_n) * 1.2, 60)
             fig.add_trace(go.Scatter(
                 x=grid, y=fit.loss(grid), mode="lines", legendgroup=name, showlegend=False,
-                line={"color": color, "dash": "dash" if name != "vanilla" else "solid"},
+                line={"color": color, "dash": "dash" if name != BASELINE_MODE else "solid"},
                 name=f"{name} fit", hovertemplate=f"{name}: {fit.describe()}<extra></extra>"))
     warning = " ".join(budget_notes(arms)[1:])
     if warning:
@@ -302,16 +302,16 @@ def tokens_figure(study: optuna.Study) -> go.Figure:
     if not by_shape:
         raise NothingToShow("no model shape was trained at two or more budgets")
     shape, by_name = next(iter(by_shape.items()))
-    base = {lv.label: lv for lv in by_name.get("vanilla", [])}
+    base = {lv.label: lv for lv in by_name.get(BASELINE_MODE, [])}
     fig = make_subplots(rows=1, cols=2, subplot_titles=(
         f"{_loss_axis(trials)} at {shape}", "minus vanilla's (mean over seeds)"))
     for name, lvs in by_name.items():
         color = _color(name)
         fig.add_trace(go.Scatter(
-            x=[lv.tokens_per_param for lv in lvs], y=[lv.loss for lv in lvs], name=name,
+            x=[lv.tokens_per_model_param for lv in lvs], y=[lv.loss for lv in lvs], name=name,
             legendgroup=name, mode="lines+markers", line={"color": color}), row=1, col=1)
-        pairs = [(lv.tokens_per_param, lv.loss - base[lv.label].loss) for lv in lvs
-                 if lv.label in base and name != "vanilla"]
+        pairs = [(lv.tokens_per_model_param, lv.loss - base[lv.label].loss) for lv in lvs
+                 if lv.label in base and name != BASELINE_MODE]
         if pairs:
             fig.add_trace(go.Scatter(
                 x=[p[0] for p in pairs], y=[p[1] for p in pairs], name=name, legendgroup=name,

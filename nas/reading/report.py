@@ -15,7 +15,7 @@ import plotly.graph_objects as go
 from optuna.trial import TrialState
 from plotly.offline import get_plotlyjs
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.reading.confirmation import load_confirmations
 from nas.reading.figures import FIGURES, build_figures
 from nas.reading.summary import Section, confirmation_sections, html_table, sections

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from nas.modes import BASELINE_MODE
 from nas.reading.arms import Arm
 from nas.reading.fits import FITTERS, Curve, Interpolation, ScalingFit
 from nas.reading.stats import mean_interval
@@ -42,7 +43,7 @@ class Level:
     x: float
     label: str
     by_seed: dict[int, float]
-    tokens_per_param: float
+    tokens_per_model_param: float
 
     @property
     def loss(self) -> float:
@@ -50,7 +51,7 @@ class Level:
 
 
 def _level(arm: Arm, x: float, label: str) -> Level:
-    return Level(x, label, arm.by_seed, arm.tokens_per_param)
+    return Level(x, label, arm.by_seed, arm.tokens_per_model_param)
 
 
 def parameter_levels(arms: Iterable[Arm]) -> dict[str, list[Level]]:
@@ -195,10 +196,10 @@ def equivalent_saving(name: str, axis: str, base_levels: list[Level],
 def parameter_savings(arms: list[Arm]) -> tuple[ScalingFit | None, list[Saving]]:
     """Vanilla's loss-against-parameters fit and every other variant's parameter saving."""
     levels = parameter_levels(arms)
-    base = levels.get("vanilla", [])
+    base = levels.get(BASELINE_MODE, [])
     return _fit(base) if len(base) >= 2 else None, [
         equivalent_saving(name, "parameters", base, lv) for name, lv in levels.items()
-        if name != "vanilla"]
+        if name != BASELINE_MODE]
 
 
 def token_savings(arms: list[Arm]) -> dict[str, list[Saving]]:
@@ -206,9 +207,9 @@ def token_savings(arms: list[Arm]) -> dict[str, list[Saving]]:
     of separately scheduled runs (loss against tokens per variant)."""
     out = {}
     for shape, by_name in token_levels(arms).items():
-        base = by_name.get("vanilla", [])
+        base = by_name.get(BASELINE_MODE, [])
         out[shape] = [equivalent_saving(name, "tokens", base, lv)
-                      for name, lv in by_name.items() if name != "vanilla"]
+                      for name, lv in by_name.items() if name != BASELINE_MODE]
     return out
 
 
@@ -255,18 +256,18 @@ class DataSaving:
 def curve_data_savings(arms: list[Arm]) -> list[DataSaving]:
     """Per variant, the curve-read data saving against vanilla's arm of the same shape and
     budget, seed by seed (the secondary data saving: see the module docstring)."""
-    vanilla = {(a.shape, a.tokens): a for a in arms if a.variant == "vanilla"}
+    vanilla = {(a.shape, a.tokens): a for a in arms if a.variant == BASELINE_MODE}
     values: dict[str, list[tuple[str, int, float]]] = {}
     for arm in arms:
         base = vanilla.get((arm.shape, arm.tokens))
-        if arm.variant == "vanilla" or base is None:
+        if arm.variant == BASELINE_MODE or base is None:
             continue
         theirs = {t.seed: t for t in base.trials}
         for t in arm.trials:
             if t.seed in theirs and (s := data_saving(t, theirs[t.seed])) is not None:
                 values.setdefault(arm.variant, []).append((arm.shape, t.seed, s))
     out = []
-    for name in sorted({a.variant for a in arms} - {"vanilla"}):
+    for name in sorted({a.variant for a in arms} - {BASELINE_MODE}):
         rows = values.get(name, [])
         d = DataSaving(name, float(np.mean([v for *_, v in rows])) if rows else None,
                        pairs=len(rows))

@@ -4,7 +4,8 @@ the dashboard note carries (one set of rows, rendered as Markdown or HTML).
 Each `Section` is a title, rows (dicts with the same keys) and notes that qualify them: the
 training budget and its warning, the learning rate chosen per arm, the reported loss per
 variant and size, paired differences from vanilla with 95% intervals and exact p-values, the
-measurement noise, and both savings with intervals. Knows nothing of torch or plotly.
+measurement noise, and both savings with intervals. Knows nothing of torch or plotly. One
+piece (about 450 lines): the sections share the row helpers and the Holm family of one table.
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from typing import Any
 
 import numpy as np
 
-from nas.modes import LEARNED
+from nas.modes import BASELINE_MODE, LEARNED
 from nas.reading.arms import (
     COIN_FLIP_Z,
     Arm,
@@ -79,7 +80,7 @@ def budget_notes(arms: list[Arm]) -> list[str]:
     """The training budget of the study's points, and a warning below COMPUTE_OPTIMAL."""
     if not arms:
         return []
-    ratios = [a.tokens_per_param for a in arms]
+    ratios = [a.tokens_per_model_param for a in arms]
     lo, hi = min(ratios), max(ratios)
     notes = [f"Training budget: {lo:.3g}-{hi:.3g} tokens per non-embedding parameter."]
     if lo < COMPUTE_OPTIMAL:
@@ -124,7 +125,7 @@ def lr_rows(arms: list[Arm]) -> list[dict[str, Any]]:
             notes.append(f"warning: chosen on {choosing} seed(s)")
         rows.append({
             "variant": a.variant, "size": a.shape,
-            "tok/param": f"{a.tokens_per_param:.3g}",
+            "tok/param": f"{a.tokens_per_model_param:.3g}",
             f"val_loss by lr (mean over seeds {_seeds(a.choice_seeds)})": "  ".join(
                 f"{lr:g}: {a.val_by_lr[lr]:.4f}" for lr in a.grid if lr in a.val_by_lr),
             "chosen lr": chosen,
@@ -146,11 +147,11 @@ def _paired(iv: Interval, *also: str) -> str:
 def same_rate_rows(arms: list[Arm], split: str) -> list[dict[str, Any]]:
     """Each variant minus vanilla at every rate both ran, per size: the mean over the seeds
     both ran with its interval (which part of a gain is a different best rate)."""
-    vanilla = {(a.shape, a.budget): a for a in arms if a.variant == "vanilla"}
+    vanilla = {(a.shape, a.budget): a for a in arms if a.variant == BASELINE_MODE}
     rows = []
     for a in sorted(arms, key=lambda a: (a.n_params, a.tokens, a.variant)):
         base = vanilla.get((a.shape, a.budget))
-        if a.variant == "vanilla" or base is None or len(a.grid) < 2:
+        if a.variant == BASELINE_MODE or base is None or len(a.grid) < 2:
             continue
         row: dict[str, Any] = {"variant": a.variant, "size": a.shape}
         for lr in sorted(set(a.runs) & set(base.runs)):
@@ -168,7 +169,7 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     by_level: dict[str, dict[str, Arm]] = {}
     for a in sorted(arms, key=lambda a: (a.n_params, a.tokens)):
         by_level.setdefault(_level(a, several_budgets), {})[a.variant] = a
-    names = sorted({a.variant for a in arms}, key=lambda n: (n != "vanilla", n))
+    names = sorted({a.variant for a in arms}, key=lambda n: (n != BASELINE_MODE, n))
     rows = []
     for name in names:
         row: dict[str, Any] = {"variant": name}
@@ -185,21 +186,29 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def difference_tests(arms: list[Arm], several_budgets: bool
+                     ) -> dict[tuple[str, str] | str, float]:
+    """The unadjusted p-values of the differences table, its one Holm family: each cell's exact
+    sign-flip test ((variant, level) -> p), and each variant's pooled test where it pools
+    several cells (variant -> p; over one cell it is that cell's test again)."""
+    by_variant = paired_differences(arms)
+    return {**{(name, _level(d.arm, several_budgets)): sign_flip_p(list(d.by_seed.values()))
+               for name, diffs in by_variant.items() for d in diffs},
+            **{name: pooled_p(diffs) for name, diffs in by_variant.items() if len(diffs) > 1}}
+
+
 def difference_rows(arms: list[Arm], several_budgets: bool
                     ) -> tuple[list[dict[str, Any]], list[float]]:
     """Rows of paired differences (one column per size, or size and budget, each with its
     exact p-value), a pooled p-value per variant, every p-value Holm-adjusted across the
-    table; and the means of those whose interval excludes zero."""
+    table (`difference_tests`); and the means of those whose interval excludes zero."""
     by_variant = paired_differences(arms)
     levels = sorted({(d.arm.n_params, d.arm.tokens, _level(d.arm, several_budgets))
                      for diffs in by_variant.values() for d in diffs})
     cells = {(name, _level(d.arm, several_budgets)): d for name, diffs in by_variant.items()
              for d in diffs}
     pooled = {name: pooled_p(diffs) for name, diffs in by_variant.items()}
-    # one family: every cell's test, and each variant's pooled test where it pools several
-    # cells (over one cell it is that cell's test again)
-    tests = {**{key: sign_flip_p(list(d.by_seed.values())) for key, d in cells.items()},
-             **{name: p for name, p in pooled.items() if len(by_variant[name]) > 1}}
+    tests = difference_tests(arms, several_budgets)
     adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
     for name, diffs in by_variant.items():
         if len(diffs) == 1:
@@ -353,6 +362,11 @@ def confirmation_sections(c: Confirmation) -> list[Section]:
     return out
 
 
+def several_budgets(arms: list[Arm]) -> bool:
+    """Some shape trained on more than one budget: the tables' levels are (shape, budget)."""
+    return any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape for a in arms})
+
+
 def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
              confirmations: Iterable[Confirmation] = ()) -> list[Section]:
     """Every table the study's completed trials support, in reading order, then those of its
@@ -364,8 +378,7 @@ def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
         return confirmed
     chosen = [t for a in arms for t in a.trials]
     split = "test" if reports_test(chosen) else "val"
-    several = any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape
-                                                                             for a in arms})
+    several = several_budgets(arms)
     out = [Section("budget", "Training budget", [], budget_notes(arms))]
     if rows := lr_rows(arms):
         how = ("Each half of the seeds chooses the rate (lowest mean validation loss) at which "

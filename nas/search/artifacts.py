@@ -20,13 +20,13 @@ import optuna
 from optuna.artifacts import FileSystemArtifactStore, upload_artifact
 
 from nas.config import dump_config, from_dict
+from nas.run_folder import CONFIG_FILE
 from nas.search.storage import storage_file
 
 logger = logging.getLogger(__name__)
 
-CONFIG_FILE = "config.yaml"
 CURVE_FILE = "curve.csv"
-CHECKPOINTS = "checkpoints"
+CHECKPOINTS = "checkpoints"  # under the artifacts folder: each running trial's, by study
 
 
 def artifact_dir(storage_url: str, study_name: str, override: str | Path | None = None) -> Path:

@@ -23,20 +23,44 @@ import time
 from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import FrozenTrial, TrialState
+from pydantic import Field, model_validator
+from pydantic.dataclasses import dataclass
 
 from nas.errors import first_line
+from nas.parsing import STRICT, Refusal, refuse
 from nas.search.trials import TrialRecord, record_attrs
 
-# Seconds (the study spec's `heartbeat` overrides them): a worker renews its trial's lease every
-# interval; a lease unrenewed for grace_period is expired, and its trial failed and retried up to
-# max_retry times. grace_period is at least twice interval (nas.search.spec refuses less): a
-# renewal may come up to one interval late, plus the time the write takes.
-HEARTBEAT = {"interval": 10, "grace_period": 30, "max_retry": 2}
+HEARTBEAT_MAX = 10**6  # seconds (11 days) or retries; a thread's wait holds no more than ~2**53
+SECONDS = Refusal(f"must be an integer in 1..{HEARTBEAT_MAX} (seconds for interval and "
+                  "grace_period), got {value!r}")
+
+
+@dataclass(config=STRICT)
+class Heartbeat:
+    """A study spec's `heartbeat` section: a worker renews its trial's lease every `interval`
+    seconds; a lease unrenewed for `grace_period` seconds is expired, and its trial failed and
+    retried up to `max_retry` times. grace_period is at least twice interval: a renewal may come
+    up to one interval late, plus the time the write takes."""
+
+    interval: Annotated[int, SECONDS] = Field(10, ge=1, le=HEARTBEAT_MAX)
+    grace_period: Annotated[int, SECONDS] = Field(30, ge=1, le=HEARTBEAT_MAX)
+    max_retry: Annotated[int, Refusal(f"must be an integer in 0..{HEARTBEAT_MAX}, got "
+                                      "{value!r}")] = Field(2, ge=0, le=HEARTBEAT_MAX)
+
+    @model_validator(mode="after")
+    def _grace_outlasts_a_late_renewal(self) -> Heartbeat:
+        if self.grace_period < 2 * self.interval:
+            # less grace would fail live trials as dead
+            raise refuse(f"must be at least twice heartbeat.interval ({self.interval} s), got "
+                         f"{self.grace_period}: a live worker's lease may be renewed an "
+                         "interval late", key="grace_period")
+        return self
+
 KEY = "lease"  # the trial system attribute
 RETRY_SECONDS = 1.0  # between attempts to renew a lease whose last renewal failed
 

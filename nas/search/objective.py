@@ -19,11 +19,13 @@ import optuna
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
-from nas.config import ConfigError, RunConfig, from_dict
+from nas.config import RunConfig, from_dict
+from nas.errors import ConfigError
 from nas.interrupt import CTRL_C
+from nas.modes import BASELINE_MODE
 from nas.search import space as spaces
 from nas.search.artifacts import checkpoint_folder, upload_trial_artifacts
-from nas.search.lease import HEARTBEAT, Lease, worker_name
+from nas.search.lease import Heartbeat, Lease, worker_name
 from nas.search.pruning import judged_on
 from nas.search.samplers import pareto_pruner
 from nas.search.spec import CONSTRAINTS, StudySpec
@@ -37,7 +39,7 @@ class SurplusTrial(Exception):
 
 class Objective:
     def __init__(self, spec: StudySpec, target: int | None, artifacts: Path | None = None,
-                 lease_interval: float = HEARTBEAT["interval"],
+                 lease_interval: float = Heartbeat().interval,
                  echo: Callable[[str], None] = print):
         self.spec = spec
         self.target = target
@@ -120,7 +122,7 @@ class Objective:
         from nas.model.decoder import count_params, kv_bytes_per_token
         from nas.training.train import train
 
-        force = spaces.BASELINE_MODE if TrialRecord.from_trial(trial).baseline else None
+        force = BASELINE_MODE if TrialRecord.from_trial(trial).baseline else None
         raw = spaces.sample(self.space, trial, force_mode=force)
         try:
             cfg = from_dict(raw, where="trial")
@@ -210,7 +212,7 @@ class Objective:
         write_record(trial, steps_trained=metrics["steps"], **{
             key: metrics[key] for key in (
                 "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
-                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_param",
+                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
                 "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
                 "decode_tokens_per_s", "numerics")})
         values = tuple(float(metrics[o]) for o in self.spec.objectives)

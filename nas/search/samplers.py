@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import optuna
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.pruning import ParetoPruner
 from nas.search.spec import StudySpec
 
@@ -30,8 +30,7 @@ def auto_kind(spec: StudySpec) -> tuple[str, str]:
 
 
 def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
-    opts = {k: v for k, v in spec.sampler.items() if k != "type"}
-    kind = spec.sampler["type"]
+    opts, kind = spec.sampler.options, spec.sampler.type
     if kind == "auto":
         kind, _ = auto_kind(spec)
     try:
@@ -53,8 +52,7 @@ def make_sampler(spec: StudySpec, seed: int) -> optuna.samplers.BaseSampler:
 
 
 def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
-    opts = {k: v for k, v in spec.pruner.items() if k != "type"}
-    kind = spec.pruner["type"]
+    opts, kind = spec.pruner.options, spec.pruner.type
     try:
         if kind == "median":
             return optuna.pruners.MedianPruner(**opts)
@@ -66,9 +64,9 @@ def make_pruner(spec: StudySpec) -> optuna.pruners.BasePruner:
 
 
 def pareto_pruner(spec: StudySpec) -> ParetoPruner | None:
-    if spec.pruner["type"] != "pareto":
+    if spec.pruner.type != "pareto":
         return None
     try:
-        return ParetoPruner(**{k: v for k, v in spec.pruner.items() if k != "type"})
+        return ParetoPruner(**spec.pruner.options)
     except TypeError as exc:
         raise ConfigError(f"{spec.path}: pruner: {exc}") from None

@@ -28,12 +28,11 @@ import copy
 import math
 from typing import Any, Protocol
 
-from nas.config import MODEL_PRESETS, SECTIONS, ConfigError, ModelConfig
-from nas.errors import excerpt
-from nas.modes import MODES
+from nas.config import MODEL_PRESETS, SECTIONS, ModelConfig
+from nas.errors import ConfigError, excerpt
+from nas.modes import BASELINE_MODE, MODES
 from nas.parsing import allowed_keys, first_non_finite
 
-BASELINE_MODE = "vanilla"  # what the queued baselines run
 PATTERNS = ("all", "subset", "last_k", "unet")
 RANGE_KEYS = {"low", "high", "log", "step"}
 
@@ -189,7 +188,7 @@ def _suggest_layers(trial: Suggester, value: Any, n_layer: int) -> str | list[in
 
 
 def _offers(vr_space: dict, mode: str) -> bool:
-    choices = vr_space.get("mode", "vanilla")
+    choices = vr_space.get("mode", BASELINE_MODE)
     return mode in choices if isinstance(choices, list) else mode == choices
 
 
@@ -235,7 +234,7 @@ def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict
     if space.get("variants") and choosing:
         name = trial.suggest_categorical("variant", list(space["variants"]))
         vr_space = merge(vr_space, space["variants"][name])
-    mode = (_suggest(trial, "value_residual.mode", vr_space.get("mode", "vanilla"))
+    mode = (_suggest(trial, "value_residual.mode", vr_space.get("mode", BASELINE_MODE))
             if choosing else force_mode)
     if force_mode and mode != force_mode:
         raise ValueError(f"a trial that must run {force_mode} chose {mode}: it was queued "

@@ -21,12 +21,21 @@ from pydantic.dataclasses import dataclass
 from pydantic_core import ArgsKwargs
 
 from nas import overrides
-from nas.config import ConfigError, RunConfig, from_dict
-from nas.errors import excerpt
-from nas.parsing import STRICT, Refusal, first_non_finite, parse, read_yaml, refuse, unknown
+from nas.config import RunConfig, from_dict
+from nas.errors import ConfigError, excerpt
+from nas.parsing import (
+    STRICT,
+    Refusal,
+    first_non_finite,
+    parse,
+    read_yaml,
+    refuse,
+    section,
+    unknown,
+)
 from nas.search import lr_sweep
 from nas.search import space as spaces
-from nas.search.lease import HEARTBEAT
+from nas.search.lease import Heartbeat
 from nas.search.lr_sweep import Sweep
 from nas.search.storage import redact
 from nas.search.trials import OBJECTIVES, PLANNED
@@ -41,7 +50,8 @@ PRUNERS = ("none", "pareto", "median", "hyperband")
 # The lines bad values of some spec keys get: those used twice or built from the names they list
 # (the others are written at their keys).
 NOT_A_SPACE = Refusal("a search space must be a mapping of run-config sections")
-NOT_A_HEARTBEAT = Refusal(f"must be a mapping with keys {', '.join(HEARTBEAT)}")
+NOT_A_HEARTBEAT = Refusal("must be a mapping with keys interval, grace_period, max_retry, "
+                          "got {value!r}")
 NOT_OBJECTIVES = Refusal(f"must be a non-empty list of {', '.join(OBJECTIVES)}")
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a study name (see StudySpec._plain_name)
 # Budgets: spec key -> the objective, known before training (trials.PLANNED), it bounds, and
@@ -49,11 +59,49 @@ NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]*")  # a study name (see StudySpec.
 # each as an Optuna constraint (trial.set_constraint), which GP, TPE and NSGA-II read.
 CONSTRAINTS = {"max_kv_bytes": ("kv_bytes_per_token", "KV-cache bytes per token"),
                "max_params": ("n_params", "params")}
-WARM_START_KEYS = ("study", "storage")
-HEARTBEAT_MAX = 10**6  # seconds (11 days) or retries; a thread's wait holds no more than ~2**53
 
 # Heartbeats, grouped TPE and metric names are marked experimental but are what we rely on.
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+
+
+@dataclass(config=STRICT)
+class Choice:
+    """A sampler or a pruner as a spec names it: `type`, and the rest of its mapping as the
+    options of the class that type constructs (nas.search.samplers), each finite."""
+
+    type: str
+    options: dict = field(default_factory=dict)
+
+    @staticmethod
+    def named(raw: Any, allowed: Sequence[str]) -> Choice:
+        """The choice a spec's mapping `{type: ..., option: value, ...}` makes (in the field's
+        validator: the keys refused are relative to the field)."""
+        if isinstance(raw, Choice):
+            return raw
+        if not isinstance(raw, dict) or raw.get("type") not in allowed:
+            raise refuse(f"must be one of {', '.join(allowed)}", key="type")
+        for option, value in raw.items():
+            if (bad := first_non_finite(value)) is not None:
+                raise refuse(f"must be finite, got {bad}", key=str(option))
+        return Choice(raw["type"], {str(k): v for k, v in raw.items() if k != "type"})
+
+
+@dataclass(config=STRICT)
+class WarmStart:
+    """A spec's `warm_start`: the earlier study whose finished trials seed this one when it is
+    created (nas.search.warm_start), and its storage (default: this study's)."""
+
+    study: Annotated[str | None, Refusal("must be a non-empty string")] = Field(
+        None, min_length=1)
+    storage: Annotated[str | None, Refusal("must be a non-empty string")] = Field(
+        None, min_length=1)
+
+    @model_validator(mode="after")
+    def _names_a_study(self) -> WarmStart:
+        if self.study is None:
+            raise refuse("needs study: the name of the study to start from (storage: its "
+                         "URL, default this study's)", key="study")
+        return self
 
 
 @dataclass(config=STRICT, kw_only=True)
@@ -64,7 +112,7 @@ class StudySpec:
     artifacts: str | None = None  # artifact folder (default: next to the storage)
     base: Annotated[dict, NOT_A_SPACE] = field(default_factory=dict)
     baselines: Annotated[bool, Refusal("must be true or false, got {value!r}")] = True
-    heartbeat: Annotated[dict, NOT_A_HEARTBEAT] = field(default_factory=dict)  # overrides
+    heartbeat: Heartbeat = field(default_factory=Heartbeat)
     # the learning-rate protocol of a named-variant sweep (nas.search.lr_sweep)
     lr_sweep: Sweep = field(default_factory=Sweep)
     max_kv_bytes: Annotated[int | None, Refusal("must be a positive integer (bytes of KV cache "
@@ -74,8 +122,8 @@ class StudySpec:
     name: Annotated[str, Refusal("must be a non-empty string")] = Field(min_length=1)
     objectives: Annotated[list, NOT_OBJECTIVES] = Field(
         default_factory=lambda: ["val_loss", "n_params"], min_length=1)
-    pruner: dict = field(default_factory=lambda: {"type": "none"})
-    sampler: dict = field(default_factory=lambda: {"type": "tpe"})
+    pruner: Choice = field(default_factory=lambda: Choice("none"))
+    sampler: Choice = field(default_factory=lambda: Choice("tpe"))
     # Below 2**31: a joining worker adds an offset below 2**31, and samplers' numpy seeds must be
     # below 2**32.
     seed: Annotated[int, Refusal("must be an integer in 0..2147483647, got {value!r}")] = Field(
@@ -84,7 +132,7 @@ class StudySpec:
     storage: Annotated[str | None, Refusal("must be a storage URL or path, got {value!r}")] = None
     # An earlier study whose finished trials seed this one when it is created
     # (nas.search.warm_start).
-    warm_start: dict | None = None
+    warm_start: WarmStart | None = None
     path: str = field(default="study", init=False)  # the spec's file, set by load_spec
     # A study derived by code (`nas confirm`), never by a spec file: the params of every trial
     # it runs (its whole queue), and the user attributes it records when created.
@@ -93,6 +141,8 @@ class StudySpec:
     # The `--set` overrides load_spec applied to the space, as a study stores them
     # (nas.overrides.as_stored).
     overrides: list[str] = field(default_factory=list, init=False)
+    # The run configs the space draws (`drawn_configs`), drawn once per search.
+    draws: list = field(default_factory=list, init=False)
 
     @model_validator(mode="before")
     @classmethod
@@ -130,61 +180,30 @@ class StudySpec:
             raise refuse("the first objective must be val_loss")
         return objectives
 
-    @field_validator("warm_start")
+    @field_validator("heartbeat", mode="before")
     @classmethod
-    def _warm_start(cls, warm: dict | None) -> dict | None:
-        if warm is None:
-            return None
-        for key, value in warm.items():
-            if key not in WARM_START_KEYS:
-                raise refuse(f"unknown key; allowed: {', '.join(WARM_START_KEYS)}",
-                             key=f"warm_start.{key}")
-            if not isinstance(value, str) or not value:
-                raise refuse("must be a non-empty string", key=f"warm_start.{key}")
-        if "study" not in warm:
-            raise refuse("needs study: the name of the study to start from (storage: its "
-                         "URL, default this study's)", key="warm_start.study")
-        return warm
+    def _heartbeat(cls, raw: Any) -> Any:
+        return section(Heartbeat, raw, NOT_A_HEARTBEAT.text)
 
-    @field_validator("heartbeat")
+    @field_validator("warm_start", mode="before")
     @classmethod
-    def _heartbeat_overrides(cls, heartbeat: dict) -> dict:
-        for key, value in heartbeat.items():
-            if key not in HEARTBEAT:
-                raise refuse(f"unknown key; allowed: {', '.join(HEARTBEAT)}",
-                             key=f"heartbeat.{key}")
-            low = 0 if key == "max_retry" else 1
-            if not isinstance(value, int) or isinstance(value, bool) or \
-                    not low <= value <= HEARTBEAT_MAX:
-                raise refuse(f"must be an integer in {low}..{HEARTBEAT_MAX} (seconds for "
-                             f"interval and grace_period), got {excerpt(value)}",
-                             key=f"heartbeat.{key}")
-        merged = {**HEARTBEAT, **heartbeat}
-        if merged["grace_period"] < 2 * merged["interval"]:
-            # A renewal may come an interval late: less grace would fail live trials as dead.
-            raise refuse(f"must be at least twice heartbeat.interval ({merged['interval']} s), "
-                         f"got {merged['grace_period']}: a live worker's lease may be renewed "
-                         "an interval late", key="heartbeat.grace_period")
-        return heartbeat
+    def _warm_start(cls, raw: Any) -> Any:
+        return None if raw is None else section(
+            WarmStart, raw, "must be a mapping with keys study, storage, got {value!r}")
 
     @field_validator("sampler", "pruner", mode="before")
     @classmethod
-    def _known_type(cls, options: Any, info: ValidationInfo) -> Any:
+    def _choice(cls, raw: Any, info: ValidationInfo) -> Any:
         allowed = SAMPLERS if info.field_name == "sampler" else PRUNERS
-        if not isinstance(options, dict) or options.get("type") not in allowed:
-            raise refuse(f"must be one of {', '.join(allowed)}", key=f"{info.field_name}.type")
-        for key, value in options.items():
-            if (bad := first_non_finite(value)) is not None:
-                raise refuse(f"must be finite, got {bad}", key=f"{info.field_name}.{key}")
-        return options
+        return Choice.named(raw, allowed)
 
     @model_validator(mode="after")
     def _prunable(self) -> StudySpec:
-        if self.multi_objective and self.pruner["type"] in ("median", "hyperband"):
+        if self.multi_objective and self.pruner.type in ("median", "hyperband"):
             raise refuse("Optuna cannot prune multi-objective studies with median or hyperband; "
                          "use pareto or none", key="pruner.type")
         measured = [o for o in self.objectives[1:] if o not in PLANNED]
-        if self.pruner["type"] == "pareto" and measured:
+        if self.pruner.type == "pareto" and measured:
             # The pruner judges a running trial against those no worse on every other
             # objective, which it must know before training; a trial it stops might have
             # reached the front through one it cannot know.
@@ -196,7 +215,7 @@ class StudySpec:
 
     @model_validator(mode="after")
     def _warm_startable(self) -> StudySpec:
-        if self.warm_start is not None and self.sampler["type"] == "bruteforce":
+        if self.warm_start is not None and self.sampler.type == "bruteforce":
             # It enumerates: it would skip the seeded configs rather than measure them here.
             raise refuse("the bruteforce sampler would skip the seeded trials' configs instead "
                          "of measuring them; use tpe, gp or auto", key="warm_start")
@@ -214,7 +233,7 @@ class StudySpec:
     def queue_driven(self) -> bool:
         """Every trial comes from a queue: a derived study's (`queue`), or a learning-rate
         sweep's (nas.search.lr_sweep)."""
-        return bool(self.queue) or (self.sampler["type"] == "bruteforce"
+        return bool(self.queue) or (self.sampler.type == "bruteforce"
                                     and lr_sweep.is_sweep(self.merged_space))
 
     @property
@@ -262,7 +281,7 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
         spec.base = spaces.merge(spec.base, {"data": {"source": data}})
     spaces.check_space(spec.base, f"{where}: base")
     _check_lr_grid(spec, where)
-    draw_configs(spec, where)
+    spec.draws = draw_configs(spec, where)
     if sets:  # into the space, which the base cannot override: a searched key becomes fixed
         given = overrides.parse_all(sets)
         spec.space = overrides.apply(spec.space, given)
@@ -271,7 +290,7 @@ def load_spec(path: str | Path, data: str | None = None, sets: Sequence[str] = (
         spec.overrides = overrides.as_stored(sets)
         spaces.check_space(spec.space, overrides.WHERE)
         _check_lr_grid(spec, overrides.WHERE)
-        draw_configs(spec, overrides.WHERE)
+        spec.draws = draw_configs(spec, overrides.WHERE)
     return spec
 
 
@@ -286,7 +305,7 @@ def _check_lr_grid(spec: StudySpec, where: str) -> None:
                           f"for the analysis to choose among, got {lr}; give one number to fix it")
     if (refused := lr_sweep.refusal(spec.lr_sweep, space)) is not None:
         raise ConfigError(f"{where}: {refused[0]}: {refused[1]}")
-    if not spec.lr_sweep.default and spec.sampler.get("type") != "bruteforce":
+    if not spec.lr_sweep.default and spec.sampler.type != "bruteforce":
         raise ConfigError(f"{where}: sampler.type: lr_sweep {spec.lr_sweep.protocol} needs "
                           "bruteforce (its queue decides every trial)")
     if spec.queue_driven and (problem := lr_sweep.check_grid(lr, spec.lr_sweep)):
@@ -311,14 +330,22 @@ def draw_configs(spec: StudySpec, where: str, draws: int = 32) -> list[RunConfig
     return configs
 
 
-def check_trainable(spec: StudySpec, draws: int = 32, force: bool = False) -> None:
+def drawn_configs(spec: StudySpec) -> list[RunConfig]:
+    """The configs the spec's space draws: those load_spec drew, or (a derived study's) drawn
+    now, once."""
+    if not spec.draws:
+        spec.draws = draw_configs(spec, spec.path)
+    return spec.draws
+
+
+def check_trainable(spec: StudySpec, force: bool = False) -> None:
     """What `nas search` needs beyond a valid spec, checked before the study is touched: every
     data source the space can draw opens and is long enough (imports torch), each trial trains
     on one device (run one worker per GPU instead), and, unless `force`, each draw's estimated
     training memory fits in the free memory (`nas.training.train.check_memory`)."""
     from nas.training.train import check_memory
 
-    configs = draw_configs(spec, spec.path, draws)
+    configs = drawn_configs(spec)
     for cfg in configs:
         if cfg.train.devices not in (1, "1"):
             raise ConfigError(f"{spec.path}: train.devices: must be 1 in a study, got "
@@ -330,11 +357,10 @@ def check_trainable(spec: StudySpec, draws: int = 32, force: bool = False) -> No
         pass  # opening each checks it
 
 
-def data_fingerprint(spec: StudySpec, draws: int = 32) -> str:
+def data_fingerprint(spec: StudySpec) -> str:
     """One digest of the validation and test tokens of every data setting the space draws
     (their content, not their paths: a corpus moved elsewhere keeps its digest)."""
-    digests = {dm.eval_digest() for dm in _data_modules(spec, draw_configs(spec, spec.path,
-                                                                            draws))}
+    digests = {dm.eval_digest() for dm in _data_modules(spec, drawn_configs(spec))}
     return hashlib.sha256("\n".join(sorted(digests)).encode()).hexdigest()[:16]
 
 

@@ -29,8 +29,7 @@ from optuna.storages._rdb import models
 from optuna.storages._rdb.storage import _create_scoped_session
 from optuna.trial import FrozenTrial, TrialState
 
-from nas.config import ConfigError
-from nas.errors import first_line
+from nas.errors import ConfigError, first_line
 
 
 def journal_path(url: str) -> Path | None:

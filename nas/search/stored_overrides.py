@@ -13,7 +13,7 @@ from pathlib import Path
 import optuna
 
 from nas import overrides
-from nas.config import ConfigError
+from nas.errors import ConfigError
 from nas.search.spec import StudySpec, load_spec
 from nas.search.storage import check_access, make_storage, storage_file
 from nas.search.study import resolve_storage

@@ -30,7 +30,8 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from nas import overrides
-from nas.config import ConfigError
+from nas.errors import ConfigError
+from nas.modes import BASELINE_MODE
 from nas.paths import check_output, removed_if_refused
 from nas.search import lr_sweep, warm_start
 from nas.search import space as spaces
@@ -318,7 +319,7 @@ def enqueue_baselines(study: optuna.Study, spec: StudySpec) -> int:
     held = [t.params for t in baselines]
     held += [t.system_attrs.get("fixed_params", {}) for t in baselines
              if t.state == TrialState.WAITING]
-    choice = spaces.mode_params(spec.merged_space, spaces.BASELINE_MODE)
+    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
     added = 0
     for size in baseline_sizes(spec):
         # by size alone: a baseline queued before baselines carried the choice counts too
@@ -335,7 +336,7 @@ def _complete_queued_baselines(study: optuna.Study, spec: StudySpec,
     """Add the choice of vanilla (`space.mode_params`) to the baselines a study queued before
     baselines carried it (their size alone) and has not run yet: `space.sample` would refuse
     them, as the sampler, not their queue entry, would make the choice."""
-    choice = spaces.mode_params(spec.merged_space, spaces.BASELINE_MODE)
+    choice = spaces.mode_params(spec.merged_space, BASELINE_MODE)
     for t in study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
         fixed = t.system_attrs.get("fixed_params", {})
         if TrialRecord.from_trial(t).baseline and any(

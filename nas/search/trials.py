@@ -17,6 +17,8 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from nas.modes import BASELINE_MODE
+
 # Objective name (a metric every trial stores) -> direction.
 OBJECTIVES = {
     "val_loss": "minimize",
@@ -59,7 +61,7 @@ class TrialRecord:
     val_batch_losses: list[float] | None = None
     test_batch_losses: list[float] | None = None
     tokens: int | None = None
-    tokens_per_param: float | None = None
+    tokens_per_model_param: float | None = None  # tokens / this model's non-embedding params
     tokens_per_s: float | None = None
     # KV cache per generated token at the training dtype (nas.model.decoder.kv_bytes_per_token)
     kv_bytes_per_token: int | None = None
@@ -91,7 +93,8 @@ class TrialRecord:
     @classmethod
     def from_trial(cls, trial: FrozenTrial | optuna.Trial) -> TrialRecord:
         """The record of a finished trial, or of a running one (RUNNING, no values yet)."""
-        stored = {k: v for k, v in trial.user_attrs.items() if k in _ATTRS and v is not None}
+        stored = {RENAMED.get(k, k): v for k, v in trial.user_attrs.items()
+                  if RENAMED.get(k, k) in _ATTRS and v is not None}
         if isinstance(trial, optuna.Trial):
             return cls(trial.number, TrialState.RUNNING, dict(trial.params), None, **stored)
         values = tuple(trial.values) if trial.values is not None else None
@@ -112,7 +115,7 @@ class TrialRecord:
     @property
     def label(self) -> str:
         """A short label of the plan, e.g. `learnable[3,4]` or `vanilla`."""
-        if self.mode == "vanilla":
+        if self.mode == BASELINE_MODE:
             return self.arm_name
         return f"{self.arm_name}[{','.join(map(str, self.receiving_layers))}]"
 
@@ -162,6 +165,9 @@ class TrialRecord:
 
 
 _ATTRS = {f.name for f in fields(TrialRecord)} - {"number", "state", "params", "values"}
+# Attributes stored under an older name, read under the new one: the measured ratio was stored
+# as `tokens_per_param`, the name of the budget key it is not.
+RENAMED = {"tokens_per_param": "tokens_per_model_param"}
 
 
 def record_attrs(**values: Any) -> dict[str, Any]:

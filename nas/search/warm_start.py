@@ -37,7 +37,8 @@ from optuna.distributions import (
 )
 from optuna.trial import FrozenTrial, TrialState, create_trial
 
-from nas.config import ConfigError
+from nas.errors import ConfigError
+from nas.modes import BASELINE_MODE
 from nas.search import space as spaces
 from nas.search.spec import CONSTRAINTS, StudySpec, default_storage
 from nas.search.storage import check_access, make_storage, redact, storage_file
@@ -77,9 +78,9 @@ class Replay:
 def source_urls(spec: StudySpec, storage_url: str) -> list[str]:
     """Where the warm-start study may be, in order: its storage as given; else this study's
     (`storage_url`), then the earlier study's own default storage."""
-    if "storage" in spec.warm_start:
-        return [spec.warm_start["storage"]]
-    own = default_storage(spec.warm_start["study"])
+    if spec.warm_start.storage is not None:
+        return [spec.warm_start.storage]
+    own = default_storage(spec.warm_start.study)
     return [storage_url, *([own] if own != storage_url else [])]
 
 
@@ -87,7 +88,7 @@ def load_source(spec: StudySpec, storage_url: str) -> tuple[optuna.Study, str]:
     """The study the spec warm-starts from and its storage's URL (this study's storage is
     `storage_url`), checked before the new study is created: it exists, holds completed
     trials, and searched some key this space searches."""
-    name = spec.warm_start["study"]
+    name = spec.warm_start.study
     where = f"warm start from {name!r}"
     missed = []
     for url in source_urls(spec, storage_url):
@@ -180,7 +181,7 @@ def _seeded(t: FrozenTrial, spec: StudySpec, origin: str) -> FrozenTrial | str:
         # a baseline's mode is forced, as this study's are; one queued with its size alone
         # (before baselines recorded their mode) falls outside a space that searches it
         spaces.sample(spec.merged_space, replay,
-                      force_mode=spaces.BASELINE_MODE if record.baseline else None)
+                      force_mode=BASELINE_MODE if record.baseline else None)
         return create_trial(params={k: t.params[k] for k in replay.distributions},
                             distributions=replay.distributions, values=values,
                             user_attrs=record_attrs(warm_start=origin),

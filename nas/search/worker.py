@@ -30,7 +30,7 @@ from nas.search import lr_sweep
 from nas.search.artifacts import artifact_dir
 from nas.search.console import TrialPrinter
 from nas.search.lease import (
-    HEARTBEAT,
+    Heartbeat,
     HostWorkers,
     Reclaimer,
     TrialLost,
@@ -80,13 +80,13 @@ class Gate:
     worker that stops short of the target sets `short` to why: --timeout ran out, or
     MAX_FAILURES of its trials failed in a row (a bug or a broken machine)."""
 
-    def __init__(self, target: int | None, lease: dict[str, int], timeout: float | None,
+    def __init__(self, target: int | None, lease: Heartbeat, timeout: float | None,
                  echo: Callable[[str], None],
                  queue: Callable[[optuna.Study], int] | None = None, listed: bool = False):
         self.target, self.timeout, self.echo = target, timeout, echo
         self.deadline = time.monotonic() + timeout if timeout else float("inf")
-        self.interval = lease["interval"]
-        self.reclaimer = Reclaimer(lease["grace_period"], lease["max_retry"])
+        self.interval = lease.interval
+        self.reclaimer = Reclaimer(lease.grace_period, lease.max_retry)
         self.failures: list[str] = []
         self.short: str | None = None
         # A queue-driven study (an lr sweep, nas.search.lr_sweep; a derived study's fixed list,
@@ -195,23 +195,23 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     check_trainable(spec, force=force)
     where = resolve_storage(spec, storage_url)
     with _stop_if_storage_lost(where):
-        study = open_study(spec, storage_url, echo=echo)
-        running = bool(study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)))
-        offset = worker_seed_offset(running, worker_id)
-        if offset:
+        study = open_study(spec, storage_url, echo=echo, seed_offset=worker_id or 0)
+        offset = worker_id or 0
+        if worker_id is None and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            # a worker joining others without --worker-id learns it only from the open study
+            offset = worker_seed_offset(True, None)
             study.sampler = make_sampler(spec, spec.seed + offset)
-        lease = {**HEARTBEAT, **spec.heartbeat}
         target = spec.n_trials if n_trials is None else None
         queue = (functools.partial(lr_sweep.enqueue_missing, wanted=spec.queue) if spec.queue
                  else functools.partial(lr_sweep.enqueue_pending, space=spec.merged_space,
                                         sweep=spec.lr_sweep, seed=spec.seed)
                  if spec.queue_driven else None)
-        gate = Gate(target, lease, timeout, echo, queue, listed=bool(spec.queue))
+        gate = Gate(target, spec.heartbeat, timeout, echo, queue, listed=bool(spec.queue))
         done = finished_count(study)
         echo(f"study {spec.name!r} in {redact(where)}: {done} finished trial(s); "
              + (f"running {n_trials} more" if target is None else f"target {target}")
              + (f" (worker seed {spec.seed + offset})" if offset else ""))
-        if spec.sampler["type"] == "auto":
+        if spec.sampler.type == "auto":
             kind, why = auto_kind(spec)
             echo(f"sampler auto: {kind} ({why})")
         with HostWorkers() as workers:
@@ -221,7 +221,7 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
                                        study_done=done if target else None)
                 objective = Objective(spec, target,
                                       artifact_dir(where, spec.name, spec.artifacts),
-                                      lease_interval=lease["interval"], echo=printer.note)
+                                      lease_interval=spec.heartbeat.interval, echo=printer.note)
                 try:
                     _run_trials(study, objective, n_trials, gate, share, printer)
                 finally:

@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from nas.config import ConfigError, RunConfig
-from nas.errors import first_line
+from nas.config import RunConfig
+from nas.errors import ConfigError, first_line
 
 LAST = "last.ckpt"
 STATE_KEY = "nas"  # our part of a Lightning checkpoint (LitDecoder.on_save_checkpoint)

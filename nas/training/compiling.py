@@ -13,7 +13,7 @@ the LightningModule, whose `self.log` breaks Dynamo. `train.compile`:
   compiles never varies between two runs of one config, and every plan of one shape and budget
   compiles alike, so a comparison of plans never mixes compiled and eager numerics.
 
-On the CPU, benchmarks/compile.py measured (2 threads, README "torch.compile"): 16 s of compiler
+On the CPU, benchmarks/compile.py measured (2 threads, docs/benchmarks.md): 16 s of compiler
 start-up per process, 27 s to compile a model's training step, 1.19-1.33x the eager speed after,
 hence break-evens of 0.5e13 (4 layers, d 64) and 1.1e13 (6 layers, d 128) training FLOPs, 3 to 5
 minutes of eager training there. The CPU threshold is twice the larger, for the noise of that
@@ -28,8 +28,9 @@ import logging
 
 import torch
 
-from nas.config import ConfigError, RunConfig, vanilla_non_embedding_params
-from nas.errors import first_line
+from nas.config import RunConfig
+from nas.errors import ConfigError, first_line
+from nas.params import vanilla_non_embedding_params
 
 logger = logging.getLogger(__name__)
 

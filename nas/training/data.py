@@ -17,6 +17,8 @@ must not share a file with the training data). Training windows are drawn at ran
 (seed, step), so a run's batches do not depend on workers or restarts; validation and test
 windows are fixed and evenly spaced, so every run with the same data and model.seq_len is
 scored on the same tokens.
+
+One piece (about 430 lines): the sources, the split and the loaders all serve one data module.
 """
 
 from __future__ import annotations
@@ -35,8 +37,9 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader, Dataset, Sampler
 
-from nas.config import ConfigError, DataConfig, RunConfig, is_shard_glob
-from nas.training.shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
+from nas.config import DataConfig, RunConfig
+from nas.corpus_files import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC, is_shard_glob
+from nas.errors import ConfigError
 
 
 def cache_dir() -> Path:
@@ -179,12 +182,17 @@ def open_corpus(source: str, key: str = "data.source") -> tuple[list[np.ndarray]
 
 class RandomWindows(Dataset):
     """Item i is the batch of training step i: `batch_size` random windows of seq_len + 1
-    tokens, drawn from an RNG seeded by (seed, i) alone."""
+    tokens, drawn from an RNG seeded by (seed, i) alone. `batch_size` is the global batch:
+    under DDP each of `world` processes trains on its own slice of rows (`rank`'s), of the
+    batch one process would draw, so that the run trains on the same tokens on any number of
+    devices."""
 
     def __init__(self, arrays: list[np.ndarray], seq_len: int, batch_size: int, count: int,
-                 seed: int):
+                 seed: int, rank: int = 0, world: int = 1):
         self.arrays, self.seq_len, self.batch_size = arrays, seq_len, batch_size
         self.count, self.seed = count, seed
+        per = batch_size // world  # divisible: TokenDataModule.check_world refuses the rest
+        self.rows = slice(rank * per, (rank + 1) * per)
         spans = np.clip([len(a) - seq_len - 1 for a in arrays], 0, None).astype(np.float64)
         self.weights = spans / spans.sum()
 
@@ -194,11 +202,11 @@ class RandomWindows(Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
         rng = np.random.default_rng((self.seed, i))
         which = rng.choice(len(self.arrays), size=self.batch_size, p=self.weights)
-        rows = []
-        for a in which:
-            arr = self.arrays[a]
-            start = int(rng.integers(0, len(arr) - self.seq_len - 1))
-            rows.append(np.asarray(arr[start:start + self.seq_len + 1], dtype=np.int64))
+        # Every row's start is drawn, in order, whatever rows this process reads: the RNG's
+        # stream, hence every batch, stays that of one process.
+        starts = [int(rng.integers(0, len(self.arrays[a]) - self.seq_len - 1)) for a in which]
+        rows = [np.asarray(self.arrays[a][s:s + self.seq_len + 1], dtype=np.int64)
+                for a, s in zip(which[self.rows], starts[self.rows], strict=True)]
         batch = torch.from_numpy(np.stack(rows))
         return batch[:, :-1], batch[:, 1:]
 
@@ -257,6 +265,27 @@ class FixedWindows(Dataset):
             np.asarray(a[s:s + self.seq_len + 1], dtype=np.int64) for a, s in chunk
         ]))
         return batch[:, :-1], batch[:, 1:]
+
+
+class Shard(Dataset):
+    """Under DDP, one process's share of the validation or test batches: items rank,
+    rank + world, rank + 2 world... of `dataset` (`interleave` puts the processes' results back
+    in the order of `dataset`)."""
+
+    def __init__(self, dataset: Dataset, rank: int, world: int):
+        self.dataset, self.rank, self.world = dataset, rank, world
+
+    def __len__(self) -> int:
+        return len(range(self.rank, len(self.dataset), self.world))
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.dataset[self.rank + i * self.world]
+
+
+def interleave(shares: list[list[float]]) -> list[float]:
+    """The results of each rank's `Shard`, in the order of the whole dataset."""
+    longest = max((len(share) for share in shares), default=0)
+    return [share[i] for i in range(longest) for share in shares if i < len(share)]
 
 
 def open_prepared(data: DataConfig, seq_len: int, vocab_size: int
@@ -340,9 +369,42 @@ class TokenDataModule(pl.LightningDataModule):
                 digest.update(memoryview(np.ascontiguousarray(a)))  # a memmap slice: no copy
         return digest.hexdigest()
 
+    def _world(self) -> tuple[int, int]:
+        """This process's rank and the number of processes (0 and 1 outside DDP)."""
+        if self.trainer is None:
+            return 0, 1
+        return self.trainer.global_rank, self.trainer.world_size
+
+    def check_world(self, world: int) -> None:
+        """Refuse, before DDP launches its processes, a run its `world` processes cannot
+        split as one process would run it: the global batch into equal slices, and at least
+        one validation and test batch for each (DDP's first forward after a training step
+        is collective, so a process without a batch would leave the others waiting)."""
+        if world == 1:
+            return
+        if self.batch_size % world:
+            raise ConfigError(f"train.batch_size: {self.batch_size} does not split into "
+                              f"{world} processes (train.devices x nodes); it is the global "
+                              f"batch, so give a multiple of {world}")
+        for key, n, arrays in (("eval_batches", self.eval_batches, self.val_arrays),
+                               ("curve_batches", self.curve_batches, self.val_arrays),
+                               ("eval_batches", self.eval_batches, self.test_arrays)):
+            if not arrays:
+                continue  # no test set
+            batches = len(FixedWindows(arrays, self.seq_len, self.batch_size, n))
+            if batches < world:
+                raise ConfigError(f"train.{key}: {n} gives {batches} validation or test "
+                                  f"batch(es) on this data, fewer than the {world} processes "
+                                  f"(train.devices x nodes); give at least {world}")
+
+    def _eval_loader(self, ds: FixedWindows) -> DataLoader:
+        rank, world = self._world()
+        return DataLoader(ds if world == 1 else Shard(ds, rank, world), batch_size=None,
+                          shuffle=False, num_workers=0)
+
     def train_dataloader(self) -> DataLoader:
         ds = RandomWindows(self.train_arrays, self.seq_len, self.batch_size, self.steps,
-                           self.seed)
+                           self.seed, *self._world())
         # A checkpoint is saved between steps, when the trainer's step is the steps trained.
         return StepLoader(ds, lambda: self.trainer.global_step)
 
@@ -351,15 +413,14 @@ class TokenDataModule(pl.LightningDataModule):
         eval_batches (the final validation)."""
         fitting = self.trainer is not None and self.trainer.state.fn == "fit"
         n = self.curve_batches if fitting else self.eval_batches
-        ds = FixedWindows(self.val_arrays, self.seq_len, self.batch_size, n)
-        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+        return self._eval_loader(FixedWindows(self.val_arrays, self.seq_len, self.batch_size, n))
 
     def test_dataloader(self) -> DataLoader | None:
         """The test windows, or None for a run without a test set."""
         if not self.test_arrays:
             return None
-        ds = FixedWindows(self.test_arrays, self.seq_len, self.batch_size, self.eval_batches)
-        return DataLoader(ds, batch_size=None, shuffle=False, num_workers=0)
+        return self._eval_loader(FixedWindows(self.test_arrays, self.seq_len, self.batch_size,
+                                              self.eval_batches))
 
 
 def write_shard(path: str | Path, tokens: np.ndarray) -> None:

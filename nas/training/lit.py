@@ -21,6 +21,7 @@ from torchmetrics import MeanMetric
 from nas.config import RunConfig
 from nas.model.decoder import build_model
 from nas.training.checkpoint import STATE_KEY, rng_state, set_rng_state
+from nas.training.data import interleave
 
 
 class DivergenceError(RuntimeError):
@@ -39,7 +40,10 @@ class LitDecoder(pl.LightningModule):
         super().__init__()
         self.cfg = cfg
         self.model = build_model(cfg)
-        self.eval_loss = MeanMetric()
+        # Fed in `_end_eval`, with every process's batches in order: its own cross-process
+        # sync is off, since it would sum the processes' partial means in another order than
+        # one process adds its batches, and round differently.
+        self.eval_loss = MeanMetric(sync_on_compute=False)
         self.batch_losses: list[float] = []  # this evaluation's per-batch means, for its error
         # (step, val_loss) at each validation, kept small for the study's storage.
         self.curve: list[tuple[int, float]] = []
@@ -81,7 +85,8 @@ class LitDecoder(pl.LightningModule):
         # Logging costs about a millisecond a step through Lightning's result collection,
         # a few percent of a small model's step: log on the logger's cadence only.
         if self.global_step % self.trainer.log_every_n_steps == 0:
-            self.log("train_loss", loss, prog_bar=True)
+            # sync_dist: under DDP the mean of the processes' slices, the global batch's loss
+            self.log("train_loss", loss, prog_bar=True, sync_dist=True)
             coefficients = self.model.residual.coefficients()
             if coefficients:
                 self.log_dict({f"coef/{k}": v for k, v in coefficients.items()})
@@ -96,16 +101,28 @@ class LitDecoder(pl.LightningModule):
     def _eval_step(self, batch) -> None:
         idx, targets = batch
         loss = self._loss(self(idx), targets)
-        self.eval_loss.update(loss)
         self.batch_losses.append(float(loss))
+
+    def _all_batch_losses(self) -> list[float]:
+        """The per-batch losses of the evaluation on every process, in the order one process
+        scores them (each DDP process scores a `nas.training.data.Shard` of the batches)."""
+        if self.trainer.world_size == 1:
+            return self.batch_losses
+        shares: list[Any] = [None] * self.trainer.world_size
+        torch.distributed.all_gather_object(shares, self.batch_losses)
+        return interleave(shares)
 
     def _end_eval(self) -> dict[str, Any]:
         """The evaluation's mean loss, its standard error over batches (0 with one), and the
-        per-batch means (two runs scored on the same windows pair up batch by batch)."""
+        per-batch means (two runs scored on the same windows pair up batch by batch): the
+        same numbers, bit for bit, on one process or several."""
+        losses = self._all_batch_losses()
+        for value in losses:  # float32 losses: the float round trip is exact
+            self.eval_loss.update(torch.tensor(value, device=self.eval_loss.device))
         loss = float(self.eval_loss.compute())
-        n = len(self.batch_losses)
-        se = float(torch.tensor(self.batch_losses).std() / math.sqrt(n)) if n > 1 else 0.0
-        batches = [round(v, 5) for v in self.batch_losses]
+        n = len(losses)
+        se = float(torch.tensor(losses).std() / math.sqrt(n)) if n > 1 else 0.0
+        batches = [round(v, 5) for v in losses]
         self.eval_loss.reset()
         self.batch_losses = []
         return {"loss": loss, "se": se, "batches": batches}

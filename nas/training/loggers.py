@@ -37,8 +37,9 @@ from lightning.pytorch.loggers import (
     WandbLogger,
 )
 
-from nas.config import ConfigError, RunConfig
-from nas.errors import first_line
+from nas.config import RunConfig
+from nas.errors import ConfigError, first_line
+from nas.run_folder import CONFIG_FILE, METRICS_FILE
 
 MLFLOW_EXPERIMENT = "resformer-nas"
 MLFLOW_DEFAULT_DB = Path("runs") / "mlflow.db"
@@ -48,7 +49,7 @@ WANDB_DEFAULT_DIR = Path("runs")  # wandb writes its runs into <dir>/wandb
 # What a run's logger gets at its end (metrics.json's names): what it cost and what it scored.
 RESULTS = ("val_loss", "test_loss", "n_params", "kv_bytes_per_token", "decode_tokens_per_s")
 # The files of a run folder an MLflow run carries as artifacts.
-ARTIFACTS = ("config.yaml", "metrics.json")
+ARTIFACTS = (CONFIG_FILE, METRICS_FILE)
 
 log = logging.getLogger(__name__)
 

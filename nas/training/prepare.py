@@ -30,10 +30,9 @@ from typing import TYPE_CHECKING, BinaryIO, NamedTuple
 import numpy as np
 from tqdm import tqdm
 
-from nas.config import TOKENIZER_FILE, ConfigError
-from nas.errors import first_line
+from nas.corpus_files import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC, TOKENIZER_FILE
+from nas.errors import ConfigError, first_line
 from nas.paths import PID_ROOM, check_output
-from nas.training.shard_format import PREPARED_SPLITS, SHARD_HEADER_INTS, SHARD_MAGIC
 
 if TYPE_CHECKING:
     from tokenizers import Tokenizer

@@ -1,4 +1,6 @@
-"""Train one run config through Lightning and return its metrics."""
+"""Train one run config through Lightning and return its metrics. One piece (about 410 lines):
+the run folder's staging, the trainer's set-up, the fit and the metrics are one sequence whose
+steps share the run's state."""
 
 from __future__ import annotations
 
@@ -21,11 +23,14 @@ import torch
 from lightning.pytorch.callbacks import TQDMProgressBar
 from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
 
-from nas.config import TOKENIZER_FILE, ConfigError, RunConfig, dump_config, shard_tokenizer
+from nas.config import RunConfig, dump_config
+from nas.corpus_files import TOKENIZER_FILE, shard_tokenizer
+from nas.errors import ConfigError
 from nas.interrupt import lightning_interrupts
 from nas.model.analysis import analyze
 from nas.model.decoder import count_params, decode_tokens_per_s, kv_bytes_per_token, training_bytes
-from nas.paths import PID_ROOM, check_output, removed_if_refused
+from nas.paths import PID_ROOM, check_output, first_process, removed_if_refused
+from nas.run_folder import CONFIG_FILE, KEPT_CHECKPOINTS, METRICS_FILE, MODEL_FILE
 from nas.training.checkpoint import (
     LAST,
     AtomicCheckpointIO,
@@ -113,6 +118,9 @@ def quiet_lightning() -> None:
     warnings.filterwarnings("ignore", message=".*Checkpoint directory.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
     warnings.filterwarnings("ignore", message=".*logs directory.*exists and is not empty.*")
+    # Under DDP: val_loss and val_ppl are logged once every process holds all batches' losses
+    # (LitDecoder._end_eval), so a sync_dist reduction would only repeat them.
+    warnings.filterwarnings("ignore", message=".*when logging on epoch level in distributed.*")
 
 
 def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
@@ -124,11 +132,14 @@ def analyze_windows(model: torch.nn.Module, data: TokenDataModule,
             for k, v in result.items()}
 
 
-def numerics(device: torch.device) -> dict[str, Any]:
-    """What a run's losses depend on beyond its config (README "Determinism"): the torch
+def numerics(device: torch.device, processes: int = 1) -> dict[str, Any]:
+    """What a run's losses depend on beyond its config (docs/configuration.md): the torch
     build and, on the CPU, the instruction set ATen's kernels use (AVX512 and AVX2 round
-    differently) and the thread count; on a GPU, the GPU."""
+    differently) and the thread count; on a GPU, the GPU; under DDP, its processes (each
+    sums the gradient of its slice of the batch: another order of float additions)."""
     found: dict[str, Any] = {"torch": torch.__version__, "device": device.type}
+    if processes > 1:  # only then: the records of one-process runs stay what they were
+        found["processes"] = processes
     if device.type == "cuda":
         return {**found, "gpu": torch.cuda.get_device_name(device)}
     return {**found, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
@@ -188,8 +199,8 @@ def check_out(out: Path, overwrite: bool) -> None:
     if not overwrite:
         raise ConfigError(f"--out: {out} is not empty; pass --overwrite to replace it, or "
                           "choose another folder")
-    if not (out / "config.yaml").is_file():
-        raise ConfigError(f"--out: {out} holds no config.yaml, so it is not a run folder; "
+    if not (out / CONFIG_FILE).is_file():
+        raise ConfigError(f"--out: {out} holds no {CONFIG_FILE}, so it is not a run folder; "
                           "--overwrite replaces only those")
 
 
@@ -246,6 +257,12 @@ def train(cfg: RunConfig, out: str | Path | None = None, *, progress: bool = Tru
     """
     if checkpoints is None and out is not None:
         checkpoints = checkpoint_dir(Path(out))
+    if not first_process():
+        # Another DDP process of this run: rank 0 writes the run folder, clears or keeps the
+        # checkpoints (it saves them too, see PeriodicCheckpoint); this one only trains, and
+        # reads the checkpoint it resumes from.
+        resumed = resume_step(checkpoints / LAST, cfg) if resume and checkpoints else None
+        return _train(cfg, None, progress, on_validation, checkpoints, resumed)
     if out is None:
         resumed = _resumed_step(cfg, checkpoints, resume, refuse_unfinished=False)
         metrics = _train(cfg, None, progress, on_validation, checkpoints, resumed)
@@ -289,7 +306,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
     if checkpoints is not None and t.checkpoint_every:
         extra.append(PeriodicCheckpoint(checkpoints, t.checkpoint_every, t.eval_interval))
     if folder is not None:
-        dump_config(cfg, folder / "config.yaml")
+        dump_config(cfg, folder / CONFIG_FILE)
         # with the shards' tokenizer, which `nas generate` reads beside the config
         if tokenizer := shard_tokenizer(cfg.data.source):
             shutil.copyfile(tokenizer, folder / TOKENIZER_FILE)
@@ -303,6 +320,10 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         val_check_interval=t.eval_interval,
         check_val_every_n_epoch=None,
         num_sanity_val_steps=0,
+        # Our loaders split themselves between DDP's processes (TokenDataModule): an item is a
+        # whole batch, so Lightning's DistributedSampler would give each process every other
+        # step, not its rows of every step (and cannot be put into StepLoader at all).
+        use_distributed_sampler=False,
         gradient_clip_val=t.grad_clip,
         accelerator=t.accelerator,
         devices=t.devices,
@@ -318,6 +339,7 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         callbacks=extra,
         max_time=timedelta(seconds=t.max_time) if t.max_time is not None else None,
     )
+    data.check_world(trainer.world_size)  # before DDP starts its other processes
     compiled = should_compile(cfg, trainer.strategy.root_device)
     if compiled:
         forget_other_graphs(cfg)
@@ -350,13 +372,15 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         # with the cache, on the device it trained on (nas.model.decoder.decode_tokens_per_s)
         "decode_tokens_per_s": decode_tokens_per_s(lit.model, t.precision),
         "tokens": tokens,
-        "tokens_per_param": tokens / counts["n_params_non_embedding"],
+        # measured against this model's own parameters (train.tokens_per_param, a budget, is
+        # against the vanilla model's of this shape)
+        "tokens_per_model_param": tokens / counts["n_params_non_embedding"],
         "tokens_per_s": tokens / step_seconds if step_seconds > 0 else 0.0,
         "train_seconds": step_seconds,
         "steps": trainer.global_step,
         "resumed_step": resumed,  # None: trained from step 0
         "compiled": compiled,
-        "numerics": numerics(trainer.strategy.root_device),
+        "numerics": numerics(trainer.strategy.root_device, trainer.world_size),
         "mode": cfg.value_residual.mode,
         "source": cfg.value_residual.source,
         "receiving_layers": cfg.value_residual.receiving(cfg.model.n_layer),
@@ -365,15 +389,24 @@ def _train(cfg: RunConfig, folder: Path | None, progress: bool,
         "analysis": analyze_windows(lit.model, data),
     }
     if folder is not None:
-        torch.save(lit.model.state_dict(), folder / "model.pt")
+        torch.save(lit.model.state_dict(), folder / MODEL_FILE)
         if checkpoints is not None and t.keep_checkpoints and checkpoints.is_dir():
-            checkpoints.rename(folder / "checkpoints")  # kept with the run it belongs to
+            checkpoints.rename(folder / KEPT_CHECKPOINTS)  # kept with the run it belongs to
         # Last: a folder with metrics.json holds a whole run.
-        (folder / "metrics.json").write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        (folder / METRICS_FILE).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
     if logger is not None:
         log_results(logger, cfg, metrics, folder, trainer.global_step)
+    _wait_for_ranks(trainer)
     del trainer, lit, data
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()  # the next trial may be a different size
     return metrics
+
+
+def _wait_for_ranks(trainer: pl.Trainer) -> None:
+    """Wait for the DDP processes Lightning started (none elsewhere), so that `nas train`
+    exits once its run has, and fails if one of them failed."""
+    for proc in getattr(trainer.strategy.launcher, "procs", []):
+        if proc.wait() != 0:
+            raise RuntimeError(f"DDP process {proc.pid} of this run exited with {proc.returncode}")
