@@ -32,12 +32,9 @@ def mean(pairs: list, skip: str | None = None) -> str:
     return f"{np.mean(xs):+.4f} ({len(xs)})" if xs else "-"
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("study")
-    args = parser.parse_args()
-    study = open_existing(load_spec(args.study), None)
-    arms = best_arms(completed(study), stored_protocol(study))
+def split_rows(arms: list) -> list[tuple]:
+    """Per variant: (variant, choosing-seed pairs, other-seed pairs, smallest shape, most negative
+    pair, the exact sign-flip p of the other seeds' pairs alone)."""
     rows = []
     for variant, diffs in paired_differences(arms).items():
         chose = [(d, s, x) for d in diffs for s, x in d.by_seed.items()
@@ -49,6 +46,16 @@ def main() -> None:
                     key=lambda t: t[2])
         rows.append((variant, chose, others, smallest, worst,
                      sign_flip_p([x for *_, x in others])))
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("study")
+    args = parser.parse_args()
+    study = open_existing(load_spec(args.study), None)
+    arms = best_arms(completed(study), stored_protocol(study))
+    rows = split_rows(arms)
     adjusted = holm([row[-1] for row in rows])
     print("| variant | choosing seeds: mean (pairs) | other seeds: mean (pairs) | without the "
           "smallest shape: choosing / other | most negative pair | other seeds: exact p (Holm) "

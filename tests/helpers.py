@@ -47,22 +47,40 @@ def tiny(mode: str = "vanilla", *, layers="all", source: str = "first_layer", la
     })
 
 
-def write_spec(tmp_path: Path, **overrides) -> Path:
-    """A tiny multi-objective study spec (4 TPE trials) in tmp_path/study.yaml."""
-    spec = {
-        "name": "tiny",
-        "space": {"model": {"n_layer": [2, 3]},
-                  "value_residual": {"mode": ["vanilla", "resformer", "learnable", "svformer"],
-                                     "lambda1": {"low": 0.2, "high": 2.0}}},
-        "objectives": ["val_loss", "n_params"],
-        "n_trials": 4,
-        "storage": f"sqlite:///{tmp_path}/tiny.db",
-        "base": TINY_BASE,
-        "sampler": {"type": "tpe", "n_startup_trials": 2},
-        "seed": 0,
-    }
-    spec.update(overrides)
-    path = tmp_path / "study.yaml"
+# A tiny multi-objective study: 4 TPE trials over depth, mode and lambda1.
+TINY_STUDY = {
+    "name": "tiny",
+    "space": {"model": {"n_layer": [2, 3]},
+              "value_residual": {"mode": ["vanilla", "resformer", "learnable", "svformer"],
+                                 "lambda1": {"low": 0.2, "high": 2.0}}},
+    "objectives": ["val_loss", "n_params"],
+    "n_trials": 4,
+    "base": TINY_BASE,
+    "sampler": {"type": "tpe", "n_startup_trials": 2},
+    "seed": 0,
+}
+# The study of the tests that run `nas search` workers in real processes (several workers,
+# kills, checkpoints): 6 trials of 40 steps, leases renewed every second.
+WORKER_STUDY = {
+    "name": "par",
+    # lr is drawn for every trial, so two workers with the same seed would repeat params.
+    "space": {"model": {"n_layer": [2, 3]},
+              "value_residual": {"mode": ["vanilla", "resformer", "learnable"]},
+              "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+    "objectives": ["val_loss", "n_params"],
+    "n_trials": 6,
+    "base": {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 40, "eval_every": 10}},
+    "sampler": {"type": "tpe", "n_startup_trials": 4},
+    "heartbeat": {"interval": 1, "grace_period": 2},
+}
+
+
+def write_spec(folder: Path, *, preset: dict = TINY_STUDY, file: str = "study.yaml",
+               **overrides) -> Path:
+    """A study spec, `preset` (TINY_STUDY, WORKER_STUDY, or a test's own) with `overrides` on
+    top, in folder/`file`; its storage by default folder/tiny.db."""
+    spec = {**preset, "storage": f"sqlite:///{folder}/tiny.db", **overrides}
+    path = folder / file
     path.write_text(yaml.safe_dump(spec))
     return path
 

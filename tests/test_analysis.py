@@ -14,6 +14,7 @@ import torch.nn.functional as F
 import yaml
 from optuna.trial import TrialState, create_trial
 
+from nas.cli import main
 from nas.config import dump_config
 from nas.model.analysis import (
     analyze,
@@ -162,7 +163,7 @@ def test_parameter_saving_has_a_spread_across_seeds():
 
 
 
-def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path):
+def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path, capsys):
     spec = {
         "name": "scaling-tiny",
         "space": {"model": {"n_layer": [2, 3]}, "train": {"seed": [0, 1]},
@@ -206,12 +207,12 @@ def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert json.loads(proc.stdout)["analysis"] == done[0].user_attrs["analysis"]
     for args, message in (((), "pass --trial N"), (("--trial", "99"), "no trial 99")):
-        proc = run_cli("analyze", str(path), *args)
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        assert main(["analyze", str(path), *args]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err
 
 
-def test_nas_analyze_a_trained_run_and_a_config(tmp_path):
+def test_nas_analyze_a_trained_run_and_a_config(tmp_path, capsys):
     cfg = tiny("learnable", n_layer=3, steps=6)
     path = tmp_path / "run.yaml"
     dump_config(cfg, path)
@@ -231,6 +232,6 @@ def test_nas_analyze_a_trained_run_and_a_config(tmp_path):
     dump_config(tiny("learnable", n_layer=4), run / "config.yaml")  # weights no longer fit
     for target, message in ((run, "does not fit config.yaml"), (tmp_path, "no config.yaml"),
                             (tmp_path / "missing", "no such file")):
-        proc = run_cli("analyze", str(target))
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
-        assert len(proc.stderr.strip().splitlines()) == 1
+        assert main(["analyze", str(target)]) == 2
+        err = capsys.readouterr().err
+        assert message in err and len(err.strip().splitlines()) == 1, err

@@ -16,8 +16,8 @@ from nas.cli import main
 from nas.config import from_dict
 from nas.training.checkpoint import LAST, checkpoint_dir
 from nas.training.train import train
-from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, tiny
-from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
+from tests.helpers import TINY_BASE, WORKER_STUDY, env_for_cli, nas_cmd, tiny, write_spec
+from tests.processes import by_state, finish, load, start, start_worker, wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -29,12 +29,7 @@ STABLE = ("val_loss", "val_loss_se", "test_loss", "curve", "steps", "tokens", "c
 
 def kill_after_checkpoint(proc: subprocess.Popen, checkpoint, log) -> None:
     """SIGKILL `proc` as soon as its first checkpoint exists (a real kill, mid-run)."""
-    def saved():
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it was killed:\n{log.read_text()}")
-        return checkpoint.is_file()
-
-    wait_for(saved, 180, f"a checkpoint at {checkpoint}")
+    wait_for(checkpoint.is_file, proc, log, f"a checkpoint at {checkpoint}")
     proc.send_signal(signal.SIGKILL)
     proc.wait(timeout=30)
 
@@ -49,9 +44,7 @@ def test_a_killed_nas_train_resumes_to_the_uninterrupted_val_loss(tmp_path, caps
     config = tmp_path / "run.yaml"
     config.write_text(yaml.safe_dump(tiny("learnable", n_layer=2, **KILLED).to_dict()))
     out, log = tmp_path / "out", tmp_path / "killed.log"
-    env = {**env_for_cli(), "OMP_NUM_THREADS": "1"}
-    proc = subprocess.Popen(nas_cmd("train", str(config), "--out", str(out)),
-                            stdout=open(log, "w"), stderr=subprocess.STDOUT, env=env)
+    proc = start("train", str(config), "--out", str(out), log=log)
     kill_after_checkpoint(proc, checkpoint_dir(out) / LAST, log)
     assert proc.returncode == -signal.SIGKILL and not out.exists()
 
@@ -121,16 +114,17 @@ def test_bad_checkpoints_are_refused(tmp_path, capsys):
 def test_a_trial_whose_worker_dies_resumes_from_its_checkpoint(tmp_path):
     storage = f"sqlite:///{tmp_path}/par.db"
     base = {**TINY_BASE, "train": {**TINY_BASE["train"], **KILLED}}
-    path = write_spec(tmp_path, storage, n_trials=1, baselines=False, base=base,
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=storage, n_trials=1,
+                      baselines=False, base=base,
                       space={"model": {"n_layer": 2}, "value_residual": {"mode": "learnable"}})
     checkpoint = tmp_path / "par-artifacts" / "checkpoints" / "par" / "trial-0000" / LAST
     log0, log1 = tmp_path / "w0.log", tmp_path / "w1.log"
     worker = start_worker(path, 0, log0)
     kill_after_checkpoint(worker, checkpoint, log0)
-    assert by_state(load(storage))[TrialState.RUNNING]
+    assert by_state(load(storage, "par"))[TrialState.RUNNING]
 
     finish(start_worker(path, 1, log1), log1)
-    study = load(storage)
+    study = load(storage, "par")
     dead, retry = study.trials
     assert dead.state == TrialState.FAIL and retry.state == TrialState.COMPLETE
     assert retry.system_attrs["failed_trial"] == dead.number

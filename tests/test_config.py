@@ -1,14 +1,14 @@
 """Run-config loading: round trips, presets, and bad input refused with one clear line."""
 
 import dataclasses
-import subprocess
 
 import pytest
 import yaml
 
+from nas.cli import main
 from nas.config import MODEL_PRESETS, ModelConfig, from_dict, load_config
 from nas.errors import ConfigError
-from tests.helpers import ROOT, env_for_cli, nas_cmd
+from tests.helpers import ROOT
 
 GOOD = {
     "model": {"vocab_size": 256, "n_layer": 2, "d_model": 32, "n_head": 2, "seq_len": 16},
@@ -87,11 +87,12 @@ def test_bad_values_are_refused(raw, key, fragment):
     assert "\n" not in msg
 
 
-def _run_train(tmp_path, text, *extra):
+def _train(tmp_path, capsys, text, *extra) -> tuple[int, str]:
+    """`nas train` in-process on a config of `text`: its exit status and its stderr."""
     path = tmp_path / "cfg.yaml"
     path.write_text(text)
-    return subprocess.run(nas_cmd("train", str(path), "--out", str(tmp_path / "out"), *extra),
-                          capture_output=True, text=True, env=env_for_cli(), timeout=300)
+    code = main(["train", str(path), "--out", str(tmp_path / "out"), *extra])
+    return code, capsys.readouterr().err
 
 
 @pytest.mark.parametrize("text,fragment", [
@@ -100,30 +101,27 @@ def _run_train(tmp_path, text, *extra):
     (yaml.safe_dump(_with("value_residual", "layers", [0])), "value_residual.layers"),
     (yaml.safe_dump(_with("data", "source", "/no/such/file.txt")), "data.source"),
 ])
-@pytest.mark.slow
-def test_cli_bad_config_exits_2_with_one_line(tmp_path, text, fragment):
-    proc = _run_train(tmp_path, text)
-    assert proc.returncode == 2, proc.stderr
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and fragment in lines[0], proc.stderr
-    assert "Traceback" not in proc.stderr
+def test_cli_bad_config_exits_2_with_one_line(tmp_path, capsys, text, fragment):
+    code, err = _train(tmp_path, capsys, text)
+    assert code == 2, err
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and fragment in lines[0], err
+    assert "Traceback" not in err
     assert not (tmp_path / "out" / "metrics.json").exists()
 
 
-def test_cli_missing_file(tmp_path):
-    proc = subprocess.run(nas_cmd("train", str(tmp_path / "nope.yaml")), capture_output=True,
-                          text=True, env=env_for_cli(), timeout=120)
-    assert proc.returncode == 2
-    assert "file not found" in proc.stderr and "nope.yaml" in proc.stderr
+def test_cli_missing_file(tmp_path, capsys):
+    assert main(["train", str(tmp_path / "nope.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "file not found" in err and "nope.yaml" in err
 
 
-@pytest.mark.slow
-def test_empty_and_short_data_are_refused(tmp_path):
+def test_empty_and_short_data_are_refused(tmp_path, capsys):
     empty = tmp_path / "empty.txt"
     empty.write_text("")
     short = tmp_path / "short.txt"
     short.write_text("tiny")
     for path, fragment in ((empty, "empty"), (short, "too short")):
-        proc = _run_train(tmp_path, yaml.safe_dump(GOOD), "--data", str(path))
-        assert proc.returncode == 2, proc.stderr
-        assert fragment in proc.stderr and len(proc.stderr.strip().splitlines()) == 1
+        code, err = _train(tmp_path, capsys, yaml.safe_dump(GOOD), "--data", str(path))
+        assert code == 2, err
+        assert fragment in err and len(err.strip().splitlines()) == 1

@@ -14,7 +14,7 @@ import yaml
 
 from nas.training.checkpoint import LAST, checkpoint_dir
 from tests.helpers import env_for_cli, nas_cmd, tiny
-from tests.workers import wait_for
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow  # trains in several processes and kills them
 
@@ -103,12 +103,7 @@ def test_a_killed_ddp_run_resumes_to_the_uninterrupted_result(tmp_path):
                                 stdout=sink, stderr=subprocess.STDOUT, env=env(),
                                 start_new_session=True)  # its group: rank 0 and rank 1
 
-    def saved() -> bool:
-        if proc.poll() is not None:
-            raise AssertionError(f"the run ended before it was killed:\n{log.read_text()}")
-        return checkpoint.is_file()
-
-    wait_for(saved, 300, f"a checkpoint at {checkpoint}")
+    wait_for(checkpoint.is_file, proc, log, f"a checkpoint at {checkpoint}", timeout=300)
     # Both ranks at once, as a lost machine or a job's end kills them.
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait(timeout=30)

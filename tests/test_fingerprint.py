@@ -12,10 +12,12 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import optuna
 import pytest
 
+import nas.search.study
 from nas.cli import main
 from nas.errors import ConfigError
 from nas.search.spec import data_fingerprint, load_spec
@@ -62,7 +64,8 @@ def test_a_moved_corpus_resumes_and_other_data_is_refused(tmp_path, capsys):
     assert stored(tmp_path / "tiny.db", "tiny") == (attrs, trials)
 
 
-def test_a_worker_waits_for_the_fingerprint_of_a_study_created_a_moment_ago(tmp_path):
+def test_a_worker_waits_for_the_fingerprint_of_a_study_created_a_moment_ago(tmp_path,
+                                                                             monkeypatch):
     (tmp_path / "other.txt").write_text(CORPUS.upper())
     creator = load_spec(write_spec(tmp_path, **ONE_TRIAL))
     joiner = load_spec(write_spec(tmp_path, **ONE_TRIAL), data=str(tmp_path / "other.txt"))
@@ -71,14 +74,23 @@ def test_a_worker_waits_for_the_fingerprint_of_a_study_created_a_moment_ago(tmp_
     # between its creator's create_study and the creator's next write.
     optuna.create_study(study_name="tiny", storage=make_storage(url),
                         directions=[OBJECTIVES[o] for o in creator.objectives])
+    # The creator writes its fingerprint once the joiner has looked, found none and begun to
+    # wait (its first pause between two looks): the order of events, not a delay.
+    looked, written = threading.Event(), threading.Event()
+
+    def pause(seconds: float) -> None:
+        looked.set()
+        time.sleep(seconds)
+
+    monkeypatch.setattr(nas.search.study, "time",
+                        SimpleNamespace(monotonic=time.monotonic, sleep=pause))
 
     def finish_creating() -> None:
-        time.sleep(1.0)
+        looked.wait(timeout=300)
         study = optuna.load_study(study_name="tiny", storage=make_storage(url))
         study.set_user_attr(FINGERPRINT, fingerprint(creator, data_fingerprint(creator)))
         written.set()
 
-    written = threading.Event()
     writer = threading.Thread(target=finish_creating)
     writer.start()
     try:
@@ -88,6 +100,7 @@ def test_a_worker_waits_for_the_fingerprint_of_a_study_created_a_moment_ago(tmp_
         # refused against the creator's fingerprint, so only once it was written
         assert written.is_set()
     finally:
+        looked.set()  # a joiner that never waited must not leave the writer waiting
         writer.join()
 
 

@@ -22,10 +22,11 @@ import sqlalchemy
 import yaml
 from optuna.trial import TrialState
 
+from nas.cli import main
 from nas.config import dump_config
 from nas.interrupt import CTRL_C, Interrupted
 from nas.search.storage import make_storage
-from tests.helpers import TINY_BASE, run_cli, tiny
+from tests.helpers import TINY_BASE, tiny
 from tests.processes import LONG_STEPS, start, trials, wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -130,27 +131,25 @@ def test_a_killed_train_leaves_no_run_folder(tmp_path):
     assert beside(out) == [staging.name]  # it cleaned up its own folder, and only its own
 
 
-def test_a_non_empty_out_is_refused_unless_overwrite(tmp_path):
+def test_a_non_empty_out_is_refused_unless_overwrite(tmp_path, capsys):
     out = tmp_path / "run"
     first, second = run_config(tmp_path, steps=4), run_config(tmp_path, steps=4, seed=1)
-    proc = run_cli("train", str(first), "--out", str(out))
-    assert proc.returncode == 0, proc.stderr
+    assert main(["train", str(first), "--out", str(out)]) == 0
     files = {p.name: p.read_bytes() for p in out.iterdir()}
     assert {"config.yaml", "metrics.csv", "metrics.json", "model.pt"} <= set(files)
+    capsys.readouterr()
 
-    proc = run_cli("train", str(second), "--out", str(out))
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+    assert main(["train", str(second), "--out", str(out)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"nas train: error: --out: {out} is not empty; pass --overwrite to replace it, or "
         "choose another folder"]
     assert {p.name: p.read_bytes() for p in out.iterdir()} == files  # untouched
     # --overwrite replaces a run folder, never a folder of something else.
-    proc = run_cli("train", str(second), "--out", str(tmp_path), "--overwrite")
-    assert proc.returncode == 2 and "not a run folder" in proc.stderr, proc.stderr
+    assert main(["train", str(second), "--out", str(tmp_path), "--overwrite"]) == 2
+    assert "not a run folder" in (err := capsys.readouterr().err), err
     assert first.is_file() and (out / "model.pt").is_file()
 
-    proc = run_cli("train", str(second), "--out", str(out), "--overwrite")
-    assert proc.returncode == 0, proc.stderr
+    assert main(["train", str(second), "--out", str(out), "--overwrite"]) == 0
     assert (out / "config.yaml").read_bytes() == second.read_bytes()
     assert (out / "model.pt").read_bytes() != files["model.pt"]  # the new run's, whole
     assert beside(out) == ["run"]  # nothing left beside it
@@ -176,7 +175,7 @@ def test_the_test_database_listens_on_a_private_socket_and_checks_its_password(p
 # -- no password is ever printed -----------------------------------------------------------------
 
 
-def test_no_command_prints_a_storage_password(tmp_path, pg_url):
+def test_no_command_prints_a_storage_password(tmp_path, pg_url, capfd):
     url = pg_url  # with the test server's own password (tests/pg.py), which the server checks
     password = sqlalchemy.engine.make_url(url).password
     spec = tmp_path / "secret.yaml"
@@ -184,19 +183,27 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
         "name": "secret", "n_trials": 2, "storage": url, "baselines": False,
         "space": {"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla", "resformer"]}},
         "objectives": ["val_loss", "n_params"], "sampler": {"type": "random"},
-        "base": TINY_BASE, "artifacts": str(tmp_path / "artifacts")}))
+        "base": {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 4, "eval_every": 2}},
+        "artifacts": str(tmp_path / "artifacts")}))
     outputs = []
 
-    def ok(*args: str) -> None:
-        proc = run_cli(*args)
-        outputs.append(proc.stdout + proc.stderr)
-        assert proc.returncode == 0, proc.stderr
+    def run(*args: str) -> int:
+        """The command in-process, as `nas` runs it; everything it printed, to any stream (the
+        file descriptors too: a library's logger), kept for the check."""
+        code = main(list(args))
+        captured = capfd.readouterr()
+        outputs.append(captured.out + captured.err)
+        return code
 
-    ok("search", str(spec), "--no-progress")
+    def ok(*args: str) -> None:
+        assert run(*args) == 0, outputs[-1]
+
+    one_thread = ("--no-progress", "--threads", "1")  # this process's torch as it was
+    ok("search", str(spec), *one_thread)
     ok("report", str(spec), "--out", str(tmp_path / "report.html"))
     ok("export", str(spec), "--best", "1", "--out", str(tmp_path / "export"))
     ok("analyze", str(spec), "--trial", "0")
-    ok("search", str(spec), "--storage", url, "--no-progress")  # done: prints the front
+    ok("search", str(spec), "--storage", url, *one_thread)  # done: prints the front
     # the password as a query parameter, which psycopg reads as well: a report, and a warm
     # start whose stored origin names the storage
     query_url = url.replace(f":{password}@", "@") + f"&password={password}"
@@ -205,8 +212,9 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
     warm.write_text(yaml.safe_dump({**yaml.safe_load(spec.read_text()), "name": "warm",
                                     "n_trials": 1, "storage": query_url,
                                     "warm_start": {"study": "secret", "storage": query_url}}))
-    ok("search", str(warm), "--no-progress")
+    ok("search", str(warm), *one_thread)
 
+    # a server: its own process
     log = tmp_path / "dashboard.log"
     server = start("dashboard", str(spec), "--port", "0", "--refresh", "0", log=log)
     try:
@@ -231,10 +239,8 @@ def test_no_command_prints_a_storage_password(tmp_path, pg_url):
                                                 str(tmp_path / "r.html")],
                         ["export", str(spec), "--best", "1", "--out", str(tmp_path / "x")],
                         ["dashboard", str(spec), "--port", "0"]):
-            proc = run_cli(*command, "--storage", bad)
-            assert proc.returncode == 2, proc.stderr
-            assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
-            outputs.append(proc.stdout + proc.stderr)
+            assert run(*command, "--storage", bad) == 2, outputs[-1]
+            assert len(outputs[-1].strip().splitlines()) == 1, outputs[-1]
 
     written = [p.read_text() for p in [tmp_path / "report.html", tmp_path / "query.html",
                                        *(tmp_path / "export").iterdir()]]

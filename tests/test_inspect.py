@@ -34,6 +34,7 @@ from nas.search.study import open_study
 from nas.search.trials import TrialRecord, front
 from nas.search.worker import run_search
 from tests.helpers import env_for_cli, free_port, nas_cmd, run_cli, write_spec
+from tests.processes import wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -260,15 +261,16 @@ def _start_dashboard(*args: str) -> tuple[subprocess.Popen, str]:
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                               env=env_for_cli())
     base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 90
-    while True:
+
+    def answers() -> bool:
         try:
             _get(f"{base}/api/meta")
-            return server, base
         except OSError:
-            assert server.poll() is None, server.communicate()[1]
-            assert time.monotonic() < deadline, "the dashboard did not answer in 90 s"
-            time.sleep(0.3)
+            return False
+        return True
+
+    wait_for(answers, server, what="the dashboard to answer")
+    return server, base
 
 
 def _port(base: str) -> int:

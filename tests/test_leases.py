@@ -11,23 +11,23 @@ import signal
 import socket
 import subprocess
 import threading
-import time
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 import sqlalchemy
-import yaml
 from optuna.trial import TrialState
 
 import nas.search.storage
-from nas.search.lease import KEY, Lease, Reclaimer
+from nas.cli import main
+from nas.search.lease import KEY, RETRY_SECONDS, Lease, Reclaimer
 from nas.search.objective import Objective
 from nas.search.spec import load_spec
 from nas.search.storage import make_storage, redact
 from nas.search.study import FINISHED, open_study
 from nas.search.worker import SearchError, run_search
-from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, run_cli
-from tests.processes import LONG_STEPS, start, trials, wait_for
+from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
+from tests.processes import LONG_STEPS, by_state, start_worker, trials, wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -36,33 +36,34 @@ HOST = socket.gethostname()
 LONG = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": 100, "eval_every": 20}}
 # Trials that outlast any test, validating often.
 ENDLESS = {**TINY_BASE, "train": {**TINY_BASE["train"], "steps": LONG_STEPS, "eval_every": 50}}
+# Longer than LEASE_STUDY's grace_period (3 s) and one more interval (1 s): a lease seen
+# unchanged for so long by a waiting worker would have expired.
+PAST_GRACE = timedelta(seconds=3 + 1)
 
 
-def write_spec(tmp_path: Path, storage: str, name: str = "lease", **overrides) -> Path:
-    spec = {
-        "name": name, "storage": storage, "n_trials": 2, "baselines": False,
-        "space": {"model": {"n_layer": [2, 3]},
-                  "value_residual": {"mode": ["vanilla", "resformer", "learnable"]},
-                  "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
-        "objectives": ["val_loss", "n_params"], "sampler": {"type": "random"},
-        "base": LONG, "heartbeat": {"interval": 1, "grace_period": 3},
-        "artifacts": str(tmp_path / f"{name}-artifacts"),  # not runs/ for a server's study
-        **overrides,
-    }
-    path = tmp_path / f"{name}.yaml"
-    path.write_text(yaml.safe_dump(spec))
-    return path
+# The study of these tests: 2 trials of a second or two, leases renewed every second.
+LEASE_STUDY = {
+    "name": "lease", "n_trials": 2, "baselines": False,
+    "space": {"model": {"n_layer": [2, 3]},
+              "value_residual": {"mode": ["vanilla", "resformer", "learnable"]},
+              "train": {"lr": {"low": 1e-3, "high": 1e-2, "log": True}}},
+    "objectives": ["val_loss", "n_params"], "sampler": {"type": "random"},
+    "base": LONG, "heartbeat": {"interval": 1, "grace_period": 3},
+}
 
 
-def search(spec: Path, log: Path, *extra: str):
-    return start("search", str(spec), "--no-progress", "--threads", "1", *extra, log=log)
+def lease_spec(tmp_path: Path, storage: str, name: str = "lease", **overrides) -> Path:
+    """LEASE_STUDY named `name` in tmp_path/<name>.yaml, its artifacts in tmp_path (not runs/,
+    for a server's study)."""
+    return write_spec(tmp_path, preset=LEASE_STUDY, file=f"{name}.yaml", name=name,
+                      storage=storage, artifacts=str(tmp_path / f"{name}-artifacts"),
+                      **overrides)
 
 
-def by_state(storage: str, name: str = "lease") -> dict[TrialState, list]:
-    out: dict[TrialState, list] = {s: [] for s in TrialState}
-    for t in trials(storage, name):
-        out[t.state].append(t)
-    return out
+def renewed_at(storage: str, number: int, name: str = "lease") -> datetime:
+    """When trial `number`'s lease was last renewed, as stored (its worker's clock)."""
+    trial = next(t for t in trials(storage, name) if t.number == number)
+    return datetime.fromisoformat(trial.system_attrs[KEY]["renewed"])
 
 
 def running_with_lease(storage: str, pid: int, name: str = "lease"):
@@ -85,21 +86,21 @@ def storage(request, tmp_path) -> str:
 
 @pytest.mark.parametrize("signum", [signal.SIGKILL, signal.SIGTERM], ids=["SIGKILL", "SIGTERM"])
 def test_a_stopped_worker_and_a_restart_end_with_exactly_n_trials(tmp_path, storage, signum):
-    spec = write_spec(tmp_path, storage)
+    spec = lease_spec(tmp_path, storage)
     log = tmp_path / "a.log"
-    worker = search(spec, log)
-    stopped = wait_for(lambda: by_state(storage)[TrialState.COMPLETE]
+    worker = start_worker(spec, None, log)
+    stopped = wait_for(lambda: by_state(storage, "lease")[TrialState.COMPLETE]
                        and running_with_lease(storage, worker.pid), worker, log,
                        "a trial running after a finished one")
     worker.send_signal(signum)
     assert worker.wait(timeout=60) == (-9 if signum == signal.SIGKILL else 143), log.read_text()
     kept = {t.number: (t.values, t.params, t.datetime_complete)
-            for s in FINISHED for t in by_state(storage)[s]}
+            for s in FINISHED for t in by_state(storage, "lease")[s]}
 
     restart = tmp_path / "b.log"
-    again = search(spec, restart)
+    again = start_worker(spec, None, restart)
     assert again.wait(timeout=240) == 0, restart.read_text()
-    states = by_state(storage)
+    states = by_state(storage, "lease")
     assert sum(len(states[s]) for s in FINISHED) == 2, restart.read_text()
     assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
     for s in FINISHED:
@@ -126,15 +127,22 @@ def test_a_stopped_worker_and_a_restart_end_with_exactly_n_trials(tmp_path, stor
 def test_a_database_restart_mid_study_loses_nothing(tmp_path, pg_cluster, pg_url):
     # Validating every 5 steps, the worker writes to the server several times a second: the
     # server's ~0.2 s away in each restart is sure to meet some of its writes.
-    spec = write_spec(tmp_path, pg_url, base={
+    spec = lease_spec(tmp_path, pg_url, base={
         **TINY_BASE, "train": {**TINY_BASE["train"], "steps": 200, "eval_every": 5}})
     log = tmp_path / "a.log"
-    worker = search(spec, log)
+    worker = start_worker(spec, None, log)
     met = wait_for(lambda: running_with_lease(pg_url, worker.pid), worker, log,
                    "a trial validating")
+    def progress():  # what the worker has written: its trials and their last validations
+        return [(t.number, t.state, t.user_attrs.get("last_validation"))
+                for t in trials(pg_url, "lease")]
+
     for _ in range(3):
+        seen = progress()
         pg_cluster.restart()  # a real `pg_ctl restart`: every connection to the server ends
-        time.sleep(1)
+        # the next restart once the worker has written again (or has stopped, with its line)
+        wait_for(lambda seen=seen: worker.poll() is not None or progress() != seen,
+                 what="a write after the restart")
     status = worker.wait(timeout=240)
     text = log.read_text()
     assert "Traceback" not in text, text
@@ -143,13 +151,13 @@ def test_a_database_restart_mid_study_loses_nothing(tmp_path, pg_cluster, pg_url
     assert (status, errors) == (0, []) or (status == 1 and len(errors) == 1 and errors[0]
                                            .startswith("nas search: lost its storage")), text
     kept = {t.number: (t.values, t.params, t.datetime_complete)
-            for s in FINISHED for t in by_state(pg_url)[s]}
+            for s in FINISHED for t in by_state(pg_url, "lease")[s]}
 
     rerun = tmp_path / "rerun.log"
-    again = search(spec, rerun)
+    again = start_worker(spec, None, rerun)
     assert again.wait(timeout=240) == 0, rerun.read_text()
     assert "Traceback" not in rerun.read_text()
-    states = by_state(pg_url)
+    states = by_state(pg_url, "lease")
     assert sum(len(states[s]) for s in FINISHED) == 2, rerun.read_text()
     assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
     assert {t.number: (t.values, t.params, t.datetime_complete)
@@ -161,11 +169,11 @@ def test_a_database_restart_mid_study_loses_nothing(tmp_path, pg_cluster, pg_url
 def test_a_server_gone_for_good_stops_the_worker_with_one_line(tmp_path, pg_cluster, pg_url,
                                                                 monkeypatch, capsys):
     monkeypatch.setattr(nas.search.storage, "RECONNECT_SECONDS", 1.0)  # not a minute
-    spec = write_spec(tmp_path, pg_url, n_trials=1, base=ENDLESS)
+    spec = lease_spec(tmp_path, pg_url, n_trials=1, base=ENDLESS)
 
     def drop_database_once_a_trial_validates() -> None:
-        while not any(t.user_attrs.get("last_validation") for t in trials(pg_url, "lease")):
-            time.sleep(0.2)
+        wait_for(lambda: any(t.user_attrs.get("last_validation")
+                             for t in trials(pg_url, "lease")), what="a trial validating")
         # Every connection to it ends, and no new one is let in: a server gone for this worker.
         engine = sqlalchemy.create_engine(pg_cluster.url, isolation_level="AUTOCOMMIT")
         with engine.connect() as conn:
@@ -189,7 +197,7 @@ def test_a_server_gone_for_good_stops_the_worker_with_one_line(tmp_path, pg_clus
 
 @pytest.mark.parametrize("storage", ["journal", "postgres"], indirect=True)  # not SQLite: CI time
 def test_an_unrenewed_lease_expires_and_a_renewed_one_never_does(tmp_path, storage):
-    spec = write_spec(tmp_path, storage, n_trials=2, objectives=["val_loss"],
+    spec = lease_spec(tmp_path, storage, n_trials=2, objectives=["val_loss"],
                       base={**TINY_BASE})
     study = open_study(load_spec(spec))
     # This process holds two trials: one whose lease it renews, one whose lease it wrote once
@@ -199,15 +207,19 @@ def test_an_unrenewed_lease_expires_and_a_renewed_one_never_does(tmp_path, stora
         pass
     log = tmp_path / "w.log"
     with Lease(renewed, 1, print):
-        worker = search(spec, log)
-        wait_for(lambda: by_state(storage)[TrialState.COMPLETE], worker, log, "the retry")
+        worker = start_worker(spec, None, log)
+        wait_for(lambda: by_state(storage, "lease")[TrialState.COMPLETE], worker, log, "the retry")
         wait_for(lambda: "waiting for 1 running trial(s)" in log.read_text(), worker, log,
                  "the wait for the renewed trial")
-        time.sleep(4)  # past grace_period: the renewed trial still holds its slot
-        assert by_state(storage)[TrialState.RUNNING][0].number == renewed.number
+        # The worker waits while this process renews the lease past grace_period: the renewed
+        # trial still holds its slot.
+        since = renewed_at(storage, renewed.number)
+        wait_for(lambda: renewed_at(storage, renewed.number) - since > PAST_GRACE, worker, log,
+                 "renewals past grace_period")
+        assert by_state(storage, "lease")[TrialState.RUNNING][0].number == renewed.number
     study.tell(renewed, 3.0)
     assert worker.wait(timeout=60) == 0, log.read_text()
-    states = by_state(storage)
+    states = by_state(storage, "lease")
     [failed] = states[TrialState.FAIL]
     assert failed.number == lapsed.number
     assert failed.user_attrs["failure"].startswith(
@@ -241,22 +253,30 @@ def refuse_lease_writes(engine: sqlalchemy.Engine, on: bool) -> None:
 @pytest.mark.parametrize("backend", ["sqlite", "postgres"])
 def test_failing_lease_writes_are_retried_and_the_live_trial_is_kept(tmp_path, request,
                                                                      backend):
+    grace = 10  # seconds: the failures last a few, the test waits past them
     storage = (f"sqlite:///{tmp_path}/lease.db" if backend == "sqlite"
                else request.getfixturevalue("pg_url"))
-    spec = write_spec(tmp_path, storage, n_trials=1, base=ENDLESS,
-                      heartbeat={"interval": 1, "grace_period": 10})
+    spec = lease_spec(tmp_path, storage, n_trials=1, base=ENDLESS,
+                      heartbeat={"interval": 1, "grace_period": grace})
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = search(spec, log_a)
+    a = start_worker(spec, None, log_a)
     wait_for(lambda: running_with_lease(storage, a.pid), a, log_a, "a trial validating")
-    b = search(spec, log_b)  # waits for the slot, and would fail a trial whose lease lapsed
+    b = start_worker(spec, None, log_b)  # waits for the slot; would fail a lapsed lease's trial
     wait_for(lambda: "waiting for 1 running trial(s)" in log_b.read_text(), b, log_b, "the wait")
     engine = make_storage(storage).engine
     refuse_lease_writes(engine, on=True)
     wait_for(lambda: "renewing its lease failed" in log_a.read_text(), a, log_a, "a failure")
-    time.sleep(2)  # more failed renewals, within grace_period
+    [trial] = trials(storage, "lease")
+    last = renewed_at(storage, trial.number)  # the last renewal before the failures
+    # more failed renewals (one every RETRY_SECONDS), within grace_period
+    wait_for(lambda: datetime.now(timezone.utc) - last > timedelta(seconds=3 * RETRY_SECONDS),
+             a, log_a, "more failed renewals")
     refuse_lease_writes(engine, on=False)
     wait_for(lambda: "lease renewed again" in log_a.read_text(), a, log_a, "a renewal")
-    time.sleep(12)  # past grace_period since the first failure: a lost lease would have expired
+    # renewed on, past grace_period (and b's next look) since the last renewal before the
+    # failures: a lease lost there would have expired
+    wait_for(lambda: renewed_at(storage, trial.number) - last > timedelta(seconds=grace + 2),
+             a, log_a, "renewals past grace_period since the failures")
     [trial] = trials(storage, "lease")
     assert trial.state == TrialState.RUNNING, log_b.read_text()
     for proc in (a, b):
@@ -270,21 +290,21 @@ def test_failing_lease_writes_are_retried_and_the_live_trial_is_kept(tmp_path, r
 
 @pytest.mark.parametrize("storage", ["journal", "postgres"], indirect=True)  # not SQLite: CI time
 def test_a_trial_failed_by_another_worker_is_dropped_with_one_line(tmp_path, storage):
-    spec = write_spec(tmp_path, storage, n_trials=1, base=ENDLESS)
+    spec = lease_spec(tmp_path, storage, n_trials=1, base=ENDLESS)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
-    a = search(spec, log_a)
+    a = start_worker(spec, None, log_a)
     wait_for(lambda: running_with_lease(storage, a.pid), a, log_a, "a trial validating")
-    b = search(spec, log_b)
+    b = start_worker(spec, None, log_b)
     wait_for(lambda: "waiting for 1 running trial(s)" in log_b.read_text(), b, log_b, "the wait")
     a.send_signal(signal.SIGSTOP)  # frozen past grace_period: b takes it for dead
     try:
-        wait_for(lambda: by_state(storage)[TrialState.FAIL], b, log_b, "the trial failed")
+        wait_for(lambda: by_state(storage, "lease")[TrialState.FAIL], b, log_b, "the trial failed")
         wait_for(lambda: running_with_lease(storage, b.pid), b, log_b, "the retry running")
     finally:
         a.send_signal(signal.SIGCONT)
     wait_for(lambda: "waiting for 1 running trial(s)" in log_a.read_text(), a, log_a,
              "the worker to go on after dropping its trial")
-    [failed] = by_state(storage)[TrialState.FAIL]
+    [failed] = by_state(storage, "lease")[TrialState.FAIL]
     assert failed.user_attrs["failure"].startswith(
         f"lost: its worker {HOST}:{a.pid} did not renew its lease for ")
     dropped = [line for line in log_a.read_text().splitlines() if "failed by another" in line]
@@ -300,7 +320,7 @@ def test_a_trial_failed_after_its_last_write_is_dropped_with_one_line(tmp_path, 
     # The race behind Optuna's "Cannot tell a FAIL trial": another worker fails the trial after
     # its objective's last write, before Optuna records the result. Made to happen on cue.
     storage = f"sqlite:///{tmp_path}/lease.db"
-    spec = write_spec(tmp_path, storage, n_trials=1, base=TINY_BASE)
+    spec = lease_spec(tmp_path, storage, n_trials=1, base=TINY_BASE)
     run_trial = Objective.__call__
 
     def then_failed_by_another_worker(self, trial):
@@ -314,7 +334,7 @@ def test_a_trial_failed_after_its_last_write_is_dropped_with_one_line(tmp_path, 
     monkeypatch.setattr(Objective, "__call__", then_failed_by_another_worker)
     lines: list[str] = []
     run_search(load_spec(spec), progress=False, echo=lines.append, threads=1)
-    states = by_state(storage)
+    states = by_state(storage, "lease")
     [failed] = states[TrialState.FAIL]
     assert failed.number == 0
     assert [line for line in lines if "another worker" in line] == [
@@ -325,25 +345,25 @@ def test_a_trial_failed_after_its_last_write_is_dropped_with_one_line(tmp_path, 
 
 @pytest.mark.parametrize("heartbeat,got", [({"interval": 10, "grace_period": 15}, 15),
                                            ({"interval": 20}, 30)])
-def test_a_grace_period_under_twice_the_interval_is_refused(tmp_path, heartbeat, got):
-    spec = write_spec(tmp_path, f"sqlite:///{tmp_path}/lease.db", heartbeat=heartbeat)
-    proc = run_cli("search", str(spec))
-    assert proc.returncode == 2, proc.stderr
-    assert proc.stderr.strip().splitlines() == [
+def test_a_grace_period_under_twice_the_interval_is_refused(tmp_path, heartbeat, got,
+                                                            capsys):
+    spec = lease_spec(tmp_path, f"sqlite:///{tmp_path}/lease.db", heartbeat=heartbeat)
+    assert main(["search", str(spec)]) == 2
+    assert capsys.readouterr().err.strip().splitlines() == [
         f"nas search: error: {spec}: heartbeat.grace_period: must be at least twice "
         f"heartbeat.interval ({heartbeat['interval']} s), got {got}: a live worker's lease may "
         "be renewed an interval late"]
     assert not (tmp_path / "lease.db").exists()
 
 
-def test_a_worker_that_stops_short_of_its_target_exits_1_and_says_why(tmp_path):
+def test_a_worker_that_stops_short_of_its_target_exits_1_and_says_why(tmp_path, capsys):
     storage = f"sqlite:///{tmp_path}/lease.db"
-    spec = write_spec(tmp_path, storage, n_trials=5)
-    proc = run_cli("search", str(spec), "--no-progress", "--timeout", "1")
-    assert proc.returncode == 1, proc.stderr
-    finished = sum(len(trials) for s, trials in by_state(storage).items() if s in FINISHED)
+    spec = lease_spec(tmp_path, storage, n_trials=5)
+    assert main(["search", str(spec), "--no-progress", "--threads", "1", "--timeout", "1"]) == 1
+    finished = sum(len(trials) for s, trials in by_state(storage, "lease").items()
+                   if s in FINISHED)
     assert 0 < finished < 5
-    assert proc.stderr.strip().splitlines()[-1] == (
+    assert capsys.readouterr().err.strip().splitlines()[-1] == (
         f"nas search: stopped with {finished} of n_trials 5 finished: --timeout 1 s ran out; "
         "run the same command again to go on")
 
@@ -352,7 +372,7 @@ def test_a_worker_that_stops_short_of_its_target_exits_1_and_says_why(tmp_path):
 
 
 def test_max_time_fails_a_hung_trial_with_its_reason(tmp_path, storage, capsys):
-    spec = write_spec(tmp_path, storage, base={
+    spec = lease_spec(tmp_path, storage, base={
         **ENDLESS, "train": {**ENDLESS["train"], "max_time": 2}})
     study = quiet(load_spec(spec), n_trials=1)
     [trial] = study.trials
@@ -368,7 +388,7 @@ def journal_size_and_writes(tmp_path: Path, name: str, steps: int) -> tuple[int,
     """One trial validating every 2 steps on its own journal file: the file's size, and how
     many times each curve attribute was written."""
     storage = f"journal:{tmp_path}/{name}.log"
-    spec = write_spec(tmp_path, storage, name=name, objectives=["val_loss"],
+    spec = lease_spec(tmp_path, storage, name=name, objectives=["val_loss"],
                       space={"model": {"n_layer": 2}, "value_residual": {"mode": ["vanilla"]}},
                       base={**TINY_BASE, "train": {**TINY_BASE["train"], "steps": steps,
                                                    "eval_every": 2}},
@@ -403,9 +423,9 @@ def test_workers_on_one_host_share_its_cores(tmp_path):
         return subprocess.Popen(nas_cmd("search", str(spec), "--no-progress"),
                                 stdout=log.open("w"), stderr=subprocess.STDOUT, env=env)
 
-    first = write_spec(tmp_path, f"sqlite:///{tmp_path}/a.db", name="a", n_trials=1,
+    first = lease_spec(tmp_path, f"sqlite:///{tmp_path}/a.db", name="a", n_trials=1,
                        base=ENDLESS)
-    second = write_spec(tmp_path, f"journal:{tmp_path}/b.log", name="b", n_trials=1,
+    second = lease_spec(tmp_path, f"journal:{tmp_path}/b.log", name="b", n_trials=1,
                         base=TINY_BASE)
     log_a, log_b = tmp_path / "a.log", tmp_path / "b.log"
     a = worker(first, log_a)

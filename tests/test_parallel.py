@@ -5,7 +5,6 @@ diverge or raise. Workers are real `python -m nas search` processes; tiny models
 import gc
 import re
 import signal
-import time
 
 import pytest
 from optuna.trial import TrialState
@@ -14,8 +13,8 @@ from nas.search.spec import load_spec
 from nas.search.study import FINISHED, open_study
 from nas.search.worker import MAX_FAILURES, SearchError, run_search
 from nas.training.lit import LitDecoder
-from tests.helpers import TINY_BASE, quiet
-from tests.workers import by_state, finish, load, start_worker, wait_for, write_spec
+from tests.helpers import TINY_BASE, WORKER_STUDY, quiet, write_spec
+from tests.processes import by_state, finish, load, start_worker, wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -37,11 +36,11 @@ def storage(request, tmp_path):
 
 
 def test_two_workers_finish_exactly_n_trials(tmp_path, storage):
-    path = write_spec(tmp_path, storage)
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=storage)
     logs = [tmp_path / f"w{i}.log" for i in range(2)]
     procs = [start_worker(path, i, logs[i]) for i in range(2)]
     texts = [finish(p, log) for p, log in zip(procs, logs, strict=True)]
-    study = load(storage)
+    study = load(storage, "par")
     states = by_state(study)
     finished = [t for s in FINISHED for t in states[s]]
     assert len(finished) == 6, texts
@@ -60,35 +59,30 @@ def test_two_workers_finish_exactly_n_trials(tmp_path, storage):
 
 
 def test_sigkill_mid_trial_keeps_finished_trials_and_a_restart_finishes(tmp_path, pg_url):
-    path = write_spec(tmp_path, pg_url, n_trials=4, base=LONG)
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=pg_url, n_trials=4, base=LONG)
     log0, log1 = tmp_path / "w0.log", tmp_path / "w1.log"
     worker = start_worker(path, 0, log0)
 
     def running_after_a_complete():
-        if worker.poll() is not None:
-            raise AssertionError(log0.read_text())
-        try:
-            states = by_state(load(pg_url))
-        except KeyError:  # the study is not created yet
-            return None
-        # a running trial that has drawn all its parameters (its config is written after the
-        # last draw): killed earlier, its retry would draw the rest anew
-        if states[TrialState.COMPLETE] and any(
-                "config" in t.user_attrs for t in states[TrialState.RUNNING]):
-            return states
-        return None
+        states = by_state(pg_url, "par")
+        # A running trial that has drawn all its parameters (its config is written after the
+        # last draw). Killed before that, its retry would keep the parameters drawn so far and
+        # draw the rest anew, and the retry's params would not be the killed trial's.
+        return states[TrialState.COMPLETE] and any(
+            "config" in t.user_attrs for t in states[TrialState.RUNNING])
 
-    wait_for(running_after_a_complete, 180, "a RUNNING trial with its config after a COMPLETE one")
+    wait_for(running_after_a_complete, worker, log0,
+             "a RUNNING trial with its config after a COMPLETE one")
     worker.send_signal(signal.SIGKILL)
     worker.wait(timeout=30)
-    before = by_state(load(pg_url))
+    before = by_state(load(pg_url, "par"))
     assert len(before[TrialState.RUNNING]) == 1
     killed = before[TrialState.RUNNING][0]
     kept = {t.number: (t.values, t.params, t.datetime_complete)
             for t in before[TrialState.COMPLETE] + before[TrialState.PRUNED]}
 
     text = finish(start_worker(path, 1, log1), log1)
-    study = load(pg_url)
+    study = load(pg_url, "par")
     states = by_state(study)
     assert len(states[TrialState.COMPLETE]) + len(states[TrialState.PRUNED]) == 4, text
     assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
@@ -108,43 +102,35 @@ def test_sigkill_mid_trial_keeps_finished_trials_and_a_restart_finishes(tmp_path
 def test_ctrl_c_or_sigterm_fails_the_running_trial_and_a_rerun_resumes(tmp_path, signum,
                                                                       status, name):
     storage = f"sqlite:///{tmp_path}/par.db"
-    path = write_spec(tmp_path, storage, n_trials=2, base=LONG)
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=storage, n_trials=2, base=LONG)
     log = tmp_path / "w.log"
     worker = start_worker(path, None, log)
 
-    def running():
-        if worker.poll() is not None:
-            raise AssertionError(log.read_text())
-        try:
-            return by_state(load(storage))[TrialState.RUNNING]
-        except KeyError:
-            return None
-
-    wait_for(running, 180, "a RUNNING trial")
-    time.sleep(1.0)
+    # mid-trial: training, past its first validation
+    wait_for(lambda: any(t.user_attrs.get("last_validation")
+                         for t in by_state(storage, "par")[TrialState.RUNNING]),
+             worker, log, "a RUNNING trial past its first validation")
     worker.send_signal(signum)
     worker.wait(timeout=60)
     assert worker.returncode == status, log.read_text()
     assert f"nas search: interrupted ({name})" in log.read_text()
     assert "Traceback" not in log.read_text()
-    states = by_state(load(storage))
+    states = by_state(load(storage, "par"))
     assert not states[TrialState.RUNNING]  # nothing left half-done
     [failed] = states[TrialState.FAIL]
     assert failed.user_attrs["failure"].startswith("interrupted") and (
         name in failed.user_attrs["failure"])
     finish(start_worker(path, None, log), log)
-    states = by_state(load(storage))
+    states = by_state(load(storage, "par"))
     assert len(states[TrialState.COMPLETE]) + len(states[TrialState.PRUNED]) == 2
     assert len(states[TrialState.FAIL]) == 1
     assert not states[TrialState.RUNNING] and not states[TrialState.WAITING]
 
 
-
-
 def test_diverging_trial_is_recorded_and_the_study_goes_on(tmp_path):
-    path = write_spec(tmp_path, f"sqlite:///{tmp_path}/div.db", n_trials=2, baselines=False,
-                      objectives=["val_loss"], space={"model": {"n_layer": 2},
-                                                      "train": {"lr": [3e-3, 1e3]}},
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=f"sqlite:///{tmp_path}/div.db",
+                      n_trials=2, baselines=False, objectives=["val_loss"],
+                      space={"model": {"n_layer": 2}, "train": {"lr": [3e-3, 1e3]}},
                       sampler={"type": "random"})
     spec = load_spec(path)
     open_study(spec).enqueue_trial({"train.lr": 1e3})  # AdamW at lr 1000: NaN within 2 steps
@@ -175,10 +161,11 @@ def test_a_raising_trial_is_recorded_and_a_failing_worker_stops(tmp_path, monkey
 
     real = nas.training.train.train
     monkeypatch.setattr(nas.training.train, "train", flaky)
-    path = write_spec(tmp_path, f"sqlite:///{tmp_path}/raise.db", n_trials=2, baselines=False)
+    path = write_spec(tmp_path, preset=WORKER_STUDY, storage=f"sqlite:///{tmp_path}/raise.db",
+                      n_trials=2, baselines=False)
     with pytest.raises(SearchError, match=f"{MAX_FAILURES} trials in a row failed.*boom"):
         quiet(load_spec(path))
-    study = load(f"sqlite:///{tmp_path}/raise.db")
+    study = load(f"sqlite:///{tmp_path}/raise.db", "par")
     states = [t.state for t in study.trials]
     assert states == [TrialState.FAIL, TrialState.COMPLETE] + [TrialState.FAIL] * MAX_FAILURES
     assert study.trials[0].user_attrs["failure"] == "RuntimeError: boom 1"

@@ -1,17 +1,16 @@
 """Studies end to end on tiny models: real training, real SQLite storage."""
 
-import subprocess
-
 import optuna
 import pytest
 import yaml
 from optuna.trial import TrialState
 
+from nas.cli import main
 from nas.config import from_dict
 from nas.model.decoder import count_params
 from nas.search.spec import load_spec
 from nas.search.study import open_study
-from tests.helpers import TINY_BASE, env_for_cli, nas_cmd, quiet, write_spec
+from tests.helpers import TINY_BASE, quiet, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
 
@@ -118,19 +117,16 @@ def test_parameter_budget_is_a_constraint(tmp_path):
     assert all(t.system_attrs["constraints:n_params"] <= 0 for t in small)
 
 
-def test_cli_search_prints_front_and_refuses_bad_specs(tmp_path):
+def test_cli_search_prints_front_and_refuses_bad_specs(tmp_path, capsys):
     path = write_spec(tmp_path, n_trials=2)
-    proc = subprocess.run(nas_cmd("search", str(path), "--no-progress"), capture_output=True,
-                          text=True, env=env_for_cli(), timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    assert "Pareto front" in proc.stdout and "vanilla" in proc.stdout
+    assert main(["search", str(path), "--no-progress", "--threads", "1"]) == 0
+    assert "Pareto front" in (out := capsys.readouterr().out) and "vanilla" in out
     bad = tmp_path / "bad.yaml"
     bad.write_text(yaml.safe_dump({"name": "x", "space": {"model": {"n_head": [3]}},
                                    "base": TINY_BASE}))
-    proc = subprocess.run(nas_cmd("search", str(bad)), capture_output=True, text=True,
-                          env=env_for_cli(), timeout=120)
-    assert proc.returncode == 2 and "model.n_head" in proc.stderr
-    assert len(proc.stderr.strip().splitlines()) == 1
+    assert main(["search", str(bad)]) == 2
+    err = capsys.readouterr().err
+    assert "model.n_head" in err and len(err.strip().splitlines()) == 1
     study = optuna.load_study(study_name="tiny", storage=f"sqlite:///{tmp_path}/tiny.db")
     assert len(study.trials) == 2
 

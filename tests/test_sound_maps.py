@@ -52,6 +52,7 @@ def test_a_token_budget_rounds_up_and_round_trips_as_given():
     assert "tokens_per_param" not in from_dict({"train": {"steps": 5}}).to_dict()["train"]
 
 
+@pytest.mark.slow  # trains 83 steps
 def test_a_run_reports_its_tokens_per_param_and_a_held_out_test_loss():
     # gated adds parameters: the budget (against vanilla's) and the measured ratio (against
     # its own) differ

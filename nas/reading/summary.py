@@ -186,21 +186,29 @@ def loss_rows(arms: list[Arm], several_budgets: bool) -> list[dict[str, Any]]:
     return rows
 
 
+def difference_tests(arms: list[Arm], several_budgets: bool
+                     ) -> dict[tuple[str, str] | str, float]:
+    """The unadjusted p-values of the differences table, its one Holm family: each cell's exact
+    sign-flip test ((variant, level) -> p), and each variant's pooled test where it pools
+    several cells (variant -> p; over one cell it is that cell's test again)."""
+    by_variant = paired_differences(arms)
+    return {**{(name, _level(d.arm, several_budgets)): sign_flip_p(list(d.by_seed.values()))
+               for name, diffs in by_variant.items() for d in diffs},
+            **{name: pooled_p(diffs) for name, diffs in by_variant.items() if len(diffs) > 1}}
+
+
 def difference_rows(arms: list[Arm], several_budgets: bool
                     ) -> tuple[list[dict[str, Any]], list[float]]:
     """Rows of paired differences (one column per size, or size and budget, each with its
     exact p-value), a pooled p-value per variant, every p-value Holm-adjusted across the
-    table; and the means of those whose interval excludes zero."""
+    table (`difference_tests`); and the means of those whose interval excludes zero."""
     by_variant = paired_differences(arms)
     levels = sorted({(d.arm.n_params, d.arm.tokens, _level(d.arm, several_budgets))
                      for diffs in by_variant.values() for d in diffs})
     cells = {(name, _level(d.arm, several_budgets)): d for name, diffs in by_variant.items()
              for d in diffs}
     pooled = {name: pooled_p(diffs) for name, diffs in by_variant.items()}
-    # one family: every cell's test, and each variant's pooled test where it pools several
-    # cells (over one cell it is that cell's test again)
-    tests = {**{key: sign_flip_p(list(d.by_seed.values())) for key, d in cells.items()},
-             **{name: p for name, p in pooled.items() if len(by_variant[name]) > 1}}
+    tests = difference_tests(arms, several_budgets)
     adjusted = dict(zip(tests, holm(list(tests.values())), strict=True))
     for name, diffs in by_variant.items():
         if len(diffs) == 1:
@@ -354,6 +362,11 @@ def confirmation_sections(c: Confirmation) -> list[Section]:
     return out
 
 
+def several_budgets(arms: list[Arm]) -> bool:
+    """Some shape trained on more than one budget: the tables' levels are (shape, budget)."""
+    return any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape for a in arms})
+
+
 def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
              confirmations: Iterable[Confirmation] = ()) -> list[Section]:
     """Every table the study's completed trials support, in reading order, then those of its
@@ -365,8 +378,7 @@ def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
         return confirmed
     chosen = [t for a in arms for t in a.trials]
     split = "test" if reports_test(chosen) else "val"
-    several = any(len({a.tokens for a in arms if a.shape == s}) > 1 for s in {a.shape
-                                                                             for a in arms})
+    several = several_budgets(arms)
     out = [Section("budget", "Training budget", [], budget_notes(arms))]
     if rows := lr_rows(arms):
         how = ("Each half of the seeds chooses the rate (lowest mean validation loss) at which "
