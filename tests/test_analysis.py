@@ -161,8 +161,6 @@ def test_parameter_saving_has_a_spread_across_seeds():
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------
 
 
-
-
 def test_scaling_study_reports_savings_with_seed_spread_and_analysis(tmp_path, capsys):
     spec = {
         "name": "scaling-tiny",

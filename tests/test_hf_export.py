@@ -332,9 +332,10 @@ def test_without_transformers_the_export_says_what_to_install(tmp_path, capsys, 
 
 
 def test_the_generated_module_refuses_an_import_it_does_not_bundle(monkeypatch):
-    monkeypatch.setattr(hf_export, "BUNDLED", ("residual",))  # residual imports .modes
-    with pytest.raises(RuntimeError, match=r"nas/model/residual.py imports .modes, which"):
+    # residual imports nas.modes, left out here
+    monkeypatch.setattr(hf_export, "BUNDLED", ("nas.model.residual",))
+    with pytest.raises(RuntimeError, match=r"nas/model/residual.py imports nas.modes, which"):
         hf_export.modeling_source()
-    monkeypatch.setattr(hf_export, "BUNDLED", ("modes", "modes"))
+    monkeypatch.setattr(hf_export, "BUNDLED", ("nas.modes", "nas.modes"))
     with pytest.raises(RuntimeError, match="both define"):
         hf_export.modeling_source()

@@ -62,8 +62,6 @@ def tiny_study(tmp_path_factory):
     return path, spec, study
 
 
-
-
 def test_trials_carry_config_and_curve_artifacts(tiny_study, tmp_path):
     _, spec, study = tiny_study
     folder = artifact_dir(spec.storage, spec.name)
@@ -192,8 +190,6 @@ def test_equivalent_parameter_saving_recovers_a_known_saving():
     assert by_name["svformer"].headline is None
     assert "too few model sizes" in by_name["svformer"].note
     assert fit_scaling([1e5, 2e5], [3.0, 3.1]) is None  # loss rising with size: no fit
-
-
 
 
 def _get(url: str):

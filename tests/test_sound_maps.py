@@ -53,6 +53,16 @@ def test_a_token_budget_rounds_up_and_round_trips_as_given():
 
 
 @pytest.mark.slow  # trains 83 steps
+def test_older_records_read_the_measured_ratio_under_its_own_name():
+    """Stored as `tokens_per_param` before it was renamed, or not stored at all before that:
+    either way a record reads its tokens per non-embedding parameter of its own model."""
+    attrs = {"tokens": 1000, "n_params_non_embedding": 400}
+    renamed = optuna.trial.create_trial(value=1.0, user_attrs={**attrs, "tokens_per_param": 2.5})
+    unstored = optuna.trial.create_trial(value=1.0, user_attrs=attrs)
+    assert TrialRecord.from_trial(renamed).tokens_per_model_param == 2.5
+    assert TrialRecord.from_trial(unstored).tokens_per_model_param == 2.5
+
+
 def test_a_run_reports_its_tokens_per_param_and_a_held_out_test_loss():
     # gated adds parameters: the budget (against vanilla's) and the measured ratio (against
     # its own) differ

@@ -105,6 +105,10 @@ class TrialRecord:
         """The record of a finished trial, or of a running one (RUNNING, no values yet)."""
         stored = {RENAMED.get(k, k): v for k, v in trial.user_attrs.items()
                   if RENAMED.get(k, k) in _ATTRS and v is not None}
+        if "tokens_per_model_param" not in stored and stored.get("n_params_non_embedding") \
+                and stored.get("tokens") is not None:
+            # a record from before the ratio was stored: what its run would have stored
+            stored["tokens_per_model_param"] = stored["tokens"] / stored["n_params_non_embedding"]
         if isinstance(trial, optuna.Trial):
             return cls(trial.number, TrialState.RUNNING, dict(trial.params), None, **stored)
         values = tuple(trial.values) if trial.values is not None else None
