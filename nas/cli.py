@@ -96,7 +96,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads: must be > 0, got {args.threads}")
     derived = prepare(study_spec(args, args.study), args.storage, top=args.top, pareto=args.pareto,
                       trials=args.trials, seeds=args.seeds, first_seed=args.first_seed,
-                      name=args.name)
+                      name=args.name, rates=args.rates)
     try:
         study = run_confirm(derived, threads=args.threads, progress=show_progress(args))
     except SearchError as exc:
@@ -373,6 +373,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--first-seed", type=int, metavar="F", help="the seeds F..F+S-1 (default: "
                    "the S smallest above every seed the study declares or ran; an overlap with "
                    "those is refused)")
+    p.add_argument("--rates", metavar="R1,R2,...", help="every plan and vanilla sweep these "
+                   "learning rates on the fresh seeds and each reports its best on them "
+                   "(all_seeds), instead of the study's own rate rule: the same tuning for the "
+                   "baseline as for the plans (at most sqrt(2) apart)")
     p.add_argument("--name", help="the confirmation study (default: <study>-confirm); a new "
                    "name for other plans or seeds than an existing confirmation's")
     p.add_argument("--storage", help=storage_help + "; the confirmation is stored there too")

@@ -18,7 +18,10 @@ Rates, by the study's own rule:
   rate without a vanilla run at that shape and budget has no rate to give it, and is refused;
 - a learning-rate sweep (`nas.search.lr_sweep.is_sweep`) instead gives every plan and vanilla an
   all_seeds sweep on the fresh seeds, over the space's grid and any rate its arm added beyond
-  it, so that each chooses its rate on the fresh seeds as the study chose.
+  it, so that each chooses its rate on the fresh seeds as the study chose;
+- `--rates` gives every plan and vanilla an all_seeds sweep over those rates, whatever the
+  study did: in a search that fixed or searched the rate, the baseline then gets the same
+  tuning as the plans.
 
 Knows nothing of torch.
 """
@@ -26,6 +29,7 @@ Knows nothing of torch.
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -33,7 +37,7 @@ import optuna
 from optuna.trial import TrialState
 
 from nas.config import from_dict
-from nas.errors import ConfigError
+from nas.errors import ConfigError, excerpt
 from nas.modes import BASELINE_MODE
 from nas.old_records import LATE_TRAIN_KEYS
 from nas.reading.arms import Arm, budget_key, choose_arms, plan_key
@@ -164,13 +168,29 @@ def _with(config: dict, vanilla: bool = False, lr: float | None = None) -> dict:
     return from_dict(raw, where="confirm").to_dict()
 
 
-def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
-                 ) -> list[dict[str, Any]]:
-    """The chosen plans and their vanilla references (see the module docstring for the rates),
-    each once; a plan's `reference` is its reference's index."""
+def parse_rates(text: str) -> list[float]:
+    """`--rates R1,R2,...`: two or more positive rates, at most sqrt(2) apart, ascending."""
+    try:
+        rates = sorted(float(part) for part in text.split(","))
+    except ValueError:
+        rates = []
+    if len(rates) < 2 or not all(math.isfinite(r) and r > 0 for r in rates):
+        raise ConfigError(f"--rates: expected two or more positive learning rates separated by "
+                          f"commas, e.g. 0.006,0.0085,0.012; got {excerpt(text)}")
+    if problem := lr_sweep.check_grid(rates, lr_sweep.Sweep(protocol="all_seeds")):
+        raise ConfigError(f"--rates: {problem}")
+    return rates
+
+
+def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]],
+                 sweep_rates: list[float] | None = None) -> list[dict[str, Any]]:
+    """The chosen plans and their vanilla references (see the module docstring for the rates;
+    `sweep_rates`: `--rates`), each once; a plan's `reference` is its reference's index."""
     space = spec.merged_space
-    sweep = lr_sweep.is_sweep(space)
-    grid = space["train"]["lr"] if sweep else []
+    sweep = sweep_rates is not None or lr_sweep.is_sweep(space)
+    grid = sweep_rates or (space["train"]["lr"] if sweep else [])
+    # the rates an arm of the study added to its grid, where the study's own sweep is rerun
+    added = (lambda arm: set()) if sweep_rates is not None else (lambda arm: set(arm.grid))
     lr_fixed = not isinstance(space.get("train", {}).get("lr"), (list, dict))
     front_arms = nondominated_arms(arms)
     entries: list[dict[str, Any]] = []
@@ -184,7 +204,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
 
     for number, arm in chosen:
         config = _with(_best_run(arm).config)
-        rates = sorted(set(grid) | set(arm.grid)) if sweep else [arm.lr]
+        rates = sorted(set(grid) | added(arm)) if sweep else [arm.lr]
         level = (arm.first.shape_key, budget_key(arm.first))
         vanillas = [a for a in arms if a.first.mode == BASELINE_MODE
                     and (a.first.shape_key, budget_key(a.first)) == level]
@@ -194,7 +214,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
                 f"trial {number} ({arm.first.label}, {arm.shape}, {arm.budget}): no vanilla "
                 f"comparison possible: study {spec.name!r} searches train.lr and completed no "
                 "vanilla trial at this shape and budget to take vanilla's rate from")
-        ref_rates = (sorted(set(grid) | set(best.grid if best else [])) if sweep
+        ref_rates = (sorted(set(grid) | (added(best) if best else set())) if sweep
                      else [best.lr if best else arm.lr])
         ref_config = _with(config, vanilla=True, lr=ref_rates[0])
         # the study's vanilla arm speaks for the reference only where it ran the same config
@@ -305,9 +325,11 @@ def check_resume(storage: optuna.storages.BaseStorage, derived: StudySpec) -> No
 
 def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None = None,
             pareto: bool = False, trials: str | None = None, seeds: int = 0,
-            first_seed: int | None = None, name: str | None = None) -> StudySpec:
+            first_seed: int | None = None, name: str | None = None,
+            rates: str | None = None) -> StudySpec:
     """Check everything and derive the confirmation's spec; nothing is written."""
     numbers = parse_trials(trials) if trials is not None else None
+    sweep_rates = parse_rates(rates) if rates is not None else None
     fresh_seeds(set(), seeds, first_seed)  # the flags alone, before the study is read
     name = name or confirmation_name(spec.name)
     if not NAME.fullmatch(name) or ".." in name or name == spec.name:
@@ -321,9 +343,11 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None 
     chosen = choose_plans(study, arms, top, pareto, numbers)
     fresh = fresh_seeds(study_seeds(study, spec.merged_space, spec.replicates), seeds,
                         first_seed)
-    entries = plan_entries(spec, arms, chosen)
+    entries = plan_entries(spec, arms, chosen, sweep_rates)
     choice = (f"--top {top}" if top is not None else "--pareto" if pareto
               else f"--trials {','.join(map(str, numbers or []))}")
+    if sweep_rates is not None:
+        choice += f" --rates {','.join(f'{r:g}' for r in sweep_rates)}"
     derived = confirmation_spec(spec, resolve_storage(spec, storage_url), name, entries, fresh,
                                 f"{choice} --seeds {seeds}")
     check_resume(study._storage, derived)

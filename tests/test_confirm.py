@@ -21,7 +21,14 @@ from optuna.trial import FixedTrial, TrialState, create_trial
 
 from nas.cli import main
 from nas.config import from_dict
-from nas.confirm import choose_plans, confirmation_spec, fresh_seeds, plan_entries, study_seeds
+from nas.confirm import (
+    choose_plans,
+    confirmation_spec,
+    fresh_seeds,
+    parse_rates,
+    plan_entries,
+    study_seeds,
+)
 from nas.errors import ConfigError
 from nas.reading.arms import choose_arms, plan_key
 from nas.reading.confirmation import Plan, read
@@ -193,6 +200,37 @@ def test_a_searched_rate_gives_vanilla_the_rate_of_its_best_run_at_the_plan_s_sh
         ("vanilla", [0.002], None), ("#3 identity", [0.002], 1.9)]
 
 
+def test_rates_give_every_plan_and_vanilla_the_same_sweep_whatever_the_study_did(tmp_path):
+    """`--rates`: a study that fixed or searched the rate, or swept its own grid, confirms every
+    plan and vanilla over the given rates alone (the baseline tuned as the plans are)."""
+    runs = _numbered([sweep_trial("vanilla", 16, 0.001, 0, 2.0, 3.0),
+                      sweep_trial("identity", 16, 0.002, 0, 1.9, 3.0),
+                      sweep_trial("identity", 16, 0.002828, 1, 1.8, 3.0)])
+    rates = [0.002, 0.0028, 0.004]
+    for lr in (0.002, {"low": 1e-4, "high": 1e-2, "log": True}, [0.001, 0.0014, 0.002]):
+        spec = _sweep_spec(tmp_path, {"lr": lr, "seed": [0, 1]})
+        arms = choose_arms(runs)
+        entries = plan_entries(spec, arms, [(1, next(a for a in arms if a.variant != "vanilla"))],
+                               rates)
+        assert [e["rates"] for e in entries] == [rates, rates], lr
+        derived = confirmation_spec(spec, "sqlite:///x.db", "rates-confirm", entries, [2, 3], "")
+        assert derived.n_trials == 2 * 3 * 2
+        assert sorted({p["train.lr"] for p in derived.queue}) == rates
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    ("0.003", "--rates: expected two or more positive learning rates"),
+    ("0.003,x", "--rates: expected two or more positive learning rates"),
+    ("0.003,-0.004", "--rates: expected two or more positive learning rates"),
+    ("0.003,nan", "--rates: expected two or more positive learning rates"),
+    ("0.003,0.003", "--rates: the rates must differ"),
+    ("0.001,0.004", "--rates: neighbouring rates must be at most sqrt(2) apart"),
+], ids=["one", "not-a-number", "negative", "nan", "twice", "too-far-apart"])
+def test_bad_rates_are_one_line(text, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        parse_rates(text)
+
+
 # -- the reading, on known numbers ---------------------------------------------------------------
 
 
@@ -321,6 +359,24 @@ def test_confirm_on_an_unseen_corpus_prints_plans_against_vanilla_and_report_sho
     assert _studies(url) == before
 
 
+def test_confirm_with_rates_sweeps_every_plan_and_vanilla_on_the_fresh_seeds(searched, tmp_path,
+                                                                           capsys):
+    spec, url = _copy(searched, tmp_path)
+    assert main(["confirm", spec, "--storage", url, "--top", "1", "--seeds", "2", "--rates",
+                 "0.004,0.003", "--name", "tiny-rates", "--threads", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    confirm = optuna.load_study(study_name="tiny-rates", storage=make_storage(url))
+    record = confirm.user_attrs["confirm"]
+    assert record["choice"] == "--top 1 --rates 0.003,0.004 --seeds 2"
+    assert [e["rates"] for e in record["plans"]] == [[0.003, 0.004]] * 2  # vanilla and the plan
+    done = [TrialRecord.from_trial(t) for t in confirm.trials]
+    assert all(t.state == TrialState.COMPLETE for t in done)
+    assert sorted((t.variant, t.lr, t.seed) for t in done) == sorted(
+        (e["name"], lr, seed) for e in record["plans"] for lr in (0.003, 0.004)
+        for seed in (1, 2))
+    assert "winner's curse" in out
+
+
 def test_a_confirmation_killed_half_way_is_finished_by_the_same_command(searched, tmp_path):
     spec, url = _copy(searched, tmp_path)
     command = ["confirm", spec, "--storage", url, "--top", "1", "--seeds", "3", "--threads",
@@ -391,8 +447,10 @@ def test_two_workers_on_one_confirmation_run_every_queued_trial_once(searched, t
     (["--top", "1", "--pareto", "--seeds", "2"], "choose the plans with exactly one of"),
     (["--top", "1", "--seeds", "2", "--name", "tiny"], "--name: must be"),
     (["--top", "1", "--seeds", "2", "--threads", "0"], "--threads: must be > 0"),
+    (["--top", "1", "--seeds", "2", "--rates", "0.001,0.004"],
+     "--rates: neighbouring rates must be at most sqrt(2) apart"),
 ], ids=["one-seed", "overlap", "top-beyond", "no-such-trial", "not-a-number", "no-choice",
-        "two-choices", "own-name", "threads"])
+        "two-choices", "own-name", "threads", "rates-too-far-apart"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(searched, tmp_path, capsys, args,
                                                          message):
     spec, url = _copy(searched, tmp_path)
