@@ -195,8 +195,8 @@ def run_search(spec: StudySpec, storage_url: str | None = None, n_trials: int | 
     check_trainable(spec, force=force)
     where = resolve_storage(spec, storage_url)
     with _stop_if_storage_lost(where):
-        study = open_study(spec, storage_url, echo=echo, seed_offset=worker_id or 0)
         offset = worker_id or 0
+        study = open_study(spec, storage_url, echo=echo, seed_offset=offset)
         if worker_id is None and study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             # a worker joining others without --worker-id learns it only from the open study
             offset = worker_seed_offset(True, None)
