@@ -23,10 +23,13 @@ import yaml
 
 from nas.cli import main
 from nas.config import dump_config
+from nas.errors import ConfigError
+from nas.model.decoder import build_model
 from nas.parsing import first_non_finite
 from nas.search.spec import load_spec
 from nas.search.worker import run_search
 from nas.training.data import SHARD_HEADER_INTS, SHARD_MAGIC, write_shard
+from nas.training.trained_run import load_run
 from tests.helpers import TINY_BASE, env_for_cli, free_port, nas_cmd, tiny
 
 SPACE = {"model": {"n_layer": [2, 3]},
@@ -61,7 +64,7 @@ def held(tmp_path_factory):
     (tmp_path / "dup-space.yaml").write_text("model: {n_layer: [2]}\nmodel: {n_layer: [3]}\n")
     # run folders whose model.pt is no state dict: a pickle that would run code, and noise
     for name, write in (("pickled", lambda p: torch.save({"w": RunsCode()}, p)),
-                        ("garbage", lambda p: p.write_bytes(os.urandom(4096)))):
+                        ("garbage", lambda p: p.write_bytes(np.random.default_rng(0).bytes(4096)))):
         (tmp_path / name).mkdir()
         dump_config(tiny(n_layer=2), tmp_path / name / "config.yaml")
         write(tmp_path / name / "model.pt")
@@ -636,3 +639,22 @@ def test_the_nan_walk_visits_a_shared_value_once():
     assert first_non_finite({"train": {"lr": shared}}) is None
     shared.append(float("nan"))
     assert math.isnan(first_non_finite({"train": {"lr": shared}}))
+
+
+def test_any_noise_or_truncation_in_model_pt_is_refused_in_one_line(tmp_path):
+    # the unpickler fails on noise in whichever of its types the bytes lead it to (IndexError,
+    # KeyError, UnicodeDecodeError...): every one must come out as the one refusal
+    cfg = tiny(n_layer=2)
+    dump_config(cfg, tmp_path / "config.yaml")
+    torch.save(build_model(cfg).state_dict(), tmp_path / "whole.pt")
+    whole = (tmp_path / "whole.pt").read_bytes()
+    rng = np.random.default_rng(20261207)
+    defects = [rng.bytes(int(rng.integers(1, 8192))) for _ in range(300)]
+    defects += [whole[:n] for n in rng.integers(1, len(whole), 50)]
+    for defect in defects:
+        (tmp_path / "model.pt").write_bytes(defect)
+        with pytest.raises(ConfigError, match="model.pt: ") as info:
+            load_run(tmp_path)
+        assert "\n" not in str(info.value)
+    (tmp_path / "model.pt").write_bytes(whole)
+    assert load_run(tmp_path)[0] == cfg  # the folder itself was sound
