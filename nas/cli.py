@@ -96,7 +96,7 @@ def cmd_confirm(args: argparse.Namespace) -> int:
         raise ConfigError(f"--threads: must be > 0, got {args.threads}")
     derived = prepare(study_spec(args, args.study), args.storage, top=args.top, pareto=args.pareto,
                       trials=args.trials, seeds=args.seeds, first_seed=args.first_seed,
-                      name=args.name, rates=args.rates)
+                      name=args.name, rates=args.rates, variants=args.variants)
     try:
         study = run_confirm(derived, threads=args.threads, progress=show_progress(args))
     except SearchError as exc:
@@ -377,6 +377,10 @@ def build_parser() -> argparse.ArgumentParser:
                    "learning rates on the fresh seeds and each reports its best on them "
                    "(all_seeds), instead of the study's own rate rule: the same tuning for the "
                    "baseline as for the plans (at most sqrt(2) apart)")
+    p.add_argument("--variants", metavar="FILE", help="also the named variants of this space "
+                   "file (its `variants`, e.g. search_spaces/paper_variants.yaml) at every "
+                   "chosen plan's shape, budget and vanilla's rates, each against vanilla and "
+                   "each searched plan against the best of them")
     p.add_argument("--name", help="the confirmation study (default: <study>-confirm); a new "
                    "name for other plans or seeds than an existing confirmation's")
     p.add_argument("--storage", help=storage_help + "; the confirmation is stored there too")

@@ -11,6 +11,11 @@ and data keys as the plans ran them, and a queue (`StudySpec.queue`) that lists 
 plans and what the study measured of them are stored with it (the user attribute `confirm`) for
 `nas.reading.confirmation` to read.
 
+`--variants FILE` adds the named variants of a space file (e.g. the paper's identity, learnable
+and sparse) at each reference's shape, budget and rates, so that the search's winners meet the
+hand-made plans on the same fresh seeds; a layer pattern (`last_k` with a share) is resolved at
+each shape's n_layer.
+
 Rates, by the study's own rule:
 - a plan retrains at the rate its arm chose in the study (a plan that ran one rate, at that one);
 - vanilla at a plan's shape and budget at the rate of the study's best vanilla arm there, or, in
@@ -31,25 +36,29 @@ from __future__ import annotations
 import json
 import math
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import optuna
 from optuna.trial import TrialState
 
-from nas.config import from_dict
+from nas.config import ValueResidualConfig, from_dict
 from nas.errors import ConfigError, excerpt
 from nas.modes import BASELINE_MODE
 from nas.old_records import LATE_TRAIN_KEYS
+from nas.parsing import parse, read_yaml
 from nas.reading.arms import Arm, budget_key, choose_arms, plan_key
 from nas.reading.confirmation import CONFIRM_ATTR
 from nas.reading.export import choose_trials
 from nas.search import lr_sweep
 from nas.search.replicates import replicate_seeds
+from nas.search.space import check_space, fixed_plan
 from nas.search.spec import NAME, StudySpec
 from nas.search.study import open_existing, resolve_storage
 from nas.search.trials import TrialRecord, completed, front_indices
 
 MIN_SEEDS = 2  # an interval over seeds needs two
+VANILLA = {"mode": BASELINE_MODE}
 
 
 def confirmation_name(study_name: str) -> str:
@@ -158,14 +167,48 @@ def _entry(name: str, config: dict, rates: list[float], arm: Arm | None, trial: 
             "on_front": arm is not None and id(arm) in front, "reference": None}
 
 
-def _with(config: dict, vanilla: bool = False, lr: float | None = None) -> dict:
-    """`config` (with vanilla's plan, another rate) as a run config records it today."""
+def _with(config: dict, plan: dict | None = None, lr: float | None = None) -> dict:
+    """`config` (with another value_residual plan, another rate) as a run config records it
+    today."""
     raw = json.loads(json.dumps(config))
-    if vanilla:
-        raw["value_residual"] = {"mode": BASELINE_MODE}
+    if plan is not None:
+        raw["value_residual"] = plan
     if lr is not None:
         raw["train"]["lr"] = lr
     return from_dict(raw, where="confirm").to_dict()
+
+
+def load_variants(path: str) -> dict[str, dict]:
+    """`--variants FILE`: the `variants` mapping of a space file (its other sections are not
+    read), each one fixed plan; vanilla's is left out, every plan's reference already."""
+    where = f"--variants: {path}"
+    raw = read_yaml(path) if Path(path).is_file() else None
+    if raw is None:
+        raise ConfigError(f"{where}: no such file; expected a space file with a `variants` "
+                          "mapping, e.g. search_spaces/paper_variants.yaml")
+    check_space(raw, where)
+    if not raw.get("variants"):
+        raise ConfigError(f"{where}: no `variants` mapping of names to value_residual plans")
+    out = {}
+    for name, body in raw["variants"].items():
+        try:
+            plan = fixed_plan(body, n_layer=2)  # any depth: only its choices are looked for
+        except ConfigError as exc:
+            raise ConfigError(f"{where}: variants.{name}.{exc}") from None
+        # the plan's own keys here; its layers against each shape's n_layer in plan_entries
+        parse(ValueResidualConfig, plan, f"{where}: variants.{name}.value_residual")
+        if plan["mode"] != BASELINE_MODE:
+            out[name] = body
+        elif name != BASELINE_MODE:
+            raise ConfigError(f"{where}: variants.{name}: is vanilla, which every plan is "
+                              "compared with already; leave it out or name it vanilla")
+    if not out:
+        raise ConfigError(f"{where}: holds no variant but vanilla, every plan's reference "
+                          "already")
+    if clash := next((n for n in out if n == BASELINE_MODE or n.startswith("#")), None):
+        raise ConfigError(f"{where}: variants.{clash}: a name the confirmation gives its own "
+                          "plans; rename it")
+    return out
 
 
 def parse_rates(text: str) -> list[float]:
@@ -183,9 +226,11 @@ def parse_rates(text: str) -> list[float]:
 
 
 def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]],
-                 sweep_rates: list[float] | None = None) -> list[dict[str, Any]]:
+                 sweep_rates: list[float] | None = None,
+                 variants: dict[str, dict] | None = None) -> list[dict[str, Any]]:
     """The chosen plans and their vanilla references (see the module docstring for the rates;
-    `sweep_rates`: `--rates`), each once; a plan's `reference` is its reference's index."""
+    `sweep_rates`: `--rates`), each once, then the named `variants` (`--variants`) at each
+    reference's shape, budget and rates; a plan's `reference` is its reference's index."""
     space = spec.merged_space
     sweep = sweep_rates is not None or lr_sweep.is_sweep(space)
     grid = sweep_rates or (space["train"]["lr"] if sweep else [])
@@ -216,7 +261,7 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
                 "vanilla trial at this shape and budget to take vanilla's rate from")
         ref_rates = (sorted(set(grid) | (added(best) if best else set())) if sweep
                      else [best.lr if best else arm.lr])
-        ref_config = _with(config, vanilla=True, lr=ref_rates[0])
+        ref_config = _with(config, plan=VANILLA, lr=ref_rates[0])
         # the study's vanilla arm speaks for the reference only where it ran the same config
         speaks = best is not None and plan_key(_with(_best_run(best).config)) == plan_key(
             ref_config)
@@ -227,6 +272,21 @@ def plan_entries(spec: StudySpec, arms: list[Arm], chosen: list[tuple[int, Arm]]
         mine = add(_entry(f"#{number} {arm.variant}", _with(config, lr=rates[0]), rates,
                           arm, number, front_arms))
         entries[mine]["reference"] = ref
+    if variants and not (sweep or lr_fixed):
+        raise ConfigError(f"--variants: study {spec.name!r} searched train.lr, which gives the "
+                          "named variants no rate of their own: pass --rates R1,R2,... so that "
+                          "they, vanilla and the plans are tuned alike")
+    for ref in sorted({e["reference"] for e in entries if e["reference"] is not None}):
+        base = entries[ref]
+        for name, body in (variants or {}).items():
+            n_layer = base["config"]["model"]["n_layer"]
+            try:  # e.g. layers: [5, 6] at 4 layers
+                config = _with(base["config"], plan=fixed_plan(body, n_layer))
+            except ConfigError as exc:
+                raise ConfigError(f"--variants: {name} at {n_layer} layers: {exc}") from None
+            named = add({**_entry(name, config, base["rates"], None, None, front_arms),
+                         "variant": body})
+            entries[named]["reference"] = ref
     return entries
 
 
@@ -242,9 +302,12 @@ def _filled(config: dict, section: str, key: str) -> Any:
 
 
 def derived_space(entries: list[dict[str, Any]], seeds: list[int]) -> dict[str, Any]:
-    """Named variants, one per plan (vanilla one for every reference), and each model, train
+    """Named variants, one per plan (vanilla one for every reference, each `--variants` one
+    for all its sizes), and each model, train
     and data key fixed where every plan has one value, else a list of their values."""
-    space: dict[str, Any] = {"variants": {e["name"]: e["config"]["value_residual"]
+    # a named variant (`--variants`) keeps its layer pattern: each trial resolves it at its
+    # own n_layer, as the plan's entry did
+    space: dict[str, Any] = {"variants": {e["name"]: e.get("variant", e["config"]["value_residual"])
                                           for e in entries}}
     for section in ("model", "train", "data"):
         keys = dict.fromkeys(k for e in entries for k in e["config"][section])
@@ -326,10 +389,11 @@ def check_resume(storage: optuna.storages.BaseStorage, derived: StudySpec) -> No
 def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None = None,
             pareto: bool = False, trials: str | None = None, seeds: int = 0,
             first_seed: int | None = None, name: str | None = None,
-            rates: str | None = None) -> StudySpec:
+            rates: str | None = None, variants: str | None = None) -> StudySpec:
     """Check everything and derive the confirmation's spec; nothing is written."""
     numbers = parse_trials(trials) if trials is not None else None
     sweep_rates = parse_rates(rates) if rates is not None else None
+    named = load_variants(variants) if variants is not None else None
     fresh_seeds(set(), seeds, first_seed)  # the flags alone, before the study is read
     name = name or confirmation_name(spec.name)
     if not NAME.fullmatch(name) or ".." in name or name == spec.name:
@@ -343,11 +407,13 @@ def prepare(spec: StudySpec, storage_url: str | None = None, *, top: int | None 
     chosen = choose_plans(study, arms, top, pareto, numbers)
     fresh = fresh_seeds(study_seeds(study, spec.merged_space, spec.replicates), seeds,
                         first_seed)
-    entries = plan_entries(spec, arms, chosen, sweep_rates)
+    entries = plan_entries(spec, arms, chosen, sweep_rates, named)
     choice = (f"--top {top}" if top is not None else "--pareto" if pareto
               else f"--trials {','.join(map(str, numbers or []))}")
     if sweep_rates is not None:
         choice += f" --rates {','.join(f'{r:g}' for r in sweep_rates)}"
+    if named:
+        choice += f" --variants {','.join(named)}"
     derived = confirmation_spec(spec, resolve_storage(spec, storage_url), name, entries, fresh,
                                 f"{choice} --seeds {seeds}")
     check_resume(study._storage, derived)

@@ -12,6 +12,7 @@ import random
 import re
 import signal
 import sqlite3
+from html import escape
 from pathlib import Path
 
 import optuna
@@ -25,6 +26,7 @@ from nas.confirm import (
     choose_plans,
     confirmation_spec,
     fresh_seeds,
+    load_variants,
     parse_rates,
     plan_entries,
     study_seeds,
@@ -218,6 +220,93 @@ def test_rates_give_every_plan_and_vanilla_the_same_sweep_whatever_the_study_did
         assert sorted({p["train.lr"] for p in derived.queue}) == rates
 
 
+PAPER = {"identity": {"mode": "resformer", "layers": "all", "lambda1": 0.5, "lambda2": 0.5},
+         "sparse": {"mode": "resformer", "layers": {"pattern": "last_k", "k": 0.375},
+                    "lambda1": 5.0, "lambda2": 1.0}}
+
+
+def test_named_variants_join_each_reference_at_its_shape_and_rates_their_layers_resolved_there(
+        tmp_path):
+    grid = [0.001, 0.0014, 0.002]
+    spec = _sweep_spec(tmp_path, {"lr": grid, "seed": [0, 1]})
+    runs = _numbered([sweep_trial(v, d, lr, s, 2.0 + lr + (v == "vanilla"), 3.0)
+                      for v in ("vanilla", "identity") for d in (16, 24) for lr in grid
+                      for s in (0, 1)])
+    # the d 24 runs at 8 layers: the paper's sparse layout is layers 2-3 of 4, 5-7 of 8
+    runs = [dataclasses.replace(r, config={**r.config, "model": {**r.config["model"],
+                                                                 "n_layer": 8}})
+            if r.config["model"]["d_model"] == 24 else r for r in runs]
+    arms = choose_arms(runs)
+    chosen = choose_plans(optuna.create_study(), arms, 2, False, None)
+    entries = plan_entries(spec, arms, chosen, variants=PAPER)
+    by_name = {}
+    for e in entries:
+        by_name.setdefault(e["name"], []).append(e)
+    assert sorted(by_name) == sorted(["vanilla", "identity", "sparse",
+                                      *(f"#{n} identity" for n, _ in chosen)])
+    for name in ("identity", "sparse"):  # one per reference, tied to it, at its rates
+        assert len(by_name[name]) == 2
+        for e in by_name[name]:
+            ref = entries[e["reference"]]
+            assert ref["name"] == "vanilla" and e["rates"] == ref["rates"] == grid
+            assert e["config"]["model"] == ref["config"]["model"]
+            assert (e["trial"], e["search_val"], e["on_front"]) == (None, None, False)
+    assert sorted(e["config"]["value_residual"]["layers"] for e in by_name["sparse"]) == [
+        [2, 3], [5, 6, 7]]
+    # a named plan the search also ran stays a plan of its own (#N identity beside identity)
+    derived = confirmation_spec(spec, "sqlite:///x.db", "paper-confirm", entries, [2, 3], "")
+    assert derived.merged_space["variants"]["sparse"] == PAPER["sparse"]  # resolved per trial
+    assert derived.n_trials == len(entries) * 3 * 2
+    for params in derived.queue:  # each queued trial draws its entry's run config
+        cfg = from_dict(sample(derived.merged_space, FixedTrial(params))).to_dict()
+        assert plan_key(cfg) in {plan_key(e["config"]) for e in by_name[params["variant"]]}
+
+
+def test_named_variants_need_a_rate_and_must_fit_every_shape(tmp_path):
+    runs = _numbered([sweep_trial("vanilla", 16, 0.001, 0, 2.0, 3.0),
+                      sweep_trial("identity", 16, 0.002, 0, 1.9, 3.0)])
+    arms = choose_arms(runs)
+    chosen = [(1, next(a for a in arms if a.variant != "vanilla"))]
+    searched = _sweep_spec(tmp_path, {"lr": {"low": 1e-4, "high": 1e-2, "log": True}})
+    with pytest.raises(ConfigError, match=r"--variants: study 'sweep' searched train\.lr.*"
+                                          r"pass --rates"):
+        plan_entries(searched, arms, chosen, variants=PAPER)
+    # with --rates the search's rate no longer matters: every one sweeps the same rates
+    entries = plan_entries(searched, arms, chosen, [0.001, 0.0014], PAPER)
+    assert {tuple(e["rates"]) for e in entries} == {(0.001, 0.0014)}
+    fixed = _sweep_spec(tmp_path, {"lr": 0.002})
+    with pytest.raises(ConfigError, match=r"--variants: late at 4 layers: .*layers"):
+        plan_entries(fixed, arms, chosen, variants={"late": {"mode": "resformer",
+                                                            "layers": [5, 6]}})
+
+
+@pytest.mark.parametrize(("text", "message"), [
+    (None, "no such file"),
+    ("", "no such file"),  # an empty YAML file: read as nothing
+    ("model: {n_layer: 4}\n", "no `variants` mapping"),
+    ("variants: {a: {mode: [resformer, learnable]}}\n",
+     "variants.a.value_residual.mode: offers a choice"),
+    ("variants: {a: {mode: resformer, lambda1: {low: 0.1, high: 1.0}}}\n",
+     "variants.a.value_residual.lambda1: offers a choice"),
+    ("variants: {a: {mode: resformer, layers: {pattern: [last_k, unet], k: 2}}}\n",
+     "variants.a.value_residual.layers.pattern: offers a choice"),
+    ("variants: {vanilla: {mode: vanilla}}\n", "holds no variant but vanilla"),
+    ("variants: {plain: {mode: vanilla}, b: {mode: resformer}}\n",
+     "variants.plain: is vanilla"),
+    ("variants: {vanilla: {mode: resformer}}\n", "variants.vanilla: a name the confirmation"),
+    ("variants: {a: {mode: resformr}}\n", "variants.a.value_residual: mode: unknown mode"),
+    ("variants: {a: {mode: resformer, lambda9: 1}}\n", "lambda9: unknown key"),
+], ids=["missing", "empty", "no-variants", "mode-choice", "range", "pattern-choice",
+        "only-vanilla", "vanilla-renamed", "vanilla-name", "unknown-mode", "unknown-key"])
+def test_bad_variants_files_are_one_line(tmp_path, text, message):
+    path = tmp_path / "variants.yaml"
+    if text is not None:
+        path.write_text(text)
+    with pytest.raises(ConfigError, match=re.escape(message)) as info:
+        load_variants(str(path))
+    assert "\n" not in str(info.value) and str(info.value).startswith(f"--variants: {path}")
+
+
 @pytest.mark.parametrize(("text", "message"), [
     ("0.003", "--rates: expected two or more positive learning rates"),
     ("0.003,x", "--rates: expected two or more positive learning rates"),
@@ -286,6 +375,48 @@ def test_the_winners_curse_paired_differences_holm_and_the_front_on_known_number
            "3.1000 (3.0000-3.2000) | +0.2000 [-0.0484, +0.4484] | +1.1000 | on -> on |" in text
     assert "| #4 learnable[1,2] | 3L d32 | -0.1167 [-0.1884, -0.0450] (n=3) | 0.25 (0.5) | " \
            "3/3 |" in text
+
+
+def test_a_searched_plan_meets_the_named_variant_best_on_validation_and_holm_spans_both():
+    seeds = [10, 11, 12]
+    losses = {  # val, test per seed
+        "#4 learnable": ((2.10, 2.20, 2.30), (3.00, 3.10, 3.20)),
+        "identity": ((2.00, 2.00, 2.00), (3.05, 3.20, 3.22)),  # best on validation
+        "sparse": ((2.60, 2.60, 2.60), (2.90, 2.95, 2.99)),  # best on test: never chosen
+        "vanilla": ((2.20, 2.30, 2.40), (3.10, 3.25, 3.30))}
+    modes = {"#4 learnable": "learnable", "identity": "resformer", "sparse": "resformer",
+             "vanilla": "vanilla"}
+    runs = [_record(len(losses) * i + j, name, modes[name], s, val[i], test[i], 100)
+            for j, (name, (val, test)) in enumerate(losses.items())
+            for i, s in enumerate(seeds)]
+    named = {"trial": None, "search_val": None, "search_seeds": 0, "on_front": False}
+    record = {"study": "s", "choice": "--top 1 --variants identity,sparse --seeds 3",
+              "seeds": seeds, "plans": [
+                  _entry("#4 learnable", "#4 learnable[1,2]", "learnable", 2.00, 3),
+                  {**_entry("identity", "identity", "resformer", 0, 3), **named},
+                  {**_entry("sparse", "sparse", "resformer", 0, 3), **named},
+                  _entry("vanilla", "vanilla", "vanilla", 2.25, None)]}
+    # two named variants of one mode differ by their coefficients, as their configs do
+    record["plans"][2]["config"]["value_residual"]["lambda1"] = 5.0
+    for r in runs:
+        if r.variant == "sparse":
+            r.config["value_residual"]["lambda1"] = 5.0
+    c = read("s-confirm", record, runs)
+    plan, identity, sparse, _ = c.plans
+    # -0.05, -0.10, -0.02: mean -0.0567, sd 0.0404, t(0.975, 2) se 4.3027 x 0.0233 = 0.1004
+    assert (plan.searched, identity.named, sparse.named) == (True, True, True)
+    assert plan.best_named is identity  # chosen on validation, though sparse tests better
+    assert identity.best_named is None and identity.versus_named is None
+    assert plan.versus_named.by_seed == pytest.approx({10: -0.05, 11: -0.10, 12: -0.02})
+    assert plan.named_p == pytest.approx(0.25)
+    # one family of four: three against vanilla and one against the named variant. Every
+    # p is 0.25 (three pairs, each all one way): Holm multiplies the smallest by 4.
+    assert [p.p for p in c.chosen] == pytest.approx([0.25] * 3)
+    assert [p.p_holm for p in c.chosen] + [plan.named_p_holm] == pytest.approx([1.0] * 4)
+    text = sections_markdown(confirmation_sections(c))
+    assert "the best named variant's at its shape and budget" in text
+    assert "| #4 learnable[1,2] | 3L d32 | identity (2.0000) | -0.0567 [-0.1571, +0.0437] " \
+           "(n=3) | 0.25 (1) | 3/3 |" in text
 
 
 def test_a_plan_with_one_fresh_pair_is_warned_and_one_not_run_yet_says_so():
@@ -377,6 +508,40 @@ def test_confirm_with_rates_sweeps_every_plan_and_vanilla_on_the_fresh_seeds(sea
     assert "winner's curse" in out
 
 
+def test_confirm_with_variants_trains_the_paper_s_plans_beside_the_winners(searched, tmp_path,
+                                                                          capsys):
+    spec, url = _copy(searched, tmp_path)
+    variants = tmp_path / "paper.yaml"
+    variants.write_text(yaml.safe_dump({"variants": {"vanilla": {"mode": "vanilla"}, **PAPER}}))
+    assert main(["confirm", spec, "--storage", url, "--top", "1", "--seeds", "2", "--variants",
+                 str(variants), "--name", "tiny-paper", "--threads", "1", "--no-progress"]) == 0
+    out = capsys.readouterr().out
+    confirm = optuna.load_study(study_name="tiny-paper", storage=make_storage(url))
+    record = confirm.user_attrs["confirm"]
+    assert record["choice"] == "--top 1 --variants identity,sparse --seeds 2"
+    plan = record["plans"][1]
+    assert [e["name"] for e in record["plans"]] == ["vanilla", plan["name"], "identity",
+                                                    "sparse"]
+    assert plan["name"].startswith("#") and plan["reference"] == 0
+    done = [TrialRecord.from_trial(t) for t in confirm.trials]
+    assert all(t.state == TrialState.COMPLETE for t in done) and len(done) == 4 * 2
+    n_layer = plan["config"]["model"]["n_layer"]
+    for t in done:  # each at the plan's shape; sparse on its last 3/8 of layers, at least one
+        assert t.config["model"] == plan["config"]["model"]
+        if t.variant == "sparse":
+            k = max(1, math.floor(0.375 * n_layer + 0.5))
+            assert t.config["value_residual"]["layers"] == list(range(n_layer - k, n_layer))
+    assert "the best named variant's at its shape and budget" in out
+    against_named = [line for line in out.splitlines() if re.match(
+        rf"\| {re.escape(plan['label'])} \| \S+ \S+ \| (identity|sparse) \(\d\.\d{{4}}\) \| "
+        r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] \(n=2\) warning", line)]
+    assert len(against_named) == 1, out
+    html = tmp_path / "report.html"
+    assert main(["report", spec, "--storage", url, "--out", str(html)]) == 0
+    assert "the best named variant's" in capsys.readouterr().out
+    assert escape("the best named variant's") in html.read_text()
+
+
 def test_a_confirmation_killed_half_way_is_finished_by_the_same_command(searched, tmp_path):
     spec, url = _copy(searched, tmp_path)
     command = ["confirm", spec, "--storage", url, "--top", "1", "--seeds", "3", "--threads",
@@ -449,8 +614,10 @@ def test_two_workers_on_one_confirmation_run_every_queued_trial_once(searched, t
     (["--top", "1", "--seeds", "2", "--threads", "0"], "--threads: must be > 0"),
     (["--top", "1", "--seeds", "2", "--rates", "0.001,0.004"],
      "--rates: neighbouring rates must be at most sqrt(2) apart"),
+    (["--top", "1", "--seeds", "2", "--variants", "nope.yaml"],
+     "--variants: nope.yaml: no such file"),
 ], ids=["one-seed", "overlap", "top-beyond", "no-such-trial", "not-a-number", "no-choice",
-        "two-choices", "own-name", "threads", "rates-too-far-apart"])
+        "two-choices", "own-name", "threads", "rates-too-far-apart", "no-variants-file"])
 def test_bad_input_is_one_line_exit_2_and_writes_nothing(searched, tmp_path, capsys, args,
                                                          message):
     spec, url = _copy(searched, tmp_path)

@@ -9,7 +9,11 @@ Per plan (its arm on the fresh seeds at its chosen rate, nas.reading.arms):
 - the paired test-loss difference from vanilla on the same fresh seed, a 95% t-interval over
   the seeds, an exact sign-flip p-value Holm-adjusted across the confirmed plans;
 - whether it was on the study's (validation loss, n_params) front and whether it is on the
-  front of the confirmed plans and references by (test loss, n_params).
+  front of the confirmed plans and references by (test loss, n_params);
+- with named variants (`nas confirm --variants`), each searched plan's paired test-loss
+  difference from the best of them at its shape and budget, the best chosen by the fresh seeds'
+  validation loss, so that the test split decides nothing but the difference.
+Holm's adjustment runs over every p-value of the confirmation, both comparisons together.
 Reads TrialRecords and the confirmation's stored plans; no torch.
 """
 
@@ -45,6 +49,19 @@ class Plan:
     p: float = math.nan
     p_holm: float = math.nan
     stays: bool = False  # on the confirmed (test loss, n_params) front
+    best_named: Plan | None = None  # the named variant it is compared with (searched plans)
+    versus_named: Difference | None = None
+    named_p: float = math.nan
+    named_p_holm: float = math.nan
+
+    @property
+    def named(self) -> bool:
+        """A named variant (`--variants`): compared with vanilla, chosen by no search."""
+        return self.trial is None and self.reference is not None
+
+    @property
+    def searched(self) -> bool:
+        return self.trial is not None and self.reference is not None
 
     @property
     def curse(self) -> Interval | None:
@@ -83,20 +100,31 @@ def read(name: str, record: dict[str, Any], trials: list[TrialRecord]) -> Confir
                      + [p for p in plans if p.reference is None],
                      "test" if reports_test(trials) else "val")
     for p in c.chosen:
-        base = p.reference.arm
-        if p.arm is None or base is None:
-            continue
-        mine, theirs = p.arm.by_seed, base.by_seed
-        pairs = {s: mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))}
-        if pairs:
-            p.difference = Difference(p.name, p.arm, base, pairs)
-            p.p = sign_flip_p(list(pairs.values()))
-    for p, adjusted in zip(c.chosen, holm([p.p for p in c.chosen]), strict=True):
-        p.p_holm = adjusted
+        p.difference = _paired(p, p.reference)
+        p.p = sign_flip_p(list(p.difference.by_seed.values())) if p.difference else math.nan
+        rivals = [n for n in c.chosen if n.named and n.reference is p.reference and n.arm]
+        if p.searched and rivals:
+            p.best_named = min(rivals, key=lambda n: (mean_values(n.arm, "val"), n.name))
+            p.versus_named = _paired(p, p.best_named)
+            if p.versus_named:
+                p.named_p = sign_flip_p(list(p.versus_named.by_seed.values()))
+    n = len(c.chosen)
+    adjusted = holm([p.p for p in c.chosen] + [p.named_p for p in c.chosen])
+    for p, vs_vanilla, vs_named in zip(c.chosen, adjusted[:n], adjusted[n:], strict=True):
+        p.p_holm, p.named_p_holm = vs_vanilla, vs_named
     done = [p for p in c.plans if p.arm is not None]
     for i in front_indices([(p.arm.loss, p.arm.first.n_params) for p in done]):
         done[i].stays = True
     return c
+
+
+def _paired(plan: Plan, other: Plan) -> Difference | None:
+    """`plan`'s reported loss minus `other`'s on each fresh seed both ran (None: none yet)."""
+    if plan.arm is None or other.arm is None:
+        return None
+    mine, theirs = plan.arm.by_seed, other.arm.by_seed
+    pairs = {s: mine[s] - theirs[s] for s in sorted(set(mine) & set(theirs))}
+    return Difference(plan.name, plan.arm, other.arm, pairs) if pairs else None
 
 
 def load_confirmations(study: optuna.Study) -> list[Confirmation]:

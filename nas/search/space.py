@@ -251,6 +251,22 @@ def sample(space: dict, trial: Suggester, force_mode: str | None = None) -> dict
     return raw
 
 
+class _NoChoice:
+    """A Suggester for a plan that must be fixed: any suggestion is a choice it offers."""
+
+    def _refuse(self, name: str, *_: Any, **__: Any) -> Any:
+        raise ConfigError(f"{name}: offers a choice; a fixed plan has one value per key")
+
+    suggest_categorical = suggest_int = suggest_float = _refuse
+
+
+def fixed_plan(body: dict, n_layer: int) -> dict:
+    """The value_residual settings `body` (a named variant's) as one plan at `n_layer` layers,
+    a layer pattern resolved there; a key that offers a choice is a ConfigError naming it."""
+    return sample({"model": {"n_layer": n_layer}, "value_residual": body},
+                  _NoChoice())["value_residual"]
+
+
 def fixed_choices(space: dict, section: str, key: str) -> list[Any]:
     """The values a space allows for one categorical or fixed key (for enqueuing baselines)."""
     value = space.get(section, {}).get(key)
