@@ -5,7 +5,8 @@ at a stated peak throughput and model FLOP utilisation (MFU).
     python benchmarks/study_cost.py studies/resformer_scaling.yaml --peak-tflops 0.1 --mfu 1
 
 Every trial of the spec's grid is built from its space (the categorical choices of `variant`
-and of the model and train sections, `nas.search.lr_sweep.grid`); with `lr_sweep: first_seed` the
+and of the model and train sections, `nas.search.lr_sweep.grid`; a study that samples its
+space: `n_trials` random draws from it); with `lr_sweep: first_seed` the
 other seeds run once per arm, at whichever rate the sweep picks (the cost does not depend on
 which). A sweep with `lr_sweep.extend` may add up to that many rates beyond an edge of an arm's
 grid, on every seed that chooses: a last row gives the cost if every arm extended one side to
@@ -26,7 +27,7 @@ from nas.config import RunConfig, from_dict
 from nas.params import vanilla_non_embedding_params
 from nas.search import lr_sweep
 from nas.search import space as spaces
-from nas.search.spec import load_spec
+from nas.search.spec import draw_configs, load_spec
 
 
 def train_flops(cfg: RunConfig) -> float:
@@ -36,9 +37,13 @@ def train_flops(cfg: RunConfig) -> float:
 
 
 def trial_configs(path: str) -> tuple[list[RunConfig], float]:
-    """The configs of the grid's trials, and the share of them an extension could add."""
+    """The configs of the grid's trials, and the share of them an extension could add; for a
+    study that samples its space, `n_trials` random draws from it (the FLOPs depend on the
+    shapes and budgets drawn, not on the plans)."""
     spec = load_spec(path)
     space = spec.merged_space
+    if not spec.queue_driven and spec.sampler.type != "bruteforce":
+        return draw_configs(spec, path, draws=spec.n_trials), 0.0
     grid = lr_sweep.grid(space)
     seeds = space.get("train", {}).get("seed")
     bound = 0.0

@@ -405,18 +405,23 @@ def test_a_searched_plan_meets_the_named_variant_best_on_validation_and_holm_spa
     plan, identity, sparse, _ = c.plans
     # -0.05, -0.10, -0.02: mean -0.0567, sd 0.0404, t(0.975, 2) se 4.3027 x 0.0233 = 0.1004
     assert (plan.searched, identity.named, sparse.named) == (True, True, True)
-    assert plan.best_named is identity  # chosen on validation, though sparse tests better
-    assert identity.best_named is None and identity.versus_named is None
-    assert plan.versus_named.by_seed == pytest.approx({10: -0.05, 11: -0.10, 12: -0.02})
-    assert plan.named_p == pytest.approx(0.25)
-    # one family of four: three against vanilla and one against the named variant. Every
-    # p is 0.25 (three pairs, each all one way): Holm multiplies the smallest by 4.
-    assert [p.p for p in c.chosen] == pytest.approx([0.25] * 3)
-    assert [p.p_holm for p in c.chosen] + [plan.named_p_holm] == pytest.approx([1.0] * 4)
+    # the searched plan against each named variant; identity the best, chosen on validation
+    # though sparse tests better
+    assert [(r.plan, r.named, r.best) for r in c.rivalries] == [(plan, identity, True),
+                                                                (plan, sparse, False)]
+    vs_identity, vs_sparse = c.rivalries
+    assert vs_identity.difference.by_seed == pytest.approx({10: -0.05, 11: -0.10, 12: -0.02})
+    assert vs_sparse.difference.by_seed == pytest.approx({10: 0.10, 11: 0.15, 12: 0.21})
+    # one family of five: three against vanilla and two against the named variants. Every
+    # p is 0.25 (three pairs, each all one way): Holm multiplies the smallest by 5, capped at 1.
+    assert [p.p for p in c.chosen] + [r.p for r in c.rivalries] == pytest.approx([0.25] * 5)
+    assert [p.p_holm for p in c.chosen] + [r.p_holm for r in c.rivalries] == \
+        pytest.approx([1.0] * 5)
     text = sections_markdown(confirmation_sections(c))
-    assert "the best named variant's at its shape and budget" in text
-    assert "| #4 learnable[1,2] | 3L d32 | identity (2.0000) | -0.0567 [-0.1571, +0.0437] " \
+    assert "minus each named variant's at its shape and budget" in text
+    assert "| #4 learnable[1,2] | 3L d32 | identity (2.0000) best | -0.0567 [-0.1571, +0.0437] " \
            "(n=3) | 0.25 (1) | 3/3 |" in text
+    assert "| #4 learnable[1,2] | 3L d32 | sparse (2.6000) | +0.1533" in text
 
 
 def test_a_plan_with_one_fresh_pair_is_warned_and_one_not_run_yet_says_so():
@@ -531,15 +536,16 @@ def test_confirm_with_variants_trains_the_paper_s_plans_beside_the_winners(searc
         if t.variant == "sparse":
             k = max(1, math.floor(0.375 * n_layer + 0.5))
             assert t.config["value_residual"]["layers"] == list(range(n_layer - k, n_layer))
-    assert "the best named variant's at its shape and budget" in out
+    assert "minus each named variant's at its shape and budget" in out
     against_named = [line for line in out.splitlines() if re.match(
-        rf"\| {re.escape(plan['label'])} \| \S+ \S+ \| (identity|sparse) \(\d\.\d{{4}}\) \| "
-        r"[+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] \(n=2\) warning", line)]
-    assert len(against_named) == 1, out
+        rf"\| {re.escape(plan['label'])} \| \S+ \S+ \| (identity|sparse) "
+        r"\(\d\.\d{4}\)( best)? \| [+-]\d\.\d{4} \[[+-]\d\.\d{4}, [+-]\d\.\d{4}\] "
+        r"\(n=2\) warning", line)]
+    assert len(against_named) == 2 and sum(" best |" in r for r in against_named) == 1, out
     html = tmp_path / "report.html"
     assert main(["report", spec, "--storage", url, "--out", str(html)]) == 0
-    assert "the best named variant's" in capsys.readouterr().out
-    assert escape("the best named variant's") in html.read_text()
+    assert "minus each named variant's" in capsys.readouterr().out
+    assert escape("minus each named variant's") in html.read_text()
 
 
 def test_a_confirmation_killed_half_way_is_finished_by_the_same_command(searched, tmp_path):

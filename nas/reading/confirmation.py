@@ -11,8 +11,8 @@ Per plan (its arm on the fresh seeds at its chosen rate, nas.reading.arms):
 - whether it was on the study's (validation loss, n_params) front and whether it is on the
   front of the confirmed plans and references by (test loss, n_params);
 - with named variants (`nas confirm --variants`), each searched plan's paired test-loss
-  difference from the best of them at its shape and budget, the best chosen by the fresh seeds'
-  validation loss, so that the test split decides nothing but the difference.
+  difference from each of them at its shape and budget, the best of them marked (chosen by the
+  fresh seeds' validation loss, so that the test split decides nothing but the difference).
 Holm's adjustment runs over every p-value of the confirmation, both comparisons together.
 Reads TrialRecords and the confirmation's stored plans; no torch.
 """
@@ -49,10 +49,6 @@ class Plan:
     p: float = math.nan
     p_holm: float = math.nan
     stays: bool = False  # on the confirmed (test loss, n_params) front
-    best_named: Plan | None = None  # the named variant it is compared with (searched plans)
-    versus_named: Difference | None = None
-    named_p: float = math.nan
-    named_p_holm: float = math.nan
 
     @property
     def named(self) -> bool:
@@ -72,6 +68,18 @@ class Plan:
 
 
 @dataclass
+class Rivalry:
+    """A searched plan against a named variant at its shape and budget, on the fresh seeds."""
+
+    plan: Plan
+    named: Plan
+    best: bool  # the named variant with the lowest fresh validation loss there
+    difference: Difference | None = None
+    p: float = math.nan
+    p_holm: float = math.nan
+
+
+@dataclass
 class Confirmation:
     name: str
     study: str
@@ -79,6 +87,7 @@ class Confirmation:
     seeds: list[int]
     plans: list[Plan] = field(default_factory=list)  # the chosen plans, then the references
     split: str = "test"  # what the confirmed loss is: test, or val without a test split
+    rivalries: list[Rivalry] = field(default_factory=list)  # searched plans x named variants
 
     @property
     def chosen(self) -> list[Plan]:
@@ -101,21 +110,27 @@ def read(name: str, record: dict[str, Any], trials: list[TrialRecord]) -> Confir
                      "test" if reports_test(trials) else "val")
     for p in c.chosen:
         p.difference = _paired(p, p.reference)
-        p.p = sign_flip_p(list(p.difference.by_seed.values())) if p.difference else math.nan
+        p.p = _p(p.difference)
         rivals = [n for n in c.chosen if n.named and n.reference is p.reference and n.arm]
         if p.searched and rivals:
-            p.best_named = min(rivals, key=lambda n: (mean_values(n.arm, "val"), n.name))
-            p.versus_named = _paired(p, p.best_named)
-            if p.versus_named:
-                p.named_p = sign_flip_p(list(p.versus_named.by_seed.values()))
+            best = min(rivals, key=lambda n: (mean_values(n.arm, "val"), n.name))
+            for named in rivals:
+                d = _paired(p, named)
+                c.rivalries.append(Rivalry(p, named, named is best, d, _p(d)))
     n = len(c.chosen)
-    adjusted = holm([p.p for p in c.chosen] + [p.named_p for p in c.chosen])
-    for p, vs_vanilla, vs_named in zip(c.chosen, adjusted[:n], adjusted[n:], strict=True):
-        p.p_holm, p.named_p_holm = vs_vanilla, vs_named
+    adjusted = holm([p.p for p in c.chosen] + [r.p for r in c.rivalries])
+    for p, q in zip(c.chosen, adjusted[:n], strict=True):
+        p.p_holm = q
+    for r, q in zip(c.rivalries, adjusted[n:], strict=True):
+        r.p_holm = q
     done = [p for p in c.plans if p.arm is not None]
     for i in front_indices([(p.arm.loss, p.arm.first.n_params) for p in done]):
         done[i].stays = True
     return c
+
+
+def _p(d: Difference | None) -> float:
+    return sign_flip_p(list(d.by_seed.values())) if d else math.nan
 
 
 def _paired(plan: Plan, other: Plan) -> Difference | None:
