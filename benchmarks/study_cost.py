@@ -24,6 +24,7 @@ import argparse
 from optuna.trial import FixedTrial
 
 from nas.config import RunConfig, from_dict
+from nas.errors import ConfigError
 from nas.params import vanilla_non_embedding_params
 from nas.search import lr_sweep
 from nas.search import space as spaces
@@ -38,8 +39,8 @@ def train_flops(cfg: RunConfig) -> float:
 
 def trial_configs(path: str) -> tuple[list[RunConfig], float]:
     """The configs of the grid's trials, and the share of them an extension could add; for a
-    study that samples its space, `n_trials` random draws from it (the FLOPs depend on the
-    shapes and budgets drawn, not on the plans)."""
+    study that samples its space, or walks a grid of plans too, `n_trials` random draws from
+    it (the FLOPs depend on the shapes and budgets drawn, not on the plans)."""
     spec = load_spec(path)
     space = spec.merged_space
     if not spec.queue_driven and spec.sampler.type != "bruteforce":
@@ -54,7 +55,12 @@ def trial_configs(path: str) -> tuple[list[RunConfig], float]:
         grid = [p for p in grid if p["train.seed"] == seeds[0]] + [
             p for p in grid if p["train.seed"] != seeds[0]
             and p["train.lr"] == space["train"]["lr"][0]]
-    return [from_dict(spaces.sample(space, FixedTrial(p)), where=path) for p in grid], bound
+    try:
+        return [from_dict(spaces.sample(space, FixedTrial(p)), where=path) for p in grid], bound
+    except ConfigError:
+        raise
+    except ValueError:  # FixedTrial: a choice of plan the grid of variants, sizes, rates leaves
+        return draw_configs(spec, path, draws=spec.n_trials), 0.0
 
 
 def main() -> None:
