@@ -1,6 +1,7 @@
 """Sound maps: budgets that scale with the model, a held-out test split, each arm at its own
 learning rate chosen on validation loss only, and intervals that cover at their stated rate."""
 
+import datetime
 import math
 import subprocess
 
@@ -16,6 +17,7 @@ from nas.reading.arms import best_arms, choose_arms, paired_differences
 from nas.reading.fits import Interpolation
 from nas.reading.scaling import Level, equivalent_saving, parameter_savings
 from nas.reading.stats import mean_interval, sign_flip_p
+from nas.reading.summary import time_notes
 from nas.search import lr_sweep
 from nas.search.pruning import ParetoPruner
 from nas.search.trials import TrialRecord, records
@@ -61,6 +63,25 @@ def test_older_records_read_the_measured_ratio_under_its_own_name():
     unstored = optuna.trial.create_trial(value=1.0, user_attrs=attrs)
     assert TrialRecord.from_trial(renamed).tokens_per_model_param == 2.5
     assert TrialRecord.from_trial(unstored).tokens_per_model_param == 2.5
+
+
+def test_the_report_states_what_share_of_a_trial_s_wall_time_trained():
+    """The stored train_seconds against the storage's start and end of each trial."""
+    start = datetime.datetime(2026, 1, 1, 12, 0, 0)
+    trials = [optuna.trial.FrozenTrial(
+        number=i, trial_id=i, state=TrialState.COMPLETE, value=1.0, params={},
+        distributions={}, user_attrs={"train_seconds": trained}, system_attrs={},
+        intermediate_values={}, datetime_start=start,
+        datetime_complete=start + datetime.timedelta(seconds=wall))
+        for i, (trained, wall) in enumerate(((90.0, 100.0), (45.0, 50.0), (60.0, 100.0),
+                                             (8.0, 10.0)))]
+    records = [TrialRecord.from_trial(t) for t in trials]
+    assert [r.wall_seconds for r in records] == [100.0, 50.0, 100.0, 10.0]
+    # shares 0.9, 0.9, 0.6, 0.8: median 0.85
+    assert time_notes(records) == [
+        "Training steps took a median 85.0% of a trial's wall time (60.0%-90.0% over 4 trials; "
+        "the rest is set-up, evaluation and the study's own work)."]
+    assert time_notes([TrialRecord(0, TrialState.COMPLETE)]) == []  # never timed: no line
 
 
 def test_a_run_reports_its_tokens_per_param_and_a_held_out_test_loss():

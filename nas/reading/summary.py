@@ -90,6 +90,19 @@ def budget_notes(arms: list[Arm]) -> list[str]:
     return notes
 
 
+def time_notes(trials: list[TrialRecord]) -> list[str]:
+    """What share of the trials' wall time their training steps took (the stored
+    `train_seconds` against the storage's start and end): the rest is set-up, evaluation and
+    the study's own work."""
+    shares = [r.train_seconds / r.wall_seconds for r in trials
+              if r.train_seconds is not None and r.wall_seconds]
+    if not shares:
+        return []
+    return [f"Training steps took a median {np.median(shares):.1%} of a trial's wall time "
+            f"({min(shares):.1%}-{max(shares):.1%} over {len(shares)} trials; the rest is "
+            "set-up, evaluation and the study's own work)."]
+
+
 def _seeds(seeds: list[int]) -> str:
     return ",".join(map(str, seeds))
 
@@ -399,7 +412,7 @@ def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
     chosen = [t for a in arms for t in a.trials]
     split = "test" if reports_test(chosen) else "val"
     several = several_budgets(arms)
-    out = [Section("budget", "Training budget", [], budget_notes(arms))]
+    out = [Section("budget", "Training budget", [], budget_notes(arms) + time_notes(trials))]
     if rows := lr_rows(arms):
         how = ("Each half of the seeds chooses the rate (lowest mean validation loss) at which "
                "the other half is reported (lr_sweep crossfit)" if protocol == "crossfit" else

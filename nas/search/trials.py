@@ -35,8 +35,9 @@ PLANNED = ("n_params", "n_params_non_embedding", "kv_bytes_per_token")
 
 @dataclass(frozen=True)
 class TrialRecord:
-    """What one trial stores, typed. `number`, `state`, `params` and `values` come from Optuna;
-    every other field is a user attribute (None where the trial never got that far)."""
+    """What one trial stores, typed. `number`, `state`, `params`, `values` and `wall_seconds`
+    come from Optuna; every other field is a user attribute (None where the trial never got
+    that far)."""
 
     number: int
     state: TrialState
@@ -92,6 +93,8 @@ class TrialRecord:
     curve: list[list[float]] = field(default_factory=list)
     last_validation: list[float] | None = None
     analysis: dict[str, Any] = field(default_factory=dict)
+    # Its start to its end, as the storage records them (this attempt's, for a retried trial)
+    wall_seconds: float | None = None
     # A trial a warm start copied from an earlier study ("STUDY@STORAGE trial N";
     # nas.search.warm_start): it holds that trial's params and values only, and counts toward no
     # target.
@@ -112,6 +115,9 @@ class TrialRecord:
         if isinstance(trial, optuna.Trial):
             return cls(trial.number, TrialState.RUNNING, dict(trial.params), None, **stored)
         values = tuple(trial.values) if trial.values is not None else None
+        if trial.datetime_start and trial.datetime_complete:
+            stored["wall_seconds"] = (trial.datetime_complete
+                                      - trial.datetime_start).total_seconds()
         return cls(trial.number, trial.state, dict(trial.params), values, **stored)
 
     @property
@@ -183,7 +189,8 @@ class TrialRecord:
         return None if value is None else float(value)
 
 
-_ATTRS = {f.name for f in fields(TrialRecord)} - {"number", "state", "params", "values"}
+_ATTRS = {f.name for f in fields(TrialRecord)} - {"number", "state", "params", "values",
+                                                  "wall_seconds"}
 # Attributes stored under an older name, read under the new one: the measured ratio was stored
 # as `tokens_per_param`, the name of the budget key it is not.
 RENAMED = {"tokens_per_param": "tokens_per_model_param"}
