@@ -5,15 +5,19 @@ diverge or raise. Workers are real `python -m nas search` processes; tiny models
 import gc
 import re
 import signal
+import subprocess
+import sys
 
+import optuna
 import pytest
 from optuna.trial import TrialState
 
 from nas.search.spec import load_spec
+from nas.search.storage import make_storage
 from nas.search.study import FINISHED, open_study
 from nas.search.worker import MAX_FAILURES, SearchError, run_search
 from nas.training.lit import LitDecoder
-from tests.helpers import TINY_BASE, WORKER_STUDY, quiet, write_spec
+from tests.helpers import TINY_BASE, WORKER_STUDY, env_for_cli, quiet, write_spec
 from tests.processes import by_state, finish, load, start_worker, wait_for
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -178,3 +182,44 @@ def test_workers_without_an_id_get_distinct_seeds():
     assert worker_seed_offset(False, None) == 0  # alone: reproducible
     assert worker_seed_offset(True, 3) == 3
     assert len({worker_seed_offset(True, None) for _ in range(5)}) == 5
+
+
+STALLED_CREATOR = """
+import sys, time
+from pathlib import Path
+from optuna.storages._rdb import storage as rdb
+from nas.search.storage import make_storage
+
+url, inside, left = sys.argv[1:]
+create = rdb._VersionManager._init_alembic
+
+
+def stalled(self):  # as a starved worker is, between Optuna's check and its stamp
+    Path(inside).touch()
+    time.sleep(4)
+    create(self)
+    Path(left).touch()
+
+
+rdb._VersionManager._init_alembic = stalled
+make_storage(url)
+print("ok")
+"""
+
+
+def test_workers_opening_a_new_sqlite_file_together_take_turns_at_its_tables(tmp_path):
+    """A worker stalled inside Optuna's table creation holds the others off until the tables
+    are whole. Before, the others saw them half made, the losers of that race were refused,
+    and a refused worker removed the new file from under the one still creating it."""
+    url = f"sqlite:///{tmp_path / 'new.db'}"
+    inside, left, log = tmp_path / "inside", tmp_path / "left", tmp_path / "creator.log"
+    with log.open("w") as out:
+        creator = subprocess.Popen([sys.executable, "-c", STALLED_CREATOR, url, str(inside),
+                                    str(left)], stdout=out, stderr=subprocess.STDOUT,
+                                   env=env_for_cli())
+    wait_for(inside.exists, creator, log, "the creator to stall inside the table creation")
+    storage = make_storage(url)
+    assert left.exists()  # it waited for the stalled creator's tables to be whole
+    assert optuna.get_all_study_names(storage) == []
+    assert creator.wait(timeout=120) == 0 and log.read_text().strip() == "ok", log.read_text()
+    assert (tmp_path / "new.db").exists()

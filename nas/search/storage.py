@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import copy
 import datetime
+import fcntl
 import functools
 import inspect
 import os
@@ -224,14 +225,36 @@ ServerStorage._create_once = _made_again_on_lost_connections(  # type: ignore[me
     ServerStorage._create_once, landed=ServerStorage._created)
 
 
+@contextlib.contextmanager
+def _folder_lock(db: Path | None) -> Iterator[None]:
+    """An exclusive flock(2) on the folder of `db`, held for the block (nothing for no file,
+    or where the file system refuses the lock)."""
+    if db is None:
+        yield
+        return
+    fd = os.open(db.parent, os.O_RDONLY)
+    try:
+        with contextlib.suppress(OSError):  # e.g. a network file system without flock
+            fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock
+
+
 SCHEMA_LOCK = 0x6E6173  # "nas": the PostgreSQL advisory lock held while Optuna checks its tables
 
 
 @contextlib.contextmanager
 def _schema_lock(url: str, engine_kwargs: dict[str, Any]) -> Iterator[None]:
-    """On PostgreSQL, one process at a time checks and creates Optuna's tables (held by a
-    session advisory lock): workers starting together on a new database would otherwise race
-    to create them, and the losers fail. Elsewhere nothing (SQLite locks its file itself)."""
+    """One process at a time checks and creates Optuna's tables: workers starting together on
+    a new database would otherwise race to create them (Optuna checks, then stamps its schema
+    version), and the losers fail. On PostgreSQL a session advisory lock holds it; on a SQLite
+    file, flock(2) on the database's folder (the file itself may not exist yet, and a lock on
+    it would be SQLite's to drop); elsewhere nothing."""
+    if url.startswith("sqlite"):
+        with _folder_lock(None if in_memory(url) else storage_file(url)):
+            yield
+        return
     if not url.startswith("postgresql"):
         yield
         return
