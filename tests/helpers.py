@@ -129,7 +129,7 @@ def randomize_coefficients(model):
                 p.add_(torch.randn_like(p) * 0.3)
 
 
-SWEEP_RATES = [0.001, 0.0014, 0.002, 0.002828, 0.003, 0.004, 0.01]
+SWEEP_RATES = [0.001, 0.0014, 0.002, 0.002828, 0.003, 0.004, 0.01, 0.03]
 
 
 def sweep_trial(variant: str, d: int, lr: float, seed: int, val: float, test: float,
@@ -147,6 +147,6 @@ def sweep_trial(variant: str, d: int, lr: float, seed: int, val: float, test: fl
             "config": {"model": {"n_layer": 4, "d_model": d},
                        "train": {"lr": lr, "seed": seed, "steps": 10}}},
         params={"variant": variant, "model.d_model": d, "train.lr": lr, "train.seed": seed},
-        distributions={"variant": cat(["vanilla", "identity"]),
+        distributions={"variant": cat(["vanilla", "identity", "sparse"]),
                        "model.d_model": cat([16, 24, 32, 40]),
                        "train.lr": cat(SWEEP_RATES), "train.seed": cat(list(range(16)))})

@@ -140,6 +140,11 @@ def test_learning_rate_choice_uses_common_seeds_and_flags_the_edge():
         sweep_trial("vanilla", 16, 0.001, 0, 2.5, 2.5),
         sweep_trial("vanilla", 16, 0.003, 0, 2.4, 2.4),
         sweep_trial("vanilla", 16, 0.01, 0, 2.3, 2.3),
+        # sparse chose the edge 0.01 once, so its grid was extended to 0.03
+        sweep_trial("sparse", 16, 0.001, 0, 2.6, 2.6),
+        sweep_trial("sparse", 16, 0.003, 0, 2.5, 2.5),
+        sweep_trial("sparse", 16, 0.01, 0, 2.4, 2.4),
+        sweep_trial("sparse", 16, 0.03, 0, 2.45, 2.45),
         # a sweep still running: two of the three rates so far
         sweep_trial("identity", 32, 0.001, 0, 2.0, 2.0),
         sweep_trial("identity", 32, 0.003, 0, 1.9, 1.9),
@@ -150,7 +155,9 @@ def test_learning_rate_choice_uses_common_seeds_and_flags_the_edge():
     arms = {a.variant: a for a in choose_arms(trials) if a.shape == "4L d16"}
     identity, vanilla = arms["identity"], arms["vanilla"]
     assert identity.lr == 0.003 and identity.choice_seeds == [0, 1] and not identity.at_edge
-    assert identity.missing == [] and vanilla.missing == []
+    # sparse's extension is no rate identity (an interior choice) lacks; vanilla, at the edge
+    # 0.01, is due it
+    assert identity.missing == [] and vanilla.missing == [0.03] and arms["sparse"].missing == []
     assert identity.val_by_lr == pytest.approx({0.001: 2.31, 0.003: 2.12, 0.01: 2.21})
     assert identity.loss == 9.0  # reported: the chosen rate's test loss, not the best test
     assert vanilla.lr == 0.01 and vanilla.at_edge

@@ -60,7 +60,7 @@ class Arm:
     trials: list[TrialRecord]  # the runs at the chosen rate, one per seed
     lr: float
     grid: list[float] = field(default_factory=list)  # the rates this arm ran
-    missing: list[float] = field(default_factory=list)  # rates others ran, this arm not yet
+    missing: list[float] = field(default_factory=list)  # rates others ran, due here (`_missing`)
     val_by_lr: dict[float, float] = field(default_factory=dict)  # mean over the common seeds
     choice_seeds: list[int] = field(default_factory=list)  # the seeds the choice averaged
     runs: dict[float, dict[int, TrialRecord]] = field(default_factory=dict)  # by rate and seed
@@ -151,6 +151,18 @@ class Arm:
         return min(values), max(values)
 
 
+def _missing(every_rate: list[float], grid: list[float], chosen: float) -> list[float]:
+    """The rates other arms ran that this arm (its `grid`, its `chosen` rate) has yet to run:
+    a hole inside its grid, or the next rate beyond the edge its choice sits at (the
+    extension it is due). The rates further out, or beyond an edge it did not choose, are
+    other arms' extensions, which this arm may never run."""
+    low, high = grid[0], grid[-1]
+    below, above = [r for r in every_rate if r < low], [r for r in every_rate if r > high]
+    due = ([above[0]] if above and chosen == high else []) + (
+        [below[-1]] if below and chosen == low else [])
+    return sorted([r for r in every_rate if low < r < high and r not in grid] + due)
+
+
 def choose_arms(trials: Iterable[TrialRecord], protocol: str = "all_seeds") -> list[Arm]:
     """Every plan of completed `trials` as an Arm at its chosen learning rate, under the study's
     lr_sweep `protocol` (see the module docstring)."""
@@ -179,7 +191,7 @@ def choose_arms(trials: Iterable[TrialRecord], protocol: str = "all_seeds") -> l
             # each half reported at the rate the other chose
             reported = sorted([by_lr[rate_2][s] for s in first]
                               + [by_lr[rate_1][s] for s in second], key=lambda r: r.seed)
-        missing = [r for r in every_rate if r not in by_lr] if len(grid) > 1 else []
+        missing = _missing(every_rate, grid, lr) if len(grid) > 1 else []
         arms.append(Arm(name, reported, lr, grid, missing, val_by_lr, common, by_lr, halves))
     return arms
 
