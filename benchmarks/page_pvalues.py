@@ -31,6 +31,7 @@ FAMILIES = (
     ("studies/resformer_scaling.yaml", ("table", "other seeds")),
     ("studies/resformer_tokens.yaml", ("table",)),
     ("studies/resformer_prose.yaml", ("table",)),
+    ("studies/resformer_depth.yaml", ("table",)),
 )
 
 
