@@ -22,6 +22,7 @@ from nas.modes import BASELINE_MODE, LEARNED
 from nas.reading.arms import (
     COIN_FLIP_Z,
     Arm,
+    Difference,
     best_arms,
     paired_differences,
     paired_window_se,
@@ -326,6 +327,19 @@ def profile_rows(trials: Iterable[TrialRecord], read: str,
     return rows
 
 
+def _paired_cells(d: Difference | None, p: float, p_holm: float, minus: str,
+                  other: str) -> dict[str, str]:
+    """A confirmation row's paired difference: its interval over the fresh seeds (warned
+    under FEW_PAIRS), its exact p and Holm's, and the pairs below `other`."""
+    values = list(d.by_seed.values()) if d else []
+    iv = d.interval if d else None
+    return {f"{minus} [{LEVEL:.0%} t-interval over seeds]":
+            "no pairs yet" if iv is None else iv.format() + f" (n={iv.n})"
+            + (f" warning: {iv.n} pair(s)" if iv.n < FEW_PAIRS else ""),
+            "exact p (Holm)": "-" if d is None else f"{p:.3g} ({p_holm:.3g})",
+            f"pairs below {other}": f"{sum(v < 0 for v in values)}/{len(values)}"}
+
+
 def confirmation_sections(c: Confirmation) -> list[Section]:
     """A confirmation's two tables (nas.reading.confirmation): the winner's curse and the front per
     plan, then each plan against vanilla on the same fresh seeds."""
@@ -347,32 +361,14 @@ def confirmation_sections(c: Confirmation) -> list[Section]:
             if a and p.search_val is not None else "-",
             "front (study -> confirmed)": f"{'on' if p.on_front else 'off'} -> "
                                           + ("-" if a is None else 'on' if p.stays else 'off')})
-    versus = []
-    for p in c.chosen:
-        d = p.difference
-        values = list(d.by_seed.values()) if d else []
-        iv = d.interval if d else None
-        versus.append({
-            "plan": p.label, "size": p.arm.shape if p.arm else "-",
-            f"{c.split} loss minus vanilla's [{LEVEL:.0%} t-interval over seeds]":
-                "no pairs yet" if iv is None else iv.format() + f" (n={iv.n})"
-                + (f" warning: {iv.n} pair(s)" if iv.n < FEW_PAIRS else ""),
-            "exact p (Holm)": "-" if d is None else f"{p.p:.3g} ({p.p_holm:.3g})",
-            "pairs below vanilla": f"{sum(v < 0 for v in values)}/{len(values)}"})
-    versus_named = []
-    for r in c.rivalries:
-        d = r.difference
-        values = list(d.by_seed.values()) if d else []
-        iv = d.interval if d else None
-        versus_named.append({
-            "plan": r.plan.label, "size": r.plan.arm.shape if r.plan.arm else "-",
-            "named variant (fresh val_loss)": f"{r.named.label} "
-            f"({mean_values(r.named.arm, 'val'):.4f}){' best' if r.best else ''}",
-            f"{c.split} loss minus its [{LEVEL:.0%} t-interval over seeds]":
-                "no pairs yet" if iv is None else iv.format() + f" (n={iv.n})"
-                + (f" warning: {iv.n} pair(s)" if iv.n < FEW_PAIRS else ""),
-            "exact p (Holm)": "-" if d is None else f"{r.p:.3g} ({r.p_holm:.3g})",
-            "pairs below it": f"{sum(v < 0 for v in values)}/{len(values)}"})
+    versus = [{"plan": p.label, "size": p.arm.shape if p.arm else "-",
+               **_paired_cells(p.difference, p.p, p.p_holm, f"{c.split} loss minus vanilla's",
+                               "vanilla")} for p in c.chosen]
+    versus_named = [{"plan": r.plan.label, "size": r.plan.arm.shape if r.plan.arm else "-",
+                     "named variant (fresh val_loss)": f"{r.named.label} "
+                     f"({mean_values(r.named.arm, 'val'):.4f}){' best' if r.best else ''}",
+                     **_paired_cells(r.difference, r.p, r.p_holm, f"{c.split} loss minus its",
+                                     "it")} for r in c.rivalries]
     where = f"{c.name}: {c.choice}, fresh {seeds}"
     out = [Section("confirm_curse", f"Confirmation ({where}): the study's validation loss "
                    "against the fresh seeds' (mean at the chosen rate)", curse, [
