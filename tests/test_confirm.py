@@ -603,6 +603,32 @@ def test_two_workers_on_one_confirmation_run_every_queued_trial_once(searched, t
     assert {t.state for t in confirm.trials} <= {TrialState.COMPLETE, TrialState.FAIL}
 
 
+
+def test_copies_of_a_queued_trial_run_once_and_every_queued_trial_runs(searched, tmp_path):
+    """Two workers can both find a trial missing and queue it (CI caught one such race): here
+    every trial is queued twice, interleaved, as that race leaves it. Each copy after the first
+    is surplus, and the copies hold no slot, so every queued trial still runs."""
+    from nas.confirm import prepare
+
+    spec, url = _copy(searched, tmp_path)
+    derived = prepare(load_spec(spec), url, pareto=True, seeds=2)
+    listed, derived.queue = derived.queue, []
+    study = open_study(derived, url)  # created as a worker creates it, with nothing queued
+    derived.queue = listed
+    for params in listed:
+        for _ in range(2):
+            study.enqueue_trial(params, skip_if_exists=False)
+    quiet(derived, threads=1)
+    trials = study.get_trials()
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert sorted(tuple(sorted(t.params.items())) for t in complete) == sorted(
+        tuple(sorted(p.items())) for p in listed)
+    copies = [t for t in trials if t.state == TrialState.FAIL]
+    assert [t.number for t in copies] == list(range(1, 2 * len(listed), 2))
+    assert [t.user_attrs["failure"] for t in copies] == [
+        f"surplus: a second copy of trial {n - 1} (two workers queued it at once)"
+        for n in range(1, 2 * len(listed), 2)]
+
 # -- bad input -----------------------------------------------------------------------------------
 
 

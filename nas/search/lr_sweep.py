@@ -224,10 +224,28 @@ def pending(study: optuna.Study, space: dict, sweep: Sweep, seed: int) -> list[d
     return missing(trials, wanted)
 
 
+def queued_params(trial: optuna.trial.FrozenTrial) -> dict[str, Any]:
+    """The params a trial was queued with (its own once it has them)."""
+    return trial.system_attrs.get("fixed_params") or trial.params
+
+
 def _held(trials: Iterable[optuna.trial.FrozenTrial]) -> list[dict[str, Any]]:
     """The params of every trial held or queued; a failed one is not (it runs again)."""
-    return [t.system_attrs.get("fixed_params") or t.params
-            for t in trials if t.state != TrialState.FAIL]
+    return [queued_params(t) for t in trials if t.state != TrialState.FAIL]
+
+
+def distinct_count(trials: Iterable[optuna.trial.FrozenTrial]) -> int:
+    """How many different queued params `trials` hold (copies count once)."""
+    return len({_key(queued_params(t)) for t in trials})
+
+
+def earlier_copy(trials: Iterable[optuna.trial.FrozenTrial], number: int,
+                 params: dict[str, Any]) -> int | None:
+    """The number of a trial before `number`, not failed, queued with `params`; None if none.
+    Two workers can both queue a trial (each finds it missing, then queues it, on any
+    storage): the later copy is the surplus one."""
+    return next((t.number for t in trials if t.number < number and t.state != TrialState.FAIL
+                 and _key(queued_params(t)) == _key(params)), None)
 
 
 def missing(trials: Iterable[optuna.trial.FrozenTrial], wanted: Iterable[dict[str, Any]]
@@ -239,7 +257,8 @@ def missing(trials: Iterable[optuna.trial.FrozenTrial], wanted: Iterable[dict[st
 
 def enqueue_missing(study: optuna.Study, wanted: list[dict[str, Any]]) -> int:
     """Queue the trials of a fixed list (a derived study's, `StudySpec.queue`) that the study
-    neither holds nor has queued; returns how many."""
+    neither holds nor has queued; returns how many (a copy another worker queued at the same
+    moment is dropped when it is claimed: `earlier_copy`)."""
     todo = missing(study.get_trials(deepcopy=False), wanted)
     for params in todo:
         study.enqueue_trial(params, skip_if_exists=False)

@@ -24,6 +24,7 @@ from nas.config import RunConfig, from_dict
 from nas.errors import ConfigError
 from nas.interrupt import CTRL_C
 from nas.modes import BASELINE_MODE
+from nas.search import lr_sweep
 from nas.search import space as spaces
 from nas.search.artifacts import checkpoint_folder, upload_trial_artifacts
 from nas.search.lease import Heartbeat, Lease, worker_name
@@ -57,20 +58,29 @@ class Objective:
         """A queue-driven study's trial (a derived study's, an lr sweep's) runs only from its
         queue. With a target, a trial runs only while fewer than `target` trials are finished
         or ahead of it (RUNNING or WAITING with a lower number). Trial numbers give every pair
-        of workers the same order, so two workers never both take the last slot."""
-        if self.spec.queue_driven and "fixed_params" not in (
-                trial.storage.get_trial_system_attrs(trial._trial_id)):
-            # Such a study runs its queue alone: another worker took the last queued trial
-            # between this worker's check and its ask, and Optuna began a trial of its own
-            # (an lr sweep's sampler would repeat a run, and its arm would keep the luckier).
-            write_record(trial, failure="surplus: nothing left in the study's queue")
-            raise SurplusTrial("nothing left in the study's queue")
+        of workers the same order, so two workers never both take the last slot, nor both run
+        a queued trial that they queued twice (the later copy is surplus)."""
+        queue_driven = self.spec.queue_driven
+        if queue_driven:
+            queued = trial.storage.get_trial_system_attrs(trial._trial_id).get("fixed_params")
+            if queued is None:
+                # Such a study runs its queue alone: another worker took the last queued trial
+                # between this worker's check and its ask, and Optuna began a trial of its own
+                # (an lr sweep's sampler would repeat a run, and its arm would keep the luckier).
+                write_record(trial, failure="surplus: nothing left in the study's queue")
+                raise SurplusTrial("nothing left in the study's queue")
+            copy_of = lr_sweep.earlier_copy(own_trials(trial.study), trial.number, queued)
+            if copy_of is not None:
+                write_record(trial, failure=f"surplus: a second copy of trial {copy_of} (two "
+                             "workers queued it at once)")
+                raise SurplusTrial(f"a second copy of trial {copy_of}")
         if self.target is None:
             return
-        ahead = sum(t.state in FINISHED or (t.state in (TrialState.RUNNING, TrialState.WAITING)
-                                            and t.number < trial.number)
-                    for t in own_trials(trial.study))
-        if ahead >= self.target:
+        ahead = [t for t in own_trials(trial.study)
+                 if t.state in FINISHED or (t.state in (TrialState.RUNNING, TrialState.WAITING)
+                                            and t.number < trial.number)]
+        # a queue's copies (see above) hold one slot between them
+        if (lr_sweep.distinct_count(ahead) if queue_driven else len(ahead)) >= self.target:
             write_record(trial, failure=f"surplus: the study already has its {self.target} "
                          "trials")
             raise SurplusTrial(f"study already has {self.target} trials")

@@ -107,13 +107,17 @@ class Gate:
             if self.target is None:
                 return not timed_out
             queued = self.queue(study) if self.queue else 0
-            states = [t.state for t in own_trials(
-                study, (*FINISHED, TrialState.RUNNING, TrialState.WAITING))]
+            trials = own_trials(study, (*FINISHED, TrialState.RUNNING, TrialState.WAITING))
+            states = [t.state for t in trials]
             finished = sum(s in FINISHED for s in states)
             running = states.count(TrialState.RUNNING)
             queued += states.count(TrialState.WAITING)
             if finished >= self.target:
-                return False
+                # a copy of a trial left queued (`lr_sweep.earlier_copy`) is taken, to end
+                # surplus, rather than left waiting in the study
+                return self.queue is not None and any(
+                    lr_sweep.earlier_copy(trials, t.number, lr_sweep.queued_params(t)) is not None
+                    for t in trials if t.state == TrialState.WAITING)
             if timed_out:
                 return self._stop_short(finished, f"--timeout {self.timeout:g} s ran out; run "
                                         "the same command again to go on")
