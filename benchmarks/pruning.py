@@ -12,6 +12,11 @@ hypervolume of the Pareto front of (val_loss, n_params), both against the unprun
   pruned, TPE proposes other trials than in the unpruned run, so the front differs for that
   reason too. Live studies are stored in the fixture as well.
 
+With `--replicates R` every trial trains R seeds and scores their mean (the spec's `replicates`,
+`nas.search.replicates`); the pruner watches replicate 0, so a trial it stops spends only
+replicate 0's steps and one it keeps spends R times its steps. Its studies are stored under
+their own names (suffix `-rR`).
+
 Seeds are split into tuning seeds (`--tuning`, default 0-5: the only ones the default was
 chosen on) and held-out seeds (the rest of `--seeds`, default 6-8), reported in their own rows
 and summaries (mean and worst). Every training runs on one thread (`--threads`); a seed's
@@ -20,6 +25,7 @@ unpruned study takes about 6 minutes on one core.
     python benchmarks/pruning.py                        # replays on seeds 0-8 (trains the fixture)
     python benchmarks/pruning.py --live 6 7 8           # and live runs on seeds 6-8
     python benchmarks/pruning.py --grid                 # and the settings in GRID, by replay
+    python benchmarks/pruning.py --seeds 20 21 22 --tuning --replicates 2   # 2 seeds a trial
     python benchmarks/pruning.py --seeds 0 1 2 3 4 5 --tuning 0 1 2 --margin 0 \\
         --min-progress 0.4 --trend 0                    # the first round: chosen on 0-2
 """
@@ -65,11 +71,11 @@ def hv(points: Iterable[tuple[float, float]], ref: tuple[float, float]) -> float
 
 
 def spec(name: str, storage: str, trials: int, steps: int, pruner: dict,
-         seed: int = 0) -> StudySpec:
+         seed: int = 0, replicates: int = 1) -> StudySpec:
     return StudySpec(
         name=name, space=SPACE, objectives=["val_loss", "n_params"], n_trials=trials,
         storage=storage, pruner=pruner, sampler={"type": "tpe", "n_startup_trials": 6},
-        seed=seed,
+        seed=seed, replicates=replicates,
         base={"train": {"steps": steps, "batch_size": 16, "lr": 3e-3, "seed": 0,
                         "eval_every": max(1, steps // 10)}},
     )
@@ -79,8 +85,15 @@ def front_points(trials: Iterable[FrozenTrial]) -> list[tuple[float, float]]:
     return [(r.val_loss, r.n_params) for r in records(trials) if r.state == TrialState.COMPLETE]
 
 
+def cost(r: TrialRecord) -> int:
+    """The training steps a trial spent: a replicated trial that completed trained each of its
+    seeds (its stored steps are replicate 0's)."""
+    seeds = len(r.replicate_seeds) if r.replicate_seeds and r.state == TrialState.COMPLETE else 1
+    return (r.steps_trained or 0) * seeds
+
+
 def steps_spent(trials: Iterable[FrozenTrial]) -> int:
-    return sum(r.steps_trained or 0 for r in records(trials))
+    return sum(cost(r) for r in records(trials))
 
 
 def replay(trials: Sequence[FrozenTrial], pruner: ParetoPruner,
@@ -100,7 +113,7 @@ def replay(trials: Sequence[FrozenTrial], pruner: ParetoPruner,
         stop = next((i for i in range(len(curve)) if pruner.reason_to_prune(
             shadow, {"n_params": r.n_params}, curve[:i + 1], steps)), None)
         if stop is None:
-            spent += r.steps_trained
+            spent += cost(r)
             shadow.add_trial(create_trial(values=t.values, user_attrs=a, params=t.params,
                                           distributions=t.distributions))
         else:
@@ -140,14 +153,16 @@ def summary(outcomes: Sequence[Outcome]) -> dict[str, float]:
             "hv_mean": statistics.fmean(change), "hv_worst": min(change)}
 
 
-def unpruned(fixture: str, seed: int, trials: int, steps: int) -> list[FrozenTrial]:
+def unpruned(fixture: str, seed: int, trials: int, steps: int,
+             replicates: int = 1) -> list[FrozenTrial]:
     """The unpruned study of `seed` from the fixture, trained first if missing or unfinished."""
     return study_trials(fixture, f"no-pruning-seed{seed}-{trials}x{steps}", trials, steps,
-                        {"type": "none"}, seed)
+                        {"type": "none"}, seed, replicates)
 
 
 def study_trials(fixture: str, name: str, trials: int, steps: int, pruner: dict,
-                 seed: int) -> list[FrozenTrial]:
+                 seed: int, replicates: int = 1) -> list[FrozenTrial]:
+    name += f"-r{replicates}" if replicates > 1 else ""
     url = f"sqlite:///{fixture}"
     if name in optuna.get_all_study_names(url):
         study = optuna.load_study(study_name=name, storage=url)
@@ -155,7 +170,7 @@ def study_trials(fixture: str, name: str, trials: int, steps: int, pruner: dict,
         if len(done) >= trials:
             return study.get_trials()
     print(f"training {name} ({trials} trials)", flush=True)
-    study = run_search(spec(name, url, trials, steps, pruner, seed), progress=False,
+    study = run_search(spec(name, url, trials, steps, pruner, seed, replicates), progress=False,
                        echo=lambda *_: None, threads=THREADS)
     return study.get_trials()
 
@@ -248,6 +263,8 @@ def main() -> None:
                         help="seeds to also run live with the pruner (trains)")
     parser.add_argument("--fixture", default=FIXTURE, help="SQLite file of the stored studies")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per training")
+    parser.add_argument("--replicates", type=int, default=1,
+                        help="seeds each trial trains and averages (the pruner watches the first)")
     parser.add_argument("--grid", action="store_true",
                         help="also replay the settings in GRID and summarise each")
     defaults = ParetoPruner()
@@ -270,17 +287,22 @@ def main() -> None:
     chosen = ParetoPruner(**options)
     label = "-".join(f"{k}{v}" for k, v in options.items()).replace(" ", "")
     tuning = set(args.tuning)
-    bases = {s: unpruned(args.fixture, s, args.trials, args.steps) for s in args.seeds}
+    bases = {s: unpruned(args.fixture, s, args.trials, args.steps, args.replicates)
+             for s in args.seeds}
     replays, lives = {}, {}
     for s, base in bases.items():
         spent, kept = replay(base, chosen, args.steps)
         replays[s] = compare(base, spent, kept, reference_point(base))
     for s in args.live:
         live = study_trials(args.fixture, f"pareto-seed{s}-{args.trials}x{args.steps}-{label}",
-                            args.trials, args.steps, {"type": "pareto", **options}, s)
-        base = bases.get(s) or unpruned(args.fixture, s, args.trials, args.steps)
+                            args.trials, args.steps, {"type": "pareto", **options}, s,
+                            args.replicates)
+        base = bases.get(s) or unpruned(args.fixture, s, args.trials, args.steps,
+                                        args.replicates)
         lives[s] = compare(base, steps_spent(live), live, reference_point(base))
-    print(f"\n{args.trials} trials x {args.steps} steps a seed; pruner {options}; tuning seeds "
+    print(f"\n{args.trials} trials x {args.steps} steps a seed"
+          + (f", {args.replicates} replicate seeds a trial" if args.replicates > 1 else "")
+          + f"; pruner {options}; tuning seeds "
           f"{' '.join(map(str, sorted(tuning)))}")
     print_table(args.seeds, tuning, replays, lives)
     if args.grid:

@@ -26,12 +26,16 @@ def curve_of(final: float, gap: float = 0.0, bend: float = 1.0) -> list[list[flo
 
 
 def completed(study: optuna.Study, n_params: int, curve: list[list[float]],
-              tag: str = "") -> None:
+              tag: str = "", replicates: int = 1) -> None:
+    """A completed trial; with `replicates`, one that trained that many seeds (its stored
+    steps and curve are replicate 0's, as `nas.search.replicates` stores them)."""
+    seeds = {"replicate_seeds": list(range(replicates))} if replicates > 1 else {}
     study.add_trial(create_trial(
         values=[curve[-1][1], n_params], params={"tag": tag or str(len(study.trials))},
         distributions={"tag": CategoricalDistribution([tag or str(len(study.trials))])},
         user_attrs={"n_params": n_params, "curve": curve, "val_loss": curve[-1][1],
-                    "steps_trained": curve[-1][0], "config": {"tag": tag or len(study.trials)}}))
+                    "steps_trained": curve[-1][0], "config": {"tag": tag or len(study.trials)},
+                    **seeds}))
 
 
 def first_stop(pruner: ParetoPruner, study: optuna.Study, n_params: int,
@@ -174,3 +178,19 @@ def test_replay_counts_steps_and_keeps_what_the_pruner_lets_complete(study):
     assert outcome.hv_change == 0.0  # the two dropped trials were off the front
     assert all(t.state == TrialState.COMPLETE for t in kept)
 
+
+
+def test_replay_of_replicated_trials_counts_every_seed_a_kept_trial_trains():
+    """The pruner watches replicate 0: a trial it stops spent replicate 0's steps up to there;
+    one it keeps, and every trial of the unpruned run, its steps on each of its 3 seeds."""
+    unpruned = optuna.create_study(directions=["minimize", "minimize"])
+    completed(unpruned, 1_000, curve_of(2.0), tag="a", replicates=3)
+    completed(unpruned, 2_000, curve_of(2.3), tag="b", replicates=3)  # dominated: stops at 20
+    completed(unpruned, 2_000, curve_of(1.8), tag="c", replicates=3)
+    base = unpruned.get_trials()
+    assert bench.steps_spent(base) == 3 * 300
+    pruner = ParetoPruner(margin=0.005, min_progress=0.1, patience=2, trend=0)
+    spent, kept = bench.replay(base, pruner, STEPS)
+    assert spent == 3 * 100 + 20 + 3 * 100
+    assert bench.compare(base, spent, kept, bench.reference_point(base)).saved == \
+        pytest.approx(1 - 620 / 900)
