@@ -324,11 +324,11 @@ def test_bad_rates_are_one_line(text, message):
 
 
 def _record(number: int, variant: str, mode: str, seed: int, val: float, test: float,
-            n_params: int) -> TrialRecord:
+            n_params: int, coefficients: dict[str, float] | None = None) -> TrialRecord:
     cfg = tiny(mode, seed=seed).to_dict()
     return TrialRecord(number, TrialState.COMPLETE, config=cfg, mode=mode, variant=variant,
                        val_loss=val, test_loss=test, n_params=n_params,
-                       n_params_non_embedding=n_params)
+                       n_params_non_embedding=n_params, coefficients=coefficients or {})
 
 
 def _entry(name: str, label: str, mode: str, search_val: float, reference: int | None) -> dict:
@@ -347,7 +347,8 @@ def test_the_winners_curse_paired_differences_holm_and_the_front_on_known_number
                                          ("#7 resformer", "resformer", other, 200),
                                          ("vanilla", "vanilla", vanilla, 100)):
         runs += [_record(len(runs) + i, name, mode, s, losses["val"][i], losses["test"][i],
-                         n_params) for i, s in enumerate(seeds)]
+                         n_params, {"L1.lambda1": 0.4 + 0.1 * i, "L2.lambda1": 0.9}
+                         if mode == "learnable" else None) for i, s in enumerate(seeds)]
     record = {"study": "s", "choice": "--top 2 --seeds 3", "seeds": seeds, "plans": [
         _entry("#4 learnable", "#4 learnable[1,2]", "learnable", 2.00, 2),
         _entry("#7 resformer", "#7 resformer[1,2]", "resformer", 2.40, 2),
@@ -375,6 +376,10 @@ def test_the_winners_curse_paired_differences_holm_and_the_front_on_known_number
            "3.1000 (3.0000-3.2000) | +0.2000 [-0.0484, +0.4484] | +1.1000 | on -> on |" in text
     assert "| #4 learnable[1,2] | 3L d32 | -0.1167 [-0.1884, -0.0450] (n=3) | 0.25 (0.5) | " \
            "3/3 |" in text
+    # what the learned plan ends at, per layer over its fresh seeds (layer 0 is the source)
+    assert "### Learned lambda1 per layer at the end of training" in text
+    assert "| 3L d32 | #4 learnable | 3 | -  0.50±0.10  0.90±0.00 |" in text
+    assert "Learned lambda2" not in text  # no plan stored one
 
 
 def test_a_searched_plan_meets_the_named_variant_best_on_validation_and_holm_spans_both():

@@ -340,9 +340,26 @@ def _paired_cells(d: Difference | None, p: float, p_holm: float, minus: str,
             f"pairs below {other}": f"{sum(v < 0 for v in values)}/{len(values)}"}
 
 
+# The learned coefficients a mode stores per layer (`nas.model.residual`), and what each is.
+COEFFICIENTS = (("lambda1", "the weight on V_1; layer 0 is the source"),
+                ("lambda2", "the weight on V_n; layer 0 is the source"),
+                ("v_lambda", "the weight on the layer's own values"),
+                ("ve_lambda", "the weight on its value embedding"),
+                ("gate_norm", "the norm of its gate's weights, which start at zero"))
+
+
+def learned_sections(trials: Iterable[TrialRecord], at: str = "",
+                     prefix: str = "") -> list[Section]:
+    """One table per learned coefficient: its mean ± sd over seeds, per layer, per variant."""
+    return [Section(prefix + name, f"Learned {name} per layer at the end of training "
+                    f"({what}){at}", rows)
+            for name, what in COEFFICIENTS if (rows := profile_rows(trials, name, LEARNED))]
+
+
 def confirmation_sections(c: Confirmation) -> list[Section]:
-    """A confirmation's two tables (nas.reading.confirmation): the winner's curse and the front per
-    plan, then each plan against vanilla on the same fresh seeds."""
+    """A confirmation's tables (nas.reading.confirmation): the winner's curse and the front per
+    plan, each plan against vanilla on the same fresh seeds, each searched plan against each
+    named variant, and the coefficients the learned plans end at."""
     seeds = f"seeds {c.seeds[0]}..{c.seeds[-1]}"
     curse = []
     for p in c.plans:
@@ -388,7 +405,9 @@ def confirmation_sections(c: Confirmation) -> list[Section]:
                            "on the same fresh seed (negative: the search beat the hand-made "
                            "plan; best: the named variant with the lowest fresh validation "
                            "loss; Holm across every p-value of the confirmation)", versus_named))
-    return out
+    confirmed = [t for p in c.plans if p.arm for t in p.arm.trials]
+    return out + learned_sections(confirmed, f" ({where}; each plan at its chosen rate)",
+                                  prefix="confirm_")
 
 
 def several_budgets(arms: list[Arm]) -> bool:
@@ -461,13 +480,7 @@ def sections(trials: list[TrialRecord], protocol: str = "all_seeds",
                                 "pairs": d.pairs} for d in curve]))
     profiled = profiled_trials(arms)
     at = " (each size at its longest budget)" if several else ""
-    for name, what in (("lambda1", "the weight on V_1; layer 0 is the source"),
-                       ("lambda2", "the weight on V_n; layer 0 is the source"),
-                       ("v_lambda", "the weight on the layer's own values"),
-                       ("ve_lambda", "the weight on its value embedding")):
-        if rows := profile_rows(profiled, name, LEARNED):
-            out.append(Section(name, f"Learned {name} per layer at the end of training "
-                               f"({what}){at}", rows))
+    out += learned_sections(profiled, at)
     if rows := profile_rows(profiled, "attention_entropy"):
         out.append(Section("entropy", f"Attention entropy per layer (nats){at}", rows))
     return out + confirmed
