@@ -321,6 +321,7 @@ def test_a_worker_killed_mid_replicate_is_finished_by_the_same_command(tmp_path)
     assert worker.wait(timeout=60) == -9
     [dead] = trials(url, "tiny")
     assert dead.state == TrialState.RUNNING and dead.user_attrs["curve"]  # replicate 0 done
+    assert second.parent.with_name("trial-0000-replicate-0.json").is_file()
 
     again = run_cli(*command)
     assert again.returncode == 0, again.stdout + again.stderr
@@ -329,7 +330,9 @@ def test_a_worker_killed_mid_replicate_is_finished_by_the_same_command(tmp_path)
     assert retry.state == TrialState.COMPLETE
     assert retry.replicate_seeds == [0, 1] and len(retry.replicate_val_losses) == 2
     assert retry.resumed_step and retry.resumed_step % 40 == 0  # replicate 1 resumed
+    assert retry.replicates_reused == [0]  # replicate 0, finished before the kill, not retrained
     assert not second.parent.exists()  # its checkpoints went with the trial
+    assert not list(second.parent.parent.iterdir())  # and the finished replicates' metrics
     # the numbers of a search never killed
     fresh = TrialRecord.from_trial(quiet(load_spec(clean / "study.yaml"), threads=1).trials[0])
     assert retry.replicate_val_losses == fresh.replicate_val_losses

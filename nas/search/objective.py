@@ -10,6 +10,8 @@ alone the pruners watch, and the trial stores their combination (`nas.search.rep
 
 from __future__ import annotations
 
+import json
+import os
 import shutil
 import traceback
 from collections.abc import Callable
@@ -133,7 +135,6 @@ class Objective:
 
     def _run(self, trial: optuna.Trial, lease: Lease) -> float | tuple[float, ...]:
         from nas.model.decoder import count_params, kv_bytes_per_token
-        from nas.training.train import train
 
         force = BASELINE_MODE if TrialRecord.from_trial(trial).baseline else None
         raw = spaces.sample(self.space, trial, force_mode=force)
@@ -200,11 +201,59 @@ class Objective:
                     raise optuna.TrialPruned(reason)
 
         checkpoints, resumed_step = self._checkpoints(trial, cfg)
+        finished = FinishedReplicates(checkpoints if self.spec.replicates > 1 else None,
+                                      self.spec.replicates, cfg.train.keep_checkpoints)
+        metrics = finished.load(0)
+        if metrics is not None:  # replicate 0 passed its pruner in the attempt that ran it
+            curve[:] = metrics["curve"]
+            upload_trial_artifacts(trial, attrs["config"], curve, self.artifacts)
+        else:
+            metrics = self._train_watched(trial, lease, cfg, attrs, curve, on_validation,
+                                          checkpoints, resumed_step, finished)
+            finished.save(0, metrics)
+        replicated = ()
+        if self.spec.replicates > 1:
+            # Replicate 0 survived the pruner: the later seeds train unwatched (the module
+            # docstring of nas.search.replicates), and the trial stores their combination.
+            seeds = replicate_seeds(cfg.train.seed, self.spec.replicates)
+            # as a trial stopped early keeps its curve, one that fails in a later replicate
+            # keeps replicate 0's
+            write_record(trial, curve=curve)
+            try:
+                runs = [metrics]
+                for i, seed in enumerate(seeds[1:], start=1):
+                    run = finished.load(i)
+                    if run is None:
+                        run = self._replicate(trial, lease, cfg, i, seed, checkpoints)
+                        finished.save(i, run)
+                    runs.append(run)
+            finally:
+                finished.clear()  # whatever ends the trial here; a dead worker keeps them
+            metrics, replicated = combine(runs, seeds), REPLICATE_FIELDS
+            if finished.reused:
+                write_record(trial, replicates_reused=finished.reused)
+        write_record(trial, steps_trained=metrics["steps"], **{
+            key: metrics[key] for key in (
+                "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
+                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
+                "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
+                "decode_tokens_per_s", "numerics", *replicated) if key in metrics})
+        values = tuple(float(metrics[o]) for o in self.spec.objectives)
+        return values if self.spec.multi_objective else values[0]
+
+    def _train_watched(self, trial: optuna.Trial, lease: Lease, cfg: RunConfig,
+                       attrs: dict[str, Any], curve: list[list[float]],
+                       on_validation: Callable[[int, float], None], checkpoints: Path | None,
+                       resumed_step: int | None, finished: FinishedReplicates) -> dict[str, Any]:
+        """Train the trial's own run (replicate 0), which its pruner watches through
+        `on_validation`, from the checkpoint a dead attempt left where there is one."""
+        from nas.training.train import train
+
         # written even when None: a retry starts with a copy of the dead attempt's record
         write_record(trial, resumed_step=resumed_step)
         try:
-            metrics = train(cfg, progress=False, on_validation=on_validation,
-                            checkpoints=checkpoints, resume=resumed_step is not None)
+            return train(cfg, progress=False, on_validation=on_validation,
+                         checkpoints=checkpoints, resume=resumed_step is not None)
         except (Exception, KeyboardInterrupt) as exc:
             if isinstance(exc, UpdateFinishedTrialError):
                 lease.lost = True  # another worker failed this trial: it takes no more writes
@@ -218,6 +267,7 @@ class Objective:
             for index in range(1, self.spec.replicates):
                 if checkpoints is not None and not cfg.train.keep_checkpoints:
                     shutil.rmtree(_replicate_folder(checkpoints, index), ignore_errors=True)
+            finished.clear()
             raise
         finally:
             if not lease.lost:
@@ -226,25 +276,6 @@ class Objective:
             # worker died leaves its checkpoints, for the retry.
             if checkpoints is not None and not cfg.train.keep_checkpoints:
                 shutil.rmtree(checkpoints, ignore_errors=True)
-        replicated = ()
-        if self.spec.replicates > 1:
-            # Replicate 0 survived the pruner: the later seeds train unwatched (the module
-            # docstring of nas.search.replicates), and the trial stores their combination.
-            seeds = replicate_seeds(cfg.train.seed, self.spec.replicates)
-            # as a trial stopped early keeps its curve, one that fails in a later replicate
-            # keeps replicate 0's
-            write_record(trial, curve=curve)
-            runs = [metrics, *(self._replicate(trial, lease, cfg, i, seed, checkpoints)
-                               for i, seed in enumerate(seeds[1:], start=1))]
-            metrics, replicated = combine(runs, seeds), REPLICATE_FIELDS
-        write_record(trial, steps_trained=metrics["steps"], **{
-            key: metrics[key] for key in (
-                "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
-                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
-                "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
-                "decode_tokens_per_s", "numerics", *replicated) if key in metrics})
-        values = tuple(float(metrics[o]) for o in self.spec.objectives)
-        return values if self.spec.multi_objective else values[0]
 
     def _replicate(self, trial: optuna.Trial, lease: Lease, cfg: RunConfig, index: int,
                    seed: int, checkpoints: Path | None) -> dict[str, Any]:
@@ -273,6 +304,48 @@ class Objective:
         finally:
             if folder is not None and not run.train.keep_checkpoints:
                 shutil.rmtree(folder, ignore_errors=True)
+
+
+class FinishedReplicates:
+    """The metrics of each replicate a replicated trial has finished, kept beside its
+    checkpoints until the trial ends: a retry after its worker died takes them instead of
+    training them again (`reused`). Nothing is kept without a checkpoint folder."""
+
+    def __init__(self, checkpoints: Path | None, replicates: int, keep: bool):
+        self.checkpoints, self.replicates, self.keep = checkpoints, replicates, keep
+        self.reused: list[int] = []
+
+    def _path(self, index: int) -> Path | None:
+        if self.checkpoints is None:
+            return None
+        return self.checkpoints.with_name(f"{self.checkpoints.name}-replicate-{index}.json")
+
+    def load(self, index: int) -> dict[str, Any] | None:
+        path = self._path(index)
+        if path is None or not path.is_file():
+            return None
+        try:
+            metrics = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError):
+            return None  # unreadable: the replicate trains again
+        self.reused.append(index)
+        return metrics
+
+    def save(self, index: int, metrics: dict[str, Any]) -> None:
+        path = self._path(index)
+        if path is None:
+            return
+        path.parent.mkdir(parents=True, exist_ok=True)
+        partial = path.with_suffix(".json.partial")
+        partial.write_text(json.dumps(metrics), encoding="utf-8")
+        os.replace(partial, path)  # whole or absent, should the worker die while writing
+
+    def clear(self) -> None:
+        if self.keep:
+            return
+        for index in range(self.replicates):
+            if (path := self._path(index)) is not None:
+                path.unlink(missing_ok=True)
 
 
 def _replicate_folder(checkpoints: Path, index: int) -> Path:

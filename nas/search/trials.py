@@ -86,6 +86,9 @@ class TrialRecord:
     replicate_val_se: float | None = None
     replicate_test_losses: list[float] | None = None
     replicate_test_se: float | None = None
+    # The replicates this attempt took as an earlier attempt finished them (its worker died in
+    # a later one), instead of training them again
+    replicates_reused: list[int] | None = None
     coefficients: dict[str, float] = field(default_factory=dict)
     # [step, val_loss] per validation, written when the trial ends; while it runs, only its
     # latest validation (rewriting the whole curve at each would grow a journal file with the
