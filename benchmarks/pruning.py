@@ -276,6 +276,7 @@ def main() -> None:
     parser.add_argument("--rungs", type=float, nargs="+", default=list(defaults.rungs))
     parser.add_argument("--keep", type=float, default=defaults.keep)
     args = parser.parse_args()
+    optuna.logging.set_verbosity(optuna.logging.WARNING)  # a replay creates a study per trial
     THREADS = args.threads
     os.environ.setdefault("OMP_NUM_THREADS", str(args.threads))
     os.makedirs(os.path.dirname(args.fixture) or ".", exist_ok=True)

@@ -240,7 +240,8 @@ def test_a_trial_with_a_smaller_cache_is_never_pruned_in_a_three_objective_study
                           space={"model": {"n_layer": 2},
                                  "value_residual": {"mode": ["svformer"],
                                                     "source": ["value_embedding"]}},
-                          pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5})
+                          pruner={"type": "pareto", "margin": -0.5, "min_progress": 0.5,
+                                  "patience": 1})
         baseline, trial = quiet(load_spec(path)).trials
         assert baseline.user_attrs["baseline"] and baseline.state == TrialState.COMPLETE
         assert trial.user_attrs["n_params"] > baseline.user_attrs["n_params"]

@@ -56,7 +56,7 @@ def study() -> optuna.Study:
     return s
 
 
-RULES = [ParetoPruner(),  # the default: step rule with a trend, from 30% of the steps
+RULES = [ParetoPruner(),  # the default: step rule, patience 2, a trend, from 30% of the steps
          ParetoPruner(rule="step", margin=0.005, min_progress=0.1, patience=2, trend=0),
          ParetoPruner(rule="rungs"),  # rungs at 40, 60 and 80% of the steps, keep 25%
          ParetoPruner(rule="rungs", rungs=(0.3, 0.6, 0.9), keep=0.5)]
@@ -87,27 +87,34 @@ def test_the_default_waits_for_curves_to_stop_crossing(study):
     # ended on the front in the benchmark's sequences. Pruning from 10% cuts it.
     reference = study.trials[0].user_attrs["curve"]
     crossing = [[s, v * (1.02 if s <= 20 else 0.99)] for s, v in reference]
-    assert first_stop(ParetoPruner(min_progress=0.1, trend=0), study, 1_000, crossing)[0] == 10
+    early = ParetoPruner(min_progress=0.1, patience=1, trend=0)
+    assert first_stop(early, study, 1_000, crossing)[0] == 10
     assert first_stop(ParetoPruner(), study, 1_000, crossing) == (None, None)
-    # A trial 0.5% behind from the start is stopped at 30%, and the reason names the reference.
-    stop, reason = first_stop(ParetoPruner(), study, 1_000, curve_of(2.01))
-    assert stop == 30 and reason.startswith("pareto: val_loss 2.4790 at step 30 is over "
-                                            "1.0025x trial 0's 2.4667 with no more parameters")
+    # A trial 1% behind from the start is over the margin at 30% and 40% of its steps: stopped
+    # at the second (patience 2), and the reason names the reference.
+    stop, reason = first_stop(ParetoPruner(), study, 1_000, curve_of(2.02))
+    assert stop == 40 and reason.startswith("pareto: val_loss 2.3230 at step 40 is over "
+                                            "1.005x trial 0's 2.3000 with no more parameters "
+                                            "(2 validations in a row)")
     assert reason.endswith(", and not catching up")
+    # The earlier default, margin 0.0025 with patience 1 and trend 1, stops it at 30%.
+    aggressive = ParetoPruner(margin=0.0025, patience=1, trend=1)
+    assert first_stop(aggressive, study, 1_000, curve_of(2.02))[0] == 30
 
 
 def test_trend_spares_a_trial_that_is_catching_up(study):
     # 6% behind the reference at step 10, 1% ahead at the end, closing the gap steadily.
     reference = study.trials[0].user_attrs["curve"]
     catching_up = [[s, v * (1.06 - 0.07 * (s - 10) / 90)] for s, v in reference]
-    without = ParetoPruner(margin=0.005, min_progress=0.2, trend=0)
+    without = ParetoPruner(margin=0.005, min_progress=0.2, patience=1, trend=0)
     assert first_stop(without, study, 1_000, catching_up)[0] == 20
     for trend in (1, 2, 3):
-        with_trend = ParetoPruner(margin=0.005, min_progress=0.2, trend=trend)
+        with_trend = ParetoPruner(margin=0.005, min_progress=0.2, patience=1, trend=trend)
         assert first_stop(with_trend, study, 1_000, catching_up) == (None, None)
     # Falling, but too slowly to end within the margin: stopped all the same.
     slow = [[s, v * (1.06 - 0.01 * (s - 10) / 90)] for s, v in reference]
-    assert first_stop(ParetoPruner(min_progress=0.2), study, 1_000, slow)[0] == 20
+    assert first_stop(ParetoPruner(margin=0.0025, min_progress=0.2, patience=1, trend=1), study,
+                      1_000, slow)[0] == 20
 
 
 def test_patience_and_margin(study):
@@ -115,12 +122,13 @@ def test_patience_and_margin(study):
     # 0.4% behind at every validation from step 50 on, except one noisy tie at step 60.
     noisy = [[s, v * (1.0 if s in (40, 60) else 1.004)] for s, v in reference]
     plain = {"min_progress": 0.4, "trend": 0}
-    assert first_stop(ParetoPruner(margin=0.0, **plain), study, 1_000, noisy)[0] == 50
+    assert first_stop(ParetoPruner(margin=0.0, patience=1, **plain), study, 1_000, noisy)[0] == 50
     assert first_stop(ParetoPruner(margin=0.0, patience=2, **plain), study, 1_000, noisy)[0] == 80
-    assert first_stop(ParetoPruner(margin=0.005, **plain), study, 1_000, noisy) == (None, None)
+    assert first_stop(ParetoPruner(margin=0.005, patience=1, **plain), study, 1_000,
+                      noisy) == (None, None)
     _, reason = first_stop(ParetoPruner(margin=0.002, patience=2, **plain), study, 1_000, noisy)
     assert "over 1.002x trial 0's" in reason and reason.endswith("(2 validations in a row)")
-    _, reason = first_stop(ParetoPruner(margin=0.0, **plain), study, 1_000, noisy)
+    _, reason = first_stop(ParetoPruner(margin=0.0, patience=1, **plain), study, 1_000, noisy)
     assert "is over trial 0's" in reason
 
 
