@@ -82,8 +82,8 @@ def nondominated_ranks(points: Sequence[Sequence[float]]) -> list[int]:
 @dataclass
 class ParetoPruner:
     rule: str = "step"
-    # The defaults (margin 0.005, patience 2, trend 2) lost at most 0.72% of hypervolume on
-    # fifteen trial sequences, six of them held out before they were trained
+    # The defaults (margin 0.005, patience 2, trend 2) lost at most 0.72% of hypervolume in
+    # replays of fifteen trial sequences, six of them held out before they were trained
     # (docs/benchmarks.md); margin 0.0025, patience 1, trend 1 saves more steps and can lose a
     # front trial.
     margin: float = 0.005
