@@ -88,7 +88,7 @@ def front_points(trials: Iterable[FrozenTrial]) -> list[tuple[float, float]]:
 def cost(r: TrialRecord) -> int:
     """The training steps a trial spent: a replicated trial that completed trained each of its
     seeds (its stored steps are replicate 0's)."""
-    seeds = len(r.replicate_seeds) if r.replicate_seeds and r.state == TrialState.COMPLETE else 1
+    seeds = len(r.trained_seeds) if r.state == TrialState.COMPLETE else 1
     return (r.steps_trained or 0) * seeds
 
 
