@@ -162,9 +162,11 @@ def test_hypervolume_of_a_staircase():
 
 
 def test_summary_is_mean_and_worst():
-    outcomes = [bench.Outcome(0.5, 0.01), bench.Outcome(0.3, -0.04), bench.Outcome(0.4, 0.0)]
+    outcomes = [bench.Outcome(0.5, 0.4, 0.01), bench.Outcome(0.3, 0.2, -0.04),
+                bench.Outcome(0.4, 0.35, 0.0)]
     got = bench.summary(outcomes)
     assert got["saved_mean"] == pytest.approx(0.4) and got["saved_worst"] == 0.3
+    assert got["beyond_mean"] == pytest.approx(0.95 / 3) and got["beyond_worst"] == 0.2
     assert got["hv_mean"] == pytest.approx(-0.01) and got["hv_worst"] == -0.04
 
 
@@ -183,6 +185,9 @@ def test_replay_counts_steps_and_keeps_what_the_pruner_lets_complete(study):
     assert ref == pytest.approx((2.3 * 1.01, 2_000 * 1.01))
     outcome = bench.compare(base, spent, kept, ref)
     assert outcome.saved == pytest.approx(1 - 220 / 400)
+    # The repeat's 100 steps: an unpruned run that skipped it would spend 300.
+    assert bench.repeat_steps(base) == 100
+    assert outcome.saved_beyond_repeats == pytest.approx(1 - 220 / 300)
     assert outcome.hv_change == 0.0  # the two dropped trials were off the front
     assert all(t.state == TrialState.COMPLETE for t in kept)
 
