@@ -6,7 +6,9 @@ pruning; it is kept in a fixture (one SQLite file, `--fixture`) so that later in
 nothing for it. The pruner is then measured two ways, by training steps spent and by the
 hypervolume of the Pareto front of (val_loss, n_params), both against the unpruned study. The
 pruner also skips a trial whose run config an earlier one trained, which any search could do
-without it; "beyond repeats" is the share saved against an unpruned study that skipped those:
+without it; "beyond repeats" is the share saved against an unpruned study that skipped those
+(a fixture trained since searches without the pruner copy repeats holds them untrained, at no
+cost, and the two shares agree):
 
 - replay: the pruner applied to the unpruned study's stored configs and curves, in order (the
   exact counterfactual on an identical trial sequence; no training);
@@ -45,7 +47,7 @@ from optuna.trial import FrozenTrial, TrialState, create_trial
 
 from nas.search.pruning import ParetoPruner
 from nas.search.spec import StudySpec
-from nas.search.trials import TrialRecord, records
+from nas.search.trials import TrialRecord, records, same_run
 from nas.search.worker import run_search
 
 SPACE = {
@@ -89,7 +91,9 @@ def front_points(trials: Iterable[FrozenTrial]) -> list[tuple[float, float]]:
 
 def cost(r: TrialRecord) -> int:
     """The training steps a trial spent: a replicated trial that completed trained each of its
-    seeds (its stored steps are replicate 0's)."""
+    seeds (its stored steps are replicate 0's); a copy of an earlier trial trained none."""
+    if r.copy_of is not None:
+        return 0
     seeds = len(r.trained_seeds) if r.state == TrialState.COMPLETE else 1
     return (r.steps_trained or 0) * seeds
 
@@ -121,7 +125,7 @@ def replay(trials: Sequence[FrozenTrial], pruner: ParetoPruner,
         if t.state != TrialState.COMPLETE:
             continue
         r, a = TrialRecord.from_trial(t), t.user_attrs  # a: copied as stored
-        if pruner.duplicate_of(shadow, r.config):
+        if same_run(shadow, r.config):
             continue  # pruned before training: no steps
         curve = r.curve
         stop = next((i for i in range(len(curve)) if pruner.reason_to_prune(

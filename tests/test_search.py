@@ -10,6 +10,7 @@ from nas.config import from_dict
 from nas.model.decoder import count_params
 from nas.search.spec import load_spec
 from nas.search.study import open_study
+from nas.search.worker import run_search
 from tests.helpers import TINY_BASE, quiet, write_spec
 
 pytestmark = pytest.mark.slow  # trains, serves or kills: make test-fast leaves it out
@@ -79,6 +80,25 @@ def test_pareto_pruner_waits_for_patience_and_skips_duplicates(tmp_path):
     assert "(2 validations in a row)" in first.user_attrs["pruned_reason"]
     assert second.user_attrs["pruned_reason"].startswith("duplicate of trial 1 (pruned)")
     assert second.user_attrs["steps_trained"] == 0 and "curve" not in second.user_attrs
+
+
+def test_without_the_pareto_pruner_a_repeat_completes_as_an_untrained_copy(tmp_path):
+    # One fixed plan: trial 2 repeats trial 1's run config. It completes with trial 1's values
+    # and measurements (what retraining would give) and trains nothing: no time of its own.
+    path = write_spec(tmp_path, n_trials=3, space={
+        "model": {"n_layer": 2}, "value_residual": {"mode": "learnable"}},
+        pruner={"type": "none"})
+    lines = []
+    study = run_search(load_spec(path), progress=False, echo=lines.append)
+    first, second = study.trials[1], study.trials[2]
+    assert first.state == second.state == TrialState.COMPLETE
+    assert any(line.startswith("trial   2") and line.endswith("copy of trial 1 (untrained)")
+               for line in lines), lines
+    assert second.values == first.values and second.user_attrs["copy_of"] == 1
+    for key in ("val_loss", "test_loss", "curve", "coefficients", "steps_trained"):
+        assert second.user_attrs[key] == first.user_attrs[key]
+    assert "train_seconds" in first.user_attrs and "train_seconds" not in second.user_attrs
+    assert "copy_of" not in first.user_attrs
 
 
 def test_pareto_pruner_spares_smaller_models(tmp_path):

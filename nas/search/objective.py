@@ -1,9 +1,10 @@
 """The trial objective: space -> trial -> run config -> training -> the trial's stored record.
 
 One `Objective` call claims a slot (a study never runs more than its target), samples a run
-config from the space, refuses configs over a budget (parameters, KV cache) or repeating a
-finished one, trains it through `nas.training.train.train` (imported when a trial runs: this module
-knows nothing of torch) and writes the trial's attributes. Any failure ends the trial FAIL
+config from the space, refuses configs over a budget (parameters, KV cache), completes a
+repeat of a completed one from its record (the Pareto pruner prunes it instead), trains it
+through `nas.training.train.train` (imported when a trial runs: this module knows nothing of
+torch) and writes the trial's attributes. Any failure ends the trial FAIL
 with its reason. With `replicates: R` > 1 the config trains on R seeds after replicate 0, which
 alone the pruners watch, and the trial stores their combination (`nas.search.replicates`).
 """
@@ -36,7 +37,14 @@ from nas.search.replicates import combine, replicate_seeds
 from nas.search.samplers import pareto_pruner
 from nas.search.spec import CONSTRAINTS, StudySpec
 from nas.search.study import FINISHED, own_trials
-from nas.search.trials import TrialRecord, write_record
+from nas.search.trials import TrialRecord, same_run, write_record
+
+# What a trained trial stores of its run's metrics besides its steps and time (a copy of it,
+# `Objective._copy`, stores the same)
+MEASURED = ("val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
+            "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
+            "tokens_per_s", "coefficients", "curve", "analysis", "decode_tokens_per_s",
+            "numerics")
 
 
 class SurplusTrial(Exception):
@@ -163,11 +171,16 @@ class Objective:
             reason = f"over budget: {'; '.join(over)}"
             write_record(trial, pruned_reason=reason)
             raise optuna.TrialPruned(reason)
-        if self.pareto is not None:
-            reason = self.pareto.duplicate_of(trial.study, attrs["config"])
-            if reason:
-                write_record(trial, pruned_reason=reason, steps_trained=0)
-                raise optuna.TrialPruned(reason)
+        earlier = same_run(trial.study, attrs["config"])
+        if earlier is not None:
+            if self.pareto is None and earlier.state == TrialState.COMPLETE:
+                return self._copy(trial, earlier, attrs["config"])
+            outcome = (f"val_loss {earlier.val_loss:.4f}"
+                       if earlier.state == TrialState.COMPLETE else "pruned")
+            reason = (f"duplicate of trial {earlier.number} ({outcome}): the same run config "
+                      "trains to the same curve")
+            write_record(trial, pruned_reason=reason, steps_trained=0)
+            raise optuna.TrialPruned(reason)
 
         known = {name: attrs[name] for name in judged_on(self.spec.objectives)}
         curve: list[list[float]] = []
@@ -233,12 +246,21 @@ class Objective:
             if finished.reused:
                 write_record(trial, replicates_reused=finished.reused)
         write_record(trial, steps_trained=metrics["steps"], **{
-            key: metrics[key] for key in (
-                "val_loss", "val_loss_se", "val_ppl", "test_loss", "test_loss_se",
-                "val_batch_losses", "test_batch_losses", "tokens", "tokens_per_model_param",
-                "tokens_per_s", "train_seconds", "coefficients", "curve", "analysis",
-                "decode_tokens_per_s", "numerics", *replicated) if key in metrics})
+            key: metrics[key] for key in (*MEASURED, "train_seconds", *replicated)
+            if key in metrics})
         values = tuple(float(metrics[o]) for o in self.spec.objectives)
+        return values if self.spec.multi_objective else values[0]
+
+    def _copy(self, trial: optuna.Trial, earlier: TrialRecord,
+              config: dict[str, Any]) -> float | tuple[float, ...]:
+        """Complete a repeat of `earlier`'s run config with its measurements, untrained: the
+        sampler sees what retraining would give (training is deterministic), at no cost. The
+        Pareto pruner prunes repeats instead, the rule its benchmark measured."""
+        measured = {key: getattr(earlier, key) for key in (*MEASURED, *REPLICATE_FIELDS)}
+        write_record(trial, copy_of=earlier.number, steps_trained=earlier.steps_trained,
+                     **{key: value for key, value in measured.items() if value is not None})
+        upload_trial_artifacts(trial, config, earlier.curve, self.artifacts)
+        values = tuple(float(earlier.values[i]) for i in range(len(self.spec.objectives)))
         return values if self.spec.multi_objective else values[0]
 
     def _train_watched(self, trial: optuna.Trial, lease: Lease, cfg: RunConfig,

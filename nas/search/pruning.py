@@ -10,8 +10,9 @@ one of as many parameters, though its smaller cache puts it on the front; a tria
 every completed trial on some objective has no references and is never pruned. Rules:
 
 - before training, a trial whose run config equals that of a completed (or pruned) trial is
-  pruned: training is deterministic, so it would retrace that trial's curve exactly (TPE
-  proposes such repeats often in small categorical spaces);
+  pruned (`nas.search.objective`; without this pruner it completes as a copy): training is
+  deterministic, so it would retrace that trial's curve exactly (TPE proposes such repeats
+  often in small categorical spaces);
 - `rule: step` (the default): from `min_progress` of its steps on, a trial is pruned once its
   loss has been worse, by a relative `margin`, than the best loss that completed trials no
   worse on the other objectives reached at the same step (read off their stored curves,
@@ -34,7 +35,6 @@ from __future__ import annotations
 import bisect
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any
 
 import optuna
 from optuna.trial import TrialState
@@ -115,17 +115,6 @@ class ParetoPruner:
             raise TypeError(f"keep must be in (0, 1] and rungs in (0, 1), got {self.keep!r} "
                             f"and {self.rungs!r}")
         self.rungs = tuple(sorted(self.rungs))
-
-    def duplicate_of(self, study: optuna.Study, config: dict[str, Any]) -> str | None:
-        """Why a trial with this run config need not train, or None."""
-        for t in records(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,
-                                                                  TrialState.PRUNED))):
-            if t.config == config:
-                outcome = (f"val_loss {t.val_loss:.4f}"
-                           if t.state == TrialState.COMPLETE else "pruned")
-                return (f"duplicate of trial {t.number} ({outcome}): the same run config "
-                        "trains to the same curve")
-        return None
 
     def reason_to_prune(self, study: optuna.Study, known: Mapping[str, float],
                         curve: Sequence[Sequence[float]], total_steps: int) -> str | None:

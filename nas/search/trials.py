@@ -102,6 +102,10 @@ class TrialRecord:
     # nas.search.warm_start): it holds that trial's params and values only, and counts toward no
     # target.
     warm_start: str | None = None
+    # A trial whose run config an earlier completed trial had trained, in a study without the
+    # Pareto pruner: it holds that trial's measurements without training (training is
+    # deterministic), so the sampler sees what a retrain would give (`Objective`).
+    copy_of: int | None = None
     # Why it did not complete.
     pruned_reason: str | None = None
     failure: str | None = None
@@ -216,6 +220,12 @@ def write_record(trial: optuna.Trial, **values: Any) -> None:
 
 def records(trials: Iterable[FrozenTrial]) -> list[TrialRecord]:
     return [TrialRecord.from_trial(t) for t in trials]
+
+
+def same_run(study: optuna.Study, config: dict[str, Any]) -> TrialRecord | None:
+    """The first completed or pruned trial of `study` that trained this run config, or None."""
+    return next((r for r in records(study.get_trials(deepcopy=False, states=(
+        TrialState.COMPLETE, TrialState.PRUNED))) if r.config == config), None)
 
 
 def completed(study: optuna.Study) -> list[TrialRecord]:
