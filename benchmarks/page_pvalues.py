@@ -38,6 +38,7 @@ FAMILIES = (
     ("studies/resformer_tokens.yaml", ("table",)),
     ("studies/resformer_prose.yaml", ("table",)),
     ("studies/resformer_depth.yaml", ("table",)),
+    ("studies/resformer_fixed_data.yaml", ("table",)),
     ("studies/resformer_search.yaml", ("confirmation",)),
 )
 # The second pre-registered test (docs/RESULTS.md): (confirmation, the searched plan's trial,
