@@ -25,9 +25,9 @@ from nas.model.analysis import (
 )
 from nas.model.decoder import build_model
 from nas.reading.arms import best_arms
-from nas.reading.scaling import data_saving, parameter_savings, tokens_to_reach
+from nas.reading.scaling import Saving, data_saving, parameter_savings, tokens_to_reach
 from nas.reading.stats import mean_interval
-from nas.reading.summary import summary_markdown
+from nas.reading.summary import saving_rows, summary_markdown
 from nas.search.trials import TrialRecord
 from tests.helpers import TINY_BASE, run_cli, tiny
 
@@ -156,6 +156,21 @@ def test_parameter_saving_has_a_spread_across_seeds():
     text = summary_markdown(trials)
     assert "2 seeds" in text and "seed 0: +10.0%" in text
     assert "warning: 2 seed(s)" in text  # a saving over fewer than 3 seeds
+
+
+def test_a_saving_interval_that_includes_an_extrapolated_seed_says_so():
+    # Seed 0's own curve never reaches vanilla's losses within its sizes: its reading is an
+    # extrapolation, and the interval over the per-seed savings carries it.
+    s = Saving("identity", "parameters", None, headline=0.21, interval=(-7.4, 5.0),
+               per_seed={0: -4.08, 1: 0.231, 2: 0.229},
+               per_seed_extrapolated={0: True, 1: False, 2: False})
+    (row,) = saving_rows([s])
+    cell = row["saving (95% t-interval over per-seed savings), interpolated"]
+    assert cell.endswith("warning: the interval includes seed 0's extrapolated reading")
+    assert "seed 0: -408.0% (extrapolated)" in row["each seed alone"]
+    s.per_seed_extrapolated[0] = False
+    (row,) = saving_rows([s])
+    assert "warning" not in row["saving (95% t-interval over per-seed savings), interpolated"]
 
 
 # -- named variants, the scaling study and `nas analyze`, end to end ---------------------------

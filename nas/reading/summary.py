@@ -295,6 +295,13 @@ def saving_rows(savings: list[Saving]) -> list[dict[str, Any]]:
                                       else "") for k, v in s.per_seed.items())
         if len(s.per_seed) < FEW_PAIRS:
             headline += f" warning: {len(s.per_seed)} seed(s)"
+        far = [str(k) for k, v in s.per_seed.items()
+               if v is not None and s.per_seed_extrapolated.get(k)]
+        if s.interval is not None and far:
+            # the headline reads inside the measured sizes; a seed whose own curve does not
+            # reach there is extrapolated, and its reading widens (or tilts) the interval
+            headline += (f" warning: the interval includes seed {', '.join(far)}'s "
+                         "extrapolated reading")
         fit = s.fit
         rows.append({
             "variant": s.variant,
