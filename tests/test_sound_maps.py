@@ -238,8 +238,8 @@ def _saving_study(rng, seeds=4, saving=0.2, noise=0.003):
 
 
 def test_parameter_saving_interval_covers_a_known_saving_under_seed_noise():
-    # A percentile bootstrap over 4 seeds per size: roughly, not exactly, 95% (measured 90%
-    # on 40 draws of this setting); the test holds it to at least 75% over 20 draws.
+    # A 95% t-interval over the 4 per-seed savings (a refitted curve per seed, so only roughly
+    # 95%): the test holds its coverage to at least 75% over 20 draws.
     rng = np.random.default_rng(2)
     covered, widths = 0, []
     for draw in range(20):
