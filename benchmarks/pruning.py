@@ -331,6 +331,8 @@ def main() -> None:
           + f"; pruner {options}; tuning seeds "
           f"{' '.join(map(str, sorted(tuning)))}")
     print_table(args.seeds, tuning, replays, lives)
+    print("\nThe unpruned runs' steps spent retraining repeats: " + ", ".join(
+        f"seed {s} {repeat_steps(b) / steps_spent(b):.1%}" for s, b in bases.items()))
     if args.grid:
         print("\n| replayed setting | tuning: saved, mean | worst | HV change, mean | worst "
               "| held out: saved, mean | worst | HV change, mean | worst |")
