@@ -43,9 +43,9 @@ class TrialPrinter:
         label = a.label + (" (baseline)" if a.baseline else "")
         params = f"{a.n_params:>10,}" if a.n_params is not None else " " * 10
         if trial.state == TrialState.COMPLETE:
-            status = (f"val_loss {a.val_loss:.4f}  copy of trial {a.copy_of} (untrained)"
-                      if a.copy_of is not None
-                      else f"val_loss {a.val_loss:.4f}  {a.tokens_per_s:>8,.0f} tok/s")
+            status = f"val_loss {a.val_loss:.4f}  " + (
+                f"copy of trial {a.copy_of} (untrained)" if a.copy_of is not None
+                else f"{a.tokens_per_s:>8,.0f} tok/s")
         elif trial.state == TrialState.PRUNED:
             status = f"pruned ({a.pruned_reason or 'pruned'})"
         else:

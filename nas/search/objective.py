@@ -248,7 +248,11 @@ class Objective:
         write_record(trial, steps_trained=metrics["steps"], **{
             key: metrics[key] for key in (*MEASURED, "train_seconds", *replicated)
             if key in metrics})
-        values = tuple(float(metrics[o]) for o in self.spec.objectives)
+        return self._result(metrics.__getitem__)
+
+    def _result(self, value_of: Callable[[str], Any]) -> float | tuple[float, ...]:
+        """The trial's objective values, by name, as Optuna takes them from this study."""
+        values = tuple(float(value_of(o)) for o in self.spec.objectives)
         return values if self.spec.multi_objective else values[0]
 
     def _copy(self, trial: optuna.Trial, earlier: TrialRecord,
@@ -260,8 +264,7 @@ class Objective:
         write_record(trial, copy_of=earlier.number, steps_trained=earlier.steps_trained,
                      **{key: value for key, value in measured.items() if value is not None})
         upload_trial_artifacts(trial, config, earlier.curve, self.artifacts)
-        values = tuple(float(earlier.values[i]) for i in range(len(self.spec.objectives)))
-        return values if self.spec.multi_objective else values[0]
+        return self._result(earlier.objective)
 
     def _train_watched(self, trial: optuna.Trial, lease: Lease, cfg: RunConfig,
                        attrs: dict[str, Any], curve: list[list[float]],
